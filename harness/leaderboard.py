@@ -1,0 +1,137 @@
+"""Leaderboard: a table of every cell, with the provenance of its numbers.
+
+Printed in the terminal (tabulate), written as ``leaderboard.md`` and
+``leaderboard.json`` beside the cell results. Each row says model, method,
+allocator, target, kept fraction of the decomposable parameters, parameters
+and bytes of the model as evaluated, and every metric; the footer says data
+and splits, example counts, seed, hardware and versions. A NaN or infinite
+metric is flagged, not ranked; failed cells are listed with their error.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.provenance import hardware_label
+from harness.store import atomic_write_json, atomic_write_text
+
+SIZE_METRICS = ("kept_fraction", "params_kept", "bytes_kept", "model_params", "model_bytes")
+
+
+def metric_order(names: set[str]) -> list[str]:
+    def key(name: str) -> tuple[int, str]:
+        if "acc" in name:
+            return 0, name
+        if "perplexity" in name:
+            return 1, name
+        return 2, name
+
+    return sorted((n for n in names if n not in SIZE_METRICS), key=key)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{value} (flagged)"
+        if abs(value) >= 1000:
+            return f"{value:.4g}" if abs(value) >= 1e6 else f"{value:.1f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def row_of(result: dict, metrics: list[str]) -> dict[str, Any]:
+    method = result.get("method") or {}
+    allocator = result.get("allocator") or {}
+    target = result.get("target") or {}
+    values = result.get("metrics", {})
+    sizes = result.get("sizes", {})
+    row = {
+        "model": result["model"]["id"],
+        "method": method.get("label", "baseline"),
+        "allocator": allocator.get("label", "—"),
+        "target": target.get("label", "—"),
+        "kept": values.get("kept_fraction"),
+        "params (M)": None if "model_params" not in sizes else sizes["model_params"] / 1e6,
+        "MB": None if "model_bytes" not in sizes else sizes["model_bytes"] / 1e6,
+    }
+    for name in metrics:
+        row[name] = values.get(name)
+    if result.get("status") != "ok":
+        error = result.get("error") or {}
+        row["status"] = f"FAILED: {error.get('type', '')}: {error.get('message', '')}"[:120]
+    return row
+
+
+def build(results: list[dict]) -> dict[str, Any]:
+    """Rows and footer for ``results`` (baseline first per model, then suite order)."""
+    names = set()
+    for result in results:
+        names |= set(result.get("metrics", {}))
+    metrics = metric_order(names)
+    rows = [row_of(r, metrics) for r in results]
+    return {"columns": list(rows[0]) if rows else [], "metrics": metrics, "rows": rows, "footer": footer(results)}
+
+
+def footer(results: list[dict]) -> list[str]:
+    if not results:
+        return []
+    lines = []
+    for note in sorted({r["model"].get("note", "") for r in results if r.get("model")}):
+        lines.append(f"Model: {note}")
+    data_lines = set()
+    for result in results:
+        for label, info in result.get("evaluations", {}).items():
+            if isinstance(info, dict) and info.get("data"):
+                data_lines.add(f"Data ({label}): {info['data']}")
+    lines.extend(sorted(data_lines))
+    provenance = [r.get("provenance", {}) for r in results]
+    limits = {p.get("limit") for p in provenance}
+    seeds = {p.get("seed") for p in provenance}
+    hardware = {hardware_label(p["hardware"]) for p in provenance if p.get("hardware")}
+    lines.append(
+        f"Limit per task: {', '.join(str(v) for v in sorted(limits, key=str))}; seed: "
+        f"{', '.join(str(s) for s in sorted(seeds, key=str))}"
+    )
+    lines.append(f"Hardware: {'; '.join(sorted(hardware))}")
+    if len(hardware) > 1:
+        lines.append("WARNING: cells ran on different hardware; timing and memory columns are not comparable")
+    libraries = provenance[-1].get("libraries", {})
+    versions = {"harness": provenance[-1].get("harness"), **libraries}
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    flagged = [
+        f"{row_label(r)}: {name}"
+        for r in results
+        for name, value in r.get("metrics", {}).items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+    if flagged:
+        lines.append("Flagged non-finite metrics (not ranked): " + "; ".join(flagged))
+    return lines
+
+
+def row_label(result: dict) -> str:
+    method = (result.get("method") or {}).get("label", "baseline")
+    target = (result.get("target") or {}).get("label", "")
+    return f"{method} {target}".strip()
+
+
+def render(board: dict[str, Any], tablefmt: str = "github") -> str:
+    columns = board["columns"] + (["status"] if any("status" in r for r in board["rows"]) else [])
+    rows = [[fmt(row.get(c)) for c in columns] for row in board["rows"]]
+    table = tabulate(rows, headers=columns, tablefmt=tablefmt, disable_numparse=True)
+    return table + "\n\n" + "\n".join(f"- {line}" for line in board["footer"]) + "\n"
+
+
+def write(results: list[dict], directory: Path, title: str) -> str:
+    """Write leaderboard.md and leaderboard.json under ``directory``; return the markdown."""
+    board = build(results)
+    text = f"# {title}\n\n" + render(board)
+    atomic_write_text(Path(directory) / "leaderboard.md", text)
+    atomic_write_json(Path(directory) / "leaderboard.json", board)
+    return text

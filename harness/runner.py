@@ -1,0 +1,437 @@
+"""Run a suite: per model, load once, calibrate once, factorize each method once,
+then allocate, truncate, evaluate and record every cell of the grid.
+
+Every finished cell is written to the results store at once (atomically), so a
+crash or kill loses no finished cell; a rerun skips the cells already there. A
+cell whose plugin raises is recorded as failed with its error and the others
+go on; the run's exit status says so at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import harness
+from harness import data as data_mod
+from harness.api import AllocationContext, FactorizeContext, LayerInfo, RunContext
+from harness.cells import Cell, expand
+from harness.errors import HarnessError
+from harness.factorization import Factorization
+from harness.models import LoadedModel, cache_dir, load_model, resolve_device
+from harness.options import options_dict
+from harness.plugins import get_plugins
+from harness.provenance import git_revision, hardware, library_versions, seed_everything
+from harness.schema import SCHEMA_VERSION
+from harness.store import ResultStore
+from harness.suite import Component, Method, Suite
+from harness.surgery import count_layers, count_model, find_linears, replaced, weights_of
+
+
+def log(message: str) -> None:
+    print(f"[harness] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunOptions:
+    results_root: Path = Path("results")
+    force: bool = False
+    limit: int | None = None
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass
+class RunSummary:
+    results_dir: Path
+    results: list[dict] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.results if r.get("status") != "ok"]
+
+
+def run_suite(suite: Suite, options: RunOptions) -> RunSummary:
+    return SuiteRunner(suite, options).run()
+
+
+class SuiteRunner:
+    def __init__(self, suite: Suite, options: RunOptions) -> None:
+        self.suite = suite
+        self.options = options
+        self.plugins = get_plugins()
+        self.store = ResultStore(Path(options.results_root) / suite.name)
+        self.device = resolve_device(suite.device)
+        self.summary = RunSummary(self.store.root)
+        self.trackers = [(t, self.plugins.get("tracker", t.name)) for t in suite.trackers]
+
+    # ------------------------------------------------------------ suite
+    def run(self) -> RunSummary:
+        for name, error in self.plugins.failures.items():
+            log(f"warning: plugin {name!r} failed to load and is skipped: {error}")
+        self._tracker_call("start", self.suite, None, self.store.root)
+        self.plugins.pm.hook.harness_suite_start(suite=self.suite, results_dir=self.store.root)
+        try:
+            for model in self.suite.models:
+                self.run_model(model)
+        finally:
+            self.plugins.pm.hook.harness_suite_end(suite=self.suite, results=self.summary.results)
+            self._tracker_call("end", self.suite, self.summary.results, self.store.root)
+        return self.summary
+
+    def _tracker_call(self, method: str, *args: Any) -> None:
+        for component, tracker in self.trackers:
+            call_args = list(args)
+            if method == "start":
+                call_args[1] = component.options
+            try:
+                getattr(tracker, method)(*call_args)
+            except Exception as exc:  # a tracker must never cost a result
+                log(f"warning: tracker {component.label!r} failed in {method}: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------ model
+    def run_model(self, model_spec: str) -> None:
+        log(f"loading model {model_spec}")
+        loaded = load_model(model_spec, self.suite.dtype, str(self.device), self.suite.trust_remote_code)
+        layers = find_linears(loaded.model, self.suite.surgery.kinds, self.suite.surgery.lm_head)
+        if not layers:
+            raise HarnessError(f"model {model_spec!r} has no decomposable Linear layers (surgery.kinds)")
+        session = ModelSession(self, loaded, layers)
+        session.run()
+
+
+def _metric_name(component: Component, metric: str) -> str:
+    return metric if component.label == component.name else f"{component.label}/{metric}"
+
+
+class ModelSession:
+    """Everything computed once per model: fingerprints, calibration, factorizations."""
+
+    def __init__(self, runner: SuiteRunner, loaded: LoadedModel, layers: list[LayerInfo]) -> None:
+        self.runner = runner
+        self.suite = runner.suite
+        self.loaded = loaded
+        self.layers = layers
+        self.layer_by_name = {layer.name: layer for layer in layers}
+        self.plugins = runner.plugins
+        self._batches: torch.Tensor | None = None
+        self._stats: dict | None = None
+        self.dense_params, self.dense_bytes = count_layers(loaded.model, [la.name for la in layers])
+
+    # ------------------------------------------------------------ identity
+    def calibration_identity(self) -> dict[str, Any]:
+        config = dataclasses.asdict(self.suite.calibration)
+        config["data"] = self.calibration_data_fingerprint()
+        return config
+
+    def calibration_data_fingerprint(self) -> str:
+        text = data_mod.text_source(self.suite.calibration.source, "calibration")
+        return data_mod.sha256_texts(text.texts)
+
+    def needs_calibration(self, method: Method, allocator: Component) -> bool:
+        decomposer = self.plugins.get("decomposer", method.name)
+        return bool(decomposer.needs) or self.plugins.get("allocator", allocator.name).uses_calibration
+
+    def versions(self) -> dict[str, str]:
+        used = {
+            self.plugins.plugin_of(kind, c.name)
+            for kind, items in (
+                ("decomposer", self.suite.methods),
+                ("evaluator", self.suite.evaluators),
+                ("profiler", self.suite.profilers),
+            )
+            for c in items
+        }
+        used |= {self.plugins.plugin_of("allocator", a.name) for m in self.suite.methods for a in m.allocators}
+        all_versions = self.plugins.versions()
+        return {"harness": harness.__version__, **{name: all_versions[name] for name in sorted(used)}}
+
+    def data_fingerprints(self) -> dict[str, Any]:
+        prints = {}
+        for component in self.suite.evaluators:
+            evaluator = self.plugins.get("evaluator", component.name)
+            fingerprint = getattr(evaluator, "data_fingerprint", None)
+            if fingerprint is not None:
+                prints[component.label] = fingerprint(component.options)
+        return prints
+
+    # ------------------------------------------------------------ run
+    def run(self) -> None:
+        needs_any = any(self.needs_calibration(m, a) for m in self.suite.methods for a in m.allocators)
+        fingerprints = {"model": self.loaded.fingerprint, "data": self.data_fingerprints()}
+        cells = expand(
+            self.suite,
+            self.loaded.model_id,
+            fingerprints,
+            self.versions(),
+            self.runner.options.limit,
+            calibrated=self.needs_calibration,
+            calibration=self.calibration_identity() if needs_any else None,
+        )
+        baseline, method_cells = cells[0], cells[1:]
+        self.run_or_skip(baseline, lambda: self.compute_baseline(baseline))
+        for method in self.suite.methods:
+            mine = [c for c in method_cells if c.method is method]
+            pending = [c for c in mine if self.runner.options.force or not self.runner.store.done(c.id)]
+            for cell in mine:
+                if cell not in pending:
+                    self.skip(cell)
+            if pending:
+                self.run_method(method, pending)
+
+    def skip(self, cell: Cell) -> None:
+        result = self.runner.store.load(cell.id)
+        self.runner.summary.results.append(result)
+        self.runner.summary.skipped += 1
+        log(f"skip {cell.label} (done: {self.runner.store.path(cell.id)})")
+
+    def run_or_skip(self, cell: Cell, compute) -> None:
+        if not self.runner.options.force and self.runner.store.done(cell.id):
+            self.skip(cell)
+            return
+        self.record(cell, compute)
+
+    def record(self, cell: Cell, compute) -> dict:
+        self.plugins.pm.hook.harness_cell_start(cell=cell)
+        log(f"cell {cell.label} [{cell.id}]")
+        started = time.perf_counter()
+        try:
+            result = compute()
+        except HarnessError:
+            raise
+        except Exception as exc:  # a plugin's failure costs one cell, not the suite
+            result = self.failed_result(cell, exc)
+            log(f"cell {cell.label} FAILED: {type(exc).__name__}: {exc}")
+        result.setdefault("timing", {})["cell_s"] = time.perf_counter() - started
+        path = self.runner.store.save(result)
+        self.runner.summary.results.append(result)
+        self.runner.summary.computed += 1
+        self.plugins.pm.hook.harness_cell_end(cell=cell, result=result)
+        self.runner._tracker_call("log_cell", cell, result, path)
+        return result
+
+    def run_method(self, method: Method, cells: Sequence[Cell]) -> None:
+        try:
+            factorizations, seconds = self.factorize(method)
+        except HarnessError:
+            raise
+        except Exception as exc:
+            for cell in cells:
+                self.record(cell, lambda cell=cell, exc=exc: self.failed_result(cell, exc))
+            return
+        for cell in cells:
+            self.record(cell, lambda cell=cell: self.compute_cell(cell, factorizations, seconds))
+
+    # ------------------------------------------------------------ calibration
+    def batches(self) -> torch.Tensor:
+        if self._batches is None:
+            config = self.suite.calibration
+            text = data_mod.text_source(config.source, "calibration")
+            self._batches = data_mod.calibration_batches(
+                self.loaded.tokenizer, text, config.samples, config.seqlen, self.suite.seed
+            )
+        return self._batches
+
+    def stats(self, needs: set[str]) -> dict:
+        from harness.calibration import load_or_collect
+
+        key = {
+            "model": self.loaded.fingerprint,
+            "calibration": self.calibration_identity(),
+            "dtype": self.suite.dtype,
+            "seed": self.suite.seed,
+        }
+        return load_or_collect(
+            self.loaded.model,
+            self.layers,
+            self.batches(),
+            needs,
+            key=key,
+            cache_dir=cache_dir() / "calibration",
+            device=self.runner.device,
+            batch_size=self.suite.calibration.batch_size,
+            log=log,
+        )
+
+    # ------------------------------------------------------------ factorize
+    def factorize(self, method: Method) -> tuple[list[Factorization], float]:
+        decomposer = self.plugins.get("decomposer", method.name)
+        stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
+        groups = decomposer.groups(self.layers, method.options)
+        ctx = FactorizeContext(seed=self.suite.seed, device=self.runner.device, log=log)
+        seed_everything(self.suite.seed)
+        started = time.perf_counter()
+        factorizations = []
+        for group in tqdm(groups, desc=f"factorize {method.label}", disable=not self.runner.options.progress):
+            weights = weights_of(self.loaded.model, group)
+            group_stats = {name: stats[name] for name in group if name in stats}
+            factorizations.append(decomposer.factorize(weights, group_stats, method.options, ctx))
+        return factorizations, time.perf_counter() - started
+
+    def calibration_loss(self, factorizations: Sequence[Factorization]):
+        samples = self.suite.calibration.loss_samples
+
+        def loss(assignment: Sequence[int | None]) -> float:
+            replacements = materialize(factorizations, assignment)
+            with replaced(self.loaded.model, replacements, self.suite.surgery.mode == "dense"):
+                return lm_loss(self.loaded.model, self.batches()[:samples], self.runner.device)
+
+        return loss
+
+    # ------------------------------------------------------------ cells
+    def compute_baseline(self, cell: Cell) -> dict:
+        return self.measure(cell, {}, ranks={}, extra={})
+
+    def compute_cell(self, cell: Cell, factorizations: list[Factorization], factorize_s: float) -> dict:
+        allocator = self.plugins.get("allocator", cell.allocator.name)
+        uses_data = bool(self.plugins.get("decomposer", cell.method.name).needs) or allocator.uses_calibration
+        ctx = AllocationContext(
+            seed=self.suite.seed,
+            layers=self.layer_by_name,
+            calibration_loss=self.calibration_loss(factorizations) if uses_data or allocator.uses_calibration else None,
+            dtype_bytes=self.loaded.model.dtype.itemsize,
+            log=log,
+        )
+        seed_everything(self.suite.seed)
+        started = time.perf_counter()
+        assignment = allocator.allocate(factorizations, cell.target, cell.allocator.options, ctx)
+        allocate_s = time.perf_counter() - started
+        if len(assignment) != len(factorizations):
+            raise RuntimeError(f"allocator returned {len(assignment)} ranks for {len(factorizations)} groups")
+        replacements = materialize(factorizations, assignment)
+        ranks = layer_ranks(factorizations, assignment)
+        info = {f"{'+'.join(f.names)}": f.info for f in factorizations if f.info}
+        extra = {"timing": {"factorize_s": factorize_s, "allocate_s": allocate_s}, "factorization_info": info}
+        return self.measure(cell, replacements, ranks=ranks, extra=extra)
+
+    def measure(self, cell: Cell, replacements: dict, ranks: dict, extra: dict) -> dict:
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        work_dir = self.runner.store.work_dir(cell.id)
+        ctx = RunContext(
+            seed=self.suite.seed,
+            device=self.runner.device,
+            model_id=self.loaded.model_id,
+            limit=self.runner.options.limit,
+            work_dir=work_dir,
+            dense_params=self.dense_params,
+            decomposable=[layer.name for layer in self.layers],
+            log=log,
+            extra={"dense_bytes": self.dense_bytes, "progress": self.runner.options.progress},
+        )
+        metrics: dict[str, float] = {}
+        higher: dict[str, bool] = {}
+        infos: dict[str, Any] = {}
+        timing = dict(extra.get("timing", {}))
+        with replaced(model, replacements, self.suite.surgery.mode == "dense"):
+            for kind, components in (("evaluator", self.suite.evaluators), ("profiler", self.suite.profilers)):
+                for component in components:
+                    plugin = self.plugins.get(kind, component.name)
+                    seed_everything(self.suite.seed)
+                    started = time.perf_counter()
+                    run = plugin.evaluate if kind == "evaluator" else plugin.profile
+                    outcome = run(model, tokenizer, component.options, ctx)
+                    timing[f"{component.label}_s"] = time.perf_counter() - started
+                    for name, value in outcome.metrics.items():
+                        metrics[_metric_name(component, name)] = float(value)
+                    for name, value in outcome.higher_is_better.items():
+                        higher[_metric_name(component, name)] = value
+                    infos[component.label] = outcome.info
+            params, nbytes = count_model(model)
+        return self.result(
+            cell, "ok", metrics, higher, infos, ranks, timing, extra, model_params=params, model_bytes=nbytes
+        )
+
+    # ------------------------------------------------------------ records
+    def result(self, cell: Cell, status: str, metrics, higher, infos, ranks, timing, extra, **sizes) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "cell_id": cell.id,
+            "suite": cell.suite,
+            "status": status,
+            "error": extra.get("error"),
+            "model": {
+                "id": self.loaded.model_id,
+                "fingerprint": self.loaded.fingerprint,
+                "files": self.loaded.files,
+                "note": self.loaded.note,
+                "dtype": self.suite.dtype,
+            },
+            "method": None
+            if cell.method is None
+            else {**cell.method.to_dict(), "needs": sorted(self.plugins.get("decomposer", cell.method.name).needs)},
+            "allocator": None if cell.allocator is None else cell.allocator.to_dict(),
+            "target": None if cell.target is None else {**cell.target.to_dict(), "label": cell.target.label},
+            "surgery": dataclasses.asdict(self.suite.surgery),
+            "calibration": cell.config.get("calibration"),
+            "ranks": ranks,
+            "metrics": metrics,
+            "higher_is_better": higher,
+            "evaluations": infos,
+            "sizes": {
+                "dense_decomposable_params": self.dense_params,
+                "dense_decomposable_bytes": self.dense_bytes,
+                **sizes,
+            },
+            "timing": timing,
+            "factorization_info": extra.get("factorization_info", {}),
+            "provenance": self.provenance(),
+            "config": cell.config,
+        }
+
+    def failed_result(self, cell: Cell, exc: BaseException) -> dict:
+        error = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+        }
+        return self.result(cell, "failed", {}, {}, {}, {}, {}, {"error": error})
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "seed": self.suite.seed,
+            "suite_file": self.suite.file,
+            "command": self.runner.options.command,
+            "limit": self.runner.options.limit,
+            "harness": harness.__version__,
+            "plugins": self.plugins.versions(),
+            "libraries": library_versions(),
+            "hardware": hardware(self.runner.device),
+            "git": git_revision(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+
+def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:
+    replacements = {}
+    for fact, rank in zip(factorizations, assignment, strict=True):
+        if rank is not None:
+            replacements.update(fact.materialize(rank))
+    return replacements
+
+
+def layer_ranks(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict[str, int | None]:
+    return {name: rank for fact, rank in zip(factorizations, assignment, strict=True) for name in fact.names}
+
+
+@torch.no_grad()
+def lm_loss(model: torch.nn.Module, batches: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token loss over ``batches`` (samples, seqlen)."""
+    losses = [model(input_ids=row[None].to(device), labels=row[None].to(device)).loss.item() for row in batches]
+    return sum(losses) / len(losses)
+
+
+def describe_options(component: Component) -> str:
+    options = options_dict(component.options)
+    return ", ".join(f"{k}={v}" for k, v in options.items())

@@ -1,0 +1,32 @@
+"""The written schema of a cell result (``results/<suite>/cells/<id>.json``).
+
+Every key, what it holds and its unit::
+
+    schema            int   version of this schema
+    cell_id           str   content hash of ``config`` (harness/cells.py)
+    suite             str   suite name
+    status            str   "ok" or "failed"
+    error             dict  {type, message, traceback} when failed, else null
+    model             dict  id, fingerprint (sha256), files {name: sha256}, note
+                            (e.g. "4-bit quantized, de-quantized on load"), dtype
+    method            dict  name, label, options, needs (calibration statistics); null for the baseline
+    allocator         dict  name, label, options; null for the baseline
+    target            dict  kind (params|rank|bytes|bits), value, label; null for the baseline
+    surgery           dict  kinds, lm_head, mode (factored|dense)
+    calibration       dict  source, samples, seqlen, ..., data (sha256 of the text) or null
+    ranks             dict  layer name -> rank kept (null: layer left dense)
+    metrics           dict  metric name -> number; accuracies are fractions in [0, 1],
+                            perplexity is per token, sizes are counts and bytes
+    higher_is_better  dict  metric name -> bool
+    evaluations       dict  evaluator/profiler label -> info: data source and split,
+                            examples used, sequence length, units, raw samples
+    sizes             dict  dense_decomposable_params/bytes (uncompressed), model_params/bytes (as evaluated)
+    timing            dict  seconds: factorize_s (the method's one factorization of every
+                            group, shared by its cells), allocate_s, <component>_s, cell_s
+    factorization_info dict group -> diagnostics (iterations, jitter, relative error)
+    provenance        dict  seed, suite_file, command, limit, harness and plugin versions,
+                            libraries, hardware, git revision, created (UTC)
+    config            dict  the resolved cell config that ``cell_id`` hashes
+"""
+
+SCHEMA_VERSION = 1

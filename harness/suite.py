@@ -1,0 +1,242 @@
+"""Suite config: TOML -> frozen dataclasses, every key validated before any model loads.
+
+A suite is data, never code: components are named by their registered names
+and their options are checked against the options each plugin declares.
+Errors name the file, the key, what was expected and what was received.
+See docs/suite-format.md for the format.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError, did_you_mean
+from harness.options import check_value, options_dict, parse_options
+from harness.plugins import Plugins, get_plugins
+from harness.targets import Target, parse_target
+
+TOP_KEYS = {
+    "name": str,
+    "description": str,
+    "seed": int,
+    "device": str,
+    "dtype": str,
+    "models": list[str],
+    "trust_remote_code": bool,
+    "targets": list,
+    "allocators": list,
+    "methods": list,
+    "evaluators": list,
+    "profilers": list,
+    "trackers": list,
+    "calibration": dict,
+    "surgery": dict,
+}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named plugin component with its parsed options."""
+
+    kind: str
+    name: str
+    options: Any
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "options": options_dict(self.options)}
+
+
+@dataclass(frozen=True)
+class Method(Component):
+    targets: tuple[Target, ...] = ()
+    allocators: tuple[Component, ...] = ()
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str = "lambada"
+    """Text source (harness.data.TEXT_SOURCES); offline default: LAMBADA passages."""
+    samples: int = 32
+    """Number of windows (ASVD: 32; SVD-LLM: 256)."""
+    seqlen: int = 256
+    """Tokens per window (the papers use 2048)."""
+    batch_size: int = 4
+    loss_samples: int = 8
+    """Windows used to score a calibration loss for allocators (sensitivity, BitStack order)."""
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    kinds: tuple[str, ...] | None = None
+    """Linear layers to decompose by last name component; default: all in the transformer blocks."""
+    lm_head: bool = False
+    mode: str = "factored"
+    """"factored": two matmuls (parameters saved); "dense": the product written back."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    file: str
+    description: str = ""
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    models: tuple[str, ...] = ("embedded",)
+    trust_remote_code: bool = False
+    methods: tuple[Method, ...] = ()
+    evaluators: tuple[Component, ...] = ()
+    profilers: tuple[Component, ...] = ()
+    trackers: tuple[Component, ...] = ()
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+
+    def needs(self) -> set[str]:
+        plugins = get_plugins()
+        return {need for m in self.methods for need in plugins.get("decomposer", m.name).needs}
+
+    def with_models(self, models: list[str]) -> Suite:
+        return replace(self, models=tuple(models))
+
+
+def load_suite(path: str | Path, plugins: Plugins | None = None) -> Suite:
+    """Read and validate a suite file; raises HarnessError on any problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HarnessError(f"{path}: suite file does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{path}: cannot read suite file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise HarnessError(f"{path}: not valid TOML: {exc}") from None
+    return SuiteParser(str(path), plugins or get_plugins()).parse(raw)
+
+
+class SuiteParser:
+    def __init__(self, file: str, plugins: Plugins) -> None:
+        self.file = file
+        self.plugins = plugins
+
+    def fail(self, key: str, message: str) -> HarnessError:
+        return HarnessError(f"{self.file}: {key}: {message}")
+
+    def check(self, value: Any, annotation: Any, key: str) -> Any:
+        return check_value(value, annotation, f"{self.file}: {key}")
+
+    def parse(self, raw: dict[str, Any]) -> Suite:
+        for key in raw:
+            if key not in TOP_KEYS:
+                raise self.fail(key, f"unknown key{did_you_mean(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}")
+        values = {key: self.check(value, TOP_KEYS[key], key) for key, value in raw.items()}
+        name = values.get("name", Path(self.file).stem)
+        if not SAFE_NAME.match(name):
+            raise self.fail("name", f"expected letters, digits, '.', '_' or '-' (no path), got {name!r}")
+        if values.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+            raise self.fail("dtype", f"expected 'float32', 'float16' or 'bfloat16', got {values['dtype']!r}")
+        if not values.get("models", ["embedded"]):
+            raise self.fail("models", "expected at least one model, got an empty list")
+        targets = self.targets(values.get("targets", []), "targets")
+        allocators = self.components("allocator", values.get("allocators", ["uniform"]), "allocators")
+        methods = tuple(
+            self.method(entry, f"methods[{i}]", targets, allocators)
+            for i, entry in enumerate(values.get("methods", []))
+        )
+        self.unique_labels(methods, "methods")
+        suite = Suite(
+            name=name,
+            file=self.file,
+            description=values.get("description", ""),
+            seed=values.get("seed", 0),
+            device=values.get("device", "auto"),
+            dtype=values.get("dtype", "float32"),
+            models=tuple(values.get("models", ["embedded"])),
+            trust_remote_code=values.get("trust_remote_code", False),
+            methods=methods,
+            evaluators=self.components("evaluator", values.get("evaluators", []), "evaluators"),
+            profilers=self.components("profiler", values.get("profilers", ["params"]), "profilers"),
+            trackers=self.components("tracker", values.get("trackers", []), "trackers"),
+            calibration=parse_options(CalibrationConfig, values.get("calibration"), "calibration", self.file),
+            surgery=self.surgery(values.get("surgery")),
+        )
+        self.check_targets(suite)
+        return suite
+
+    def targets(self, raw: list, key: str) -> tuple[Target, ...]:
+        return tuple(parse_target(value, f"{self.file}: {key}[{i}]") for i, value in enumerate(raw))
+
+    def components(self, kind: str, raw: list, key: str) -> tuple[Component, ...]:
+        items = tuple(self.component(kind, entry, f"{key}[{i}]") for i, entry in enumerate(raw))
+        self.unique_labels(items, key)
+        return items
+
+    def component(self, kind: str, entry: Any, key: str, extra: tuple[str, ...] = ()) -> Component:
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            raise self.fail(key, f"expected a name or a table with 'name', got {entry!r}")
+        allowed = ("name", "label", "options", *extra)
+        for sub in entry:
+            if sub not in allowed:
+                raise self.fail(f"{key}.{sub}", f"unknown key{did_you_mean(sub, allowed)}; known: {', '.join(allowed)}")
+        if "name" not in entry:
+            raise self.fail(f"{key}.name", f"missing: every {kind} entry needs a name")
+        name = self.check(entry["name"], str, f"{key}.name")
+        component = self.plugins.get(kind, name, f"{self.file}: {key}.name")
+        options = parse_options(
+            component.Options, self.check(entry.get("options", {}), dict, f"{key}.options"), f"{key}.options", self.file
+        )
+        label = self.check(entry.get("label", name), str, f"{key}.label")
+        if not SAFE_NAME.match(label):
+            raise self.fail(f"{key}.label", f"expected letters, digits, '.', '_' or '-', got {label!r}")
+        return Component(kind, name, options, label)
+
+    def method(self, entry: Any, key: str, targets: tuple, allocators: tuple) -> Method:
+        base = self.component("decomposer", entry, key, extra=("targets", "allocators"))
+        own = entry if isinstance(entry, dict) else {}
+        method_targets = (
+            self.targets(self.check(own["targets"], list, f"{key}.targets"), f"{key}.targets")
+            if "targets" in own
+            else targets
+        )
+        method_allocators = (
+            self.components("allocator", self.check(own["allocators"], list, f"{key}.allocators"), f"{key}.allocators")
+            if "allocators" in own
+            else allocators
+        )
+        if not method_targets:
+            raise self.fail(f"{key}.targets", "expected at least one target (here or at the top level), got none")
+        if not method_allocators:
+            raise self.fail(f"{key}.allocators", "expected at least one allocator, got none")
+        return Method(base.kind, base.name, base.options, base.label, method_targets, method_allocators)
+
+    def unique_labels(self, items: tuple[Component, ...], key: str) -> None:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.label in seen:
+                raise self.fail(f"{key}[{i}].label", f"duplicate label {item.label!r}: give each entry its own label")
+            seen.add(item.label)
+
+    def surgery(self, raw: dict | None) -> SurgeryConfig:
+        config = parse_options(SurgeryConfig, raw, "surgery", self.file)
+        if config.mode not in ("factored", "dense"):
+            raise self.fail("surgery.mode", f"expected 'factored' or 'dense', got {config.mode!r}")
+        return config
+
+    def check_targets(self, suite: Suite) -> None:
+        for i, method in enumerate(suite.methods):
+            for allocator in method.allocators:
+                component = self.plugins.get("allocator", allocator.name)
+                for target in method.targets:
+                    if target.kind not in component.target_kinds:
+                        raise self.fail(
+                            f"methods[{i}].targets",
+                            f"allocator {allocator.name!r} takes {', '.join(component.target_kinds)} targets, "
+                            f"got a {target.kind} target",
+                        )

@@ -1,0 +1,166 @@
+"""Model surgery: find the decomposable Linear layers, swap replacements in and out.
+
+No linear algebra happens here: a method's ``Factorization`` says what each
+layer becomes; this module puts it into the model, counts what the model then
+holds, and puts the original layers back when the cell is done.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from harness.api import LayerInfo
+from harness.errors import HarnessError
+from harness.factorization import Dense, LowRank, Replacement
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class FactoredLinear(nn.Module):
+    """y = A (B x) + bias: a rank-k Linear as two matmuls, k (m + n) weights."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = B.shape[1], A.shape[0], A.shape[1]
+        self.B = nn.Parameter(B, requires_grad=False)
+        self.A = nn.Parameter(A, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.B), self.A, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def find_linears(
+    model: nn.Module,
+    kinds: Sequence[str] | None = None,
+    include_lm_head: bool = False,
+) -> list[LayerInfo]:
+    """Decomposable Linear layers in module order.
+
+    By default every ``nn.Linear`` inside the transformer blocks (names with a
+    layer index: attention and MLP projections); ``kinds`` keeps only layers
+    whose last name component is listed (e.g. ``["q_proj", "down_proj"]``);
+    ``include_lm_head`` adds the output head.
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        kind = name.rsplit(".", 1)[-1]
+        match = _LAYER_INDEX.search(f".{name}.")
+        is_head = match is None and kind in ("lm_head", "embed_out", "output")
+        if is_head and not include_lm_head:
+            continue
+        if match is None and not is_head:
+            continue
+        if kinds is not None and kind not in kinds and not is_head:
+            continue
+        shape = (module.out_features, module.in_features)
+        layers.append(LayerInfo(name, kind, int(match.group(1)) if match else None, shape))
+    return layers
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def build_module(original: nn.Linear, replacement: Replacement, dense: bool) -> nn.Module:
+    """The module that stands in for ``original``; ``dense`` multiplies factors out."""
+    bias = None if original.bias is None else original.bias.detach()
+    device, dtype = original.weight.device, original.weight.dtype
+    if isinstance(replacement, LowRank):
+        A, B = replacement.A.to(device, dtype), replacement.B.to(device, dtype)
+        if A.shape[0] != original.out_features or B.shape[1] != original.in_features:
+            raise ValueError(f"factors {tuple(A.shape)} x {tuple(B.shape)} do not fit {tuple(original.weight.shape)}")
+        if dense:
+            return _dense_linear(original, A @ B)
+        return FactoredLinear(A, B, bias)
+    if isinstance(replacement, Dense):
+        return _dense_linear(original, replacement.weight.to(device, dtype))
+    if isinstance(replacement, nn.Module):
+        return replacement.to(device)
+    raise TypeError(f"unsupported replacement {type(replacement).__name__}")
+
+
+def _dense_linear(original: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    if tuple(weight.shape) != tuple(original.weight.shape):
+        raise ValueError(f"dense weight {tuple(weight.shape)} does not fit {tuple(original.weight.shape)}")
+    layer = nn.Linear(original.in_features, original.out_features, bias=original.bias is not None)
+    layer = layer.to(original.weight.device, original.weight.dtype)
+    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if original.bias is not None:
+        layer.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+@contextmanager
+def replaced(model: nn.Module, replacements: Mapping[str, Replacement], dense: bool = False) -> Iterator[nn.Module]:
+    """Swap each named Linear for its replacement; the originals return on exit."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, replacement in replacements.items():
+            parent, child = _parent(model, name)
+            original = getattr(parent, child)
+            if not isinstance(original, nn.Linear):
+                raise HarnessError(f"cannot replace {name}: it is a {type(original).__name__}, not a Linear")
+            setattr(parent, child, build_module(original, replacement, dense))
+            originals[name] = original
+        yield model
+    finally:
+        for name, original in originals.items():
+            parent, child = _parent(model, name)
+            setattr(parent, child, original)
+
+
+# ---------------------------------------------------------------- counting
+def module_params(module: nn.Module) -> int:
+    """Stored values of a (possibly replaced) layer."""
+    if hasattr(module, "harness_params"):
+        return int(module.harness_params())
+    return sum(p.numel() for p in module.parameters())
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes a (possibly replaced) layer stores, at its parameters' dtypes."""
+    if hasattr(module, "harness_bytes"):
+        return int(module.harness_bytes())
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def count_layers(model: nn.Module, names: Sequence[str]) -> tuple[int, int]:
+    """(parameters, bytes) held by the named layers now (weights and biases)."""
+    modules = [model.get_submodule(name) for name in names]
+    return sum(module_params(m) for m in modules), sum(module_bytes(m) for m in modules)
+
+
+def count_model(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of the whole model, shared (tied) tensors counted once."""
+    seen: set[int] = set()
+    params = nbytes = 0
+    for module in model.modules():
+        if hasattr(module, "harness_params"):
+            params += int(module.harness_params())
+            nbytes += int(module.harness_bytes())
+            seen.update(id(p) for p in module.parameters())
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            params += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return params, nbytes
+
+
+def weights_of(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named Linear layers' weights (views, not copies)."""
+    return {name: model.get_submodule(name).weight.detach() for name in names}

