@@ -68,13 +68,26 @@ def row_of(result: dict, metrics: list[str]) -> dict[str, Any]:
     return row
 
 
+def order_key(result: dict) -> tuple:
+    """Baseline first per model, then method, allocator, target kind, larger targets first."""
+    method, allocator, target = (result.get(k) or {} for k in ("method", "allocator", "target"))
+    return (
+        result.get("model", {}).get("id", ""),
+        bool(method),
+        method.get("label", ""),
+        allocator.get("label", ""),
+        target.get("kind", ""),
+        -float(target.get("value", 0)),
+    )
+
+
 def build(results: list[dict]) -> dict[str, Any]:
     """Rows and footer for ``results`` (baseline first per model, then suite order)."""
     names = set()
     for result in results:
         names |= set(result.get("metrics", {}))
     metrics = metric_order(names)
-    rows = [row_of(r, metrics) for r in results]
+    rows = [row_of(r, metrics) for r in sorted(results, key=order_key)]
     return {"columns": list(rows[0]) if rows else [], "metrics": metrics, "rows": rows, "footer": footer(results)}
 
 

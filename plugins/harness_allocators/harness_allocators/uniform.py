@@ -17,6 +17,9 @@ from harness import budget
 
 
 def uniform_ranks(facts, keep: float) -> budget.Assignment:
+    """Largest saving rank within ``keep`` of each group's dense size; keep >= 1 keeps all dense."""
+    if keep >= 1:
+        return [None] * len(facts)
     return [budget.largest_rank_within(f, keep * f.dense_params) for f in facts]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -48,17 +49,29 @@ class LMEvalOptions:
             raise ValueError(f"batch_size: expected an integer or 'auto', got {self.batch_size!r}")
 
 
+@cache
+def task_manager():
+    """One lm-eval TaskManager per process: indexing every task YAML takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@cache
+def task_yaml(task: str, resolve: bool) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = task_manager().task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        raise harness.HarnessError(f"lm-eval has no task {task!r}")
+    return dict(load_yaml(entry.yaml_path, resolve_func=resolve))
+
+
 def task_config(task: str, data: str) -> dict | str:
     """lm-eval's YAML config for ``task``, re-pointed at the embedded Arrow file."""
     if data == "hub":
         return task
-    from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = TaskManager().task_index.get(task)
-    if entry is None or entry.yaml_path is None:
-        raise harness.HarnessError(f"lm-eval has no task {task!r}")
-    config = dict(load_yaml(entry.yaml_path, resolve_func=True))
+    config = dict(task_yaml(task, True))
     config.pop("tag", None)
     path = harness_data.embedded_task_file(task)
     config.update(
@@ -75,11 +88,7 @@ def task_config(task: str, data: str) -> dict | str:
 
 def default_split(task: str) -> str:
     """The split lm-eval evaluates ``task`` on by default (test where the YAML has one)."""
-    from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = TaskManager().task_index.get(task)
-    config = load_yaml(entry.yaml_path, resolve_func=False) if entry and entry.yaml_path else {}
+    config = task_yaml(task, False)
     return config.get("test_split") or config.get("validation_split") or "unknown"
 
 
@@ -88,22 +97,29 @@ def effective_limit(options: LMEvalOptions, cli_limit: int | None) -> int | None
     return min(limits) if limits else None
 
 
-def run_task(lm, task: str, options: LMEvalOptions, limit: int | None, seed: int) -> dict:
-    """One task through ``lm_eval.simple_evaluate``: metrics, sample count, per-example correctness."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+def load_task(task: str, options: LMEvalOptions, seed: int) -> dict:
+    """lm-eval's task dict for one task, set up as ``simple_evaluate`` does."""
+    loaded = task_manager().load([task_config(task, options.data)])
+    for task_obj in loaded["tasks"].values():
+        task_obj.set_config(key="num_fewshot", value=options.num_fewshot)
+        task_obj.set_fewshot_seed(seed=seed)
+    return loaded
 
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[task_config(task, options.data)],
-        num_fewshot=options.num_fewshot,
+
+def run_task(lm, task: str, options: LMEvalOptions, limit: int | None, seed: int) -> dict:
+    """One task through ``lm_eval.evaluator.evaluate``: metrics, sample count, per-example correctness.
+
+    ``simple_evaluate`` would do the same after collecting environment info by
+    running subprocesses (pip, cmake, ...) on every call, which costs more than
+    a small evaluation; the task set-up here is the same as its own.
+    """
+    from lm_eval.evaluator import evaluate
+
+    out = evaluate(
+        lm=lm,
+        task_dict=load_task(task, options, seed),
         limit=limit,
-        task_manager=TaskManager(),
         log_samples=True,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
         bootstrap_iters=0,
         verbosity="WARNING",
     )

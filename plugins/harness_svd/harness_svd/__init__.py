@@ -15,21 +15,19 @@ from typing import Literal
 import torch
 
 import harness
+from harness.spectral import thin_svd
 
 __version__ = "0.1.0"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def truncated_svd(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
-    """Thin SVD of ``weight`` (m, n) in ``dtype``: U (m, r), s (r,), Vt (r, n), r = min(m, n)."""
-    return torch.linalg.svd(weight.to(dtype), full_matrices=False)
-
-
 @dataclass(frozen=True)
 class SVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the decomposition (factors are cast to the model's dtype)."""
+    algorithm: Literal["gram", "lapack"] = "gram"
+    """gram: eigh of the smaller Gram (fast; see harness.spectral); lapack: torch.linalg.svd."""
 
 
 class SVD(harness.Decomposer):
@@ -39,7 +37,7 @@ class SVD(harness.Decomposer):
 
     def factorize(self, weights, stats, options, ctx):
         ((name, weight),) = weights.items()
-        U, s, Vt = truncated_svd(weight.to(ctx.device), DTYPES[options.dtype])
+        U, s, Vt = thin_svd(weight.to(ctx.device), options.algorithm, DTYPES[options.dtype])
         return harness.SVDLikeFactorization(name, U, s, Vt, out_dtype=weight.dtype)
 
 

@@ -1,0 +1,106 @@
+"""TRAWL: CP / Tucker decomposition of stacked weight matrices (Luo et al. 2024).
+
+Several weight matrices of one shape are stacked into a 3-way tensor T
+(S, m, n) and decomposed jointly:
+
+.. math:: \\min_{\\hat T} \\|T - \\hat T\\|_F^2, \\quad
+          \\hat T \\text{ of CP rank } r \\text{ (trawl-cp) or Tucker ranks } (t, r, r) \\text{ (trawl-tucker)}
+
+by alternating least squares (tensorly, PyTorch backend, seeded random
+init). ``mode = "denoise"`` writes each slice of the reconstruction back as a
+dense weight (the paper's use: no memory saved); ``mode = "compress"`` keeps
+the factors. See ``stacking`` for the groupings and ``README.md`` for the
+conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+import harness
+from harness_trawl.factorization import StackSliceLinear, TrawlFactorization
+from harness_trawl.stacking import check_layers_spec, trawl_groups
+
+__version__ = "0.1.0"
+__all__ = ["StackSliceLinear", "TrawlCP", "TrawlFactorization", "TrawlTucker"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrawlCPOptions:
+    by: Literal["layer-attn", "layer-mlp", "across-layers"] = "layer-mlp"
+    """Which matrices are stacked together (see harness_trawl.stacking)."""
+    layers: str | list[int] = "all"
+    """Layers treated: "all", "first:N", "last:N" or a list of indices; the rest stay dense."""
+    kinds: list[str] | None = None
+    """Only these projection kinds (e.g. ["gate_proj", "up_proj", "down_proj"]); None: every kind of ``by``."""
+    ranks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """The ranks an allocator may choose from; each is its own decomposition."""
+    mode: Literal["denoise", "compress"] = "denoise"
+    """denoise: dense slices of the reconstruction; compress: keep the factors."""
+    n_iter_max: int = 100
+    """ALS iterations at most (tensorly's default, as in the authors' code)."""
+    tol: float | None = None
+    """ALS stopping tolerance; None: tensorly's default (1e-8 CP, 1e-4 Tucker)."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the decomposition (replacements are cast to the model's dtype)."""
+
+    def __post_init__(self) -> None:
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise harness.HarnessError(f"ranks: expected a non-empty list of positive integers, got {self.ranks}")
+        if self.n_iter_max < 1:
+            raise harness.HarnessError(f"n_iter_max: expected at least 1, got {self.n_iter_max}")
+        check_layers_spec(self.layers)
+
+
+@dataclass(frozen=True)
+class TrawlTuckerOptions(TrawlCPOptions):
+    stack_rank: int | None = None
+    """Tucker rank of the stacking mode; None: the stack size S (no compression along it).
+    The authors' code uses 2."""
+
+
+class _Trawl(harness.Decomposer):
+    method: ClassVar[str]
+
+    def groups(self, layers, options):
+        return trawl_groups(layers, options.by, options.layers, options.kinds)
+
+    def factorize(self, weights, stats, options, ctx):
+        return TrawlFactorization(
+            weights,
+            method=self.method,
+            ranks=options.ranks,
+            mode=options.mode,
+            seed=ctx.seed,
+            device=ctx.device,
+            dtype=DTYPES[options.dtype],
+            stack_rank=getattr(options, "stack_rank", None),
+            n_iter_max=options.n_iter_max,
+            tol=options.tol,
+            grouping=options.by,
+        )
+
+
+class TrawlCP(_Trawl):
+    name = "trawl-cp"
+    method = "cp"
+    Options = TrawlCPOptions
+    description = "TRAWL: CP (parafac) of stacked weight matrices; denoise or keep factors"
+
+
+class TrawlTucker(_Trawl):
+    name = "trawl-tucker"
+    method = "tucker"
+    Options = TrawlTuckerOptions
+    description = "TRAWL: Tucker of stacked weight matrices, ranks (S, R, R); denoise or keep factors"
+
+
+@harness.hookimpl
+def register_decomposers(register):
+    register(TrawlCP())
+    register(TrawlTucker())
