@@ -84,3 +84,118 @@ def largest_fitting(
         else:
             hi = mid
     return best
+
+
+# ---------------------------------------------------------------- any target kind
+# A target as an additive cost per group and a total budget, so that one
+# allocator serves every kind:
+#
+# - ``params``: parameters kept; budget ``value`` x dense parameters.
+# - ``bytes`` / ``bits``: bytes kept; budget ``Target.budget_bytes``.
+# - ``rank``: rank kept (a dense group keeps its full rank); budget ``value`` x
+#   the sum of full ranks, i.e. a rank-weighted mean kept fraction of rank
+#   (WeLore's convention: removed rank / total rank over all matrices).
+
+COST_KINDS = ("params", "bytes", "bits", "rank")
+
+
+def group_cost(fact: Factorization, rank: int | None, target: Target, dtype_bytes: int) -> float:
+    """What ``fact`` at ``rank`` (None: dense) spends of a ``target`` budget."""
+    if target.kind == "params":
+        return group_params(fact, rank)
+    if target.kind in ("bytes", "bits"):
+        return group_bytes(fact, rank, dtype_bytes)
+    if target.kind == "rank":
+        return fact.full_rank if rank is None else rank
+    raise ValueError(f"no cost for {target.kind} targets")
+
+
+def target_budget(facts: Sequence[Factorization], target: Target, dtype_bytes: int) -> float:
+    """The largest total ``group_cost`` that meets ``target`` (same tolerance as ``fits``)."""
+    if target.kind == "params":
+        return target.value * dense_total(facts) + 1e-9
+    if target.kind in ("bytes", "bits"):
+        return target.budget_bytes(dense_total(facts))
+    if target.kind == "rank":
+        return target.value * sum(f.full_rank for f in facts) + 1e-9
+    raise ValueError(f"no budget for {target.kind} targets")
+
+
+def assignment_cost(
+    facts: Sequence[Factorization], ranks: Sequence[int | None], target: Target, dtype_bytes: int
+) -> float:
+    return sum(group_cost(f, r, target, dtype_bytes) for f, r in zip(facts, ranks, strict=True))
+
+
+def within(facts: Sequence[Factorization], ranks: Sequence[int | None], target: Target, dtype_bytes: int) -> bool:
+    """Does ``ranks`` meet ``target`` of any kind (``fits`` plus ``rank`` targets)?"""
+    return assignment_cost(facts, ranks, target, dtype_bytes) <= target_budget(facts, target, dtype_bytes)
+
+
+def kept_rank_fraction(facts: Sequence[Factorization], ranks: Sequence[int | None]) -> float:
+    """Rank kept over full rank, summed over groups (dense groups keep their full rank)."""
+    full = sum(f.full_rank for f in facts)
+    kept = sum(f.full_rank if r is None else r for f, r in zip(facts, ranks, strict=True))
+    return kept / full if full else 1.0
+
+
+def bracket_fitting(
+    build: Callable[[float], Assignment],
+    ok: Callable[[Assignment], bool],
+    lo: float = 0.0,
+    hi: float = 1.0,
+    steps: int = 50,
+) -> tuple[Assignment, Assignment | None, float] | None:
+    """Like ``largest_fitting``, but also the assignment just past the boundary.
+
+    Returns ``(fitting, over, knob)``: the assignment of the largest knob found
+    with ``ok``, that of the smallest knob found without it (None when
+    ``build(hi)`` fits), and the fitting knob. Returns None when ``build(lo)``
+    does not fit.
+    """
+    best = build(lo)
+    if not ok(best):
+        return None
+    top = build(hi)
+    if ok(top):
+        return top, None, hi
+    over = top
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        candidate = build(mid)
+        if ok(candidate):
+            lo, best = mid, candidate
+        else:
+            hi, over = mid, candidate
+    return best, over, lo
+
+
+def top_up(
+    facts: Sequence[Factorization],
+    fitting: Assignment,
+    over: Assignment,
+    choices: Sequence[Sequence[int | None]],
+    cost: Callable[[Factorization, int | None], float],
+    budget: float,
+) -> Assignment:
+    """Raise the groups where ``fitting`` and ``over`` differ, in order, as far as the budget allows.
+
+    ``choices[i]`` lists group i's allowed ranks in increasing cost (None,
+    dense, last). Each differing group moves to the largest choice between its
+    two ranks (up to ``over``'s) that still fits. After this, the budget left
+    is smaller than the next step of some group that could not be raised.
+    """
+    ranks = list(fitting)
+    spent = sum(cost(f, r) for f, r in zip(facts, ranks, strict=True))
+    for i, (low, high) in enumerate(zip(fitting, over, strict=True)):
+        if low == high:
+            continue
+        options = list(choices[i])
+        start, stop = options.index(low), options.index(high)
+        base = cost(facts[i], low)
+        for choice in reversed(options[start + 1 : stop + 1]):
+            extra = cost(facts[i], choice) - base
+            if spent + extra <= budget:
+                ranks[i], spent = choice, spent + extra
+                break
+    return ranks

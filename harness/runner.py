@@ -313,8 +313,22 @@ class ModelSession:
         replacements = materialize(factorizations, assignment)
         ranks = layer_ranks(factorizations, assignment)
         info = {f"{'+'.join(f.names)}": f.info for f in factorizations if f.info}
-        extra = {"timing": {"factorize_s": factorize_s, "allocate_s": allocate_s}, "factorization_info": info}
+        extra = {
+            "timing": {"factorize_s": factorize_s, "allocate_s": allocate_s},
+            "factorization_info": info,
+            "artifacts": self.rank_report(cell, ranks),
+        }
         return self.measure(cell, replacements, ranks=ranks, extra=extra)
+
+    def rank_report(self, cell: Cell, ranks: dict[str, int | None]) -> list[str]:
+        """The rank chosen for every matrix: CSV and heat map under ranks/, paths relative to the results dir."""
+        from harness.rankreport import rank_heatmap, rank_rows, write_rank_csv
+
+        rows = rank_rows(self.layer_by_name, ranks)
+        folder = self.runner.store.root / "ranks"
+        csv_path = write_rank_csv(rows, folder / f"{cell.id}.csv")
+        png_path = rank_heatmap(rows, folder / f"{cell.id}.png", f"{cell.label}: kept rank fraction")
+        return [str(p.relative_to(self.runner.store.root)) for p in (csv_path, png_path)]
 
     def measure(self, cell: Cell, replacements: dict, ranks: dict, extra: dict) -> dict:
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
@@ -386,6 +400,7 @@ class ModelSession:
             },
             "timing": timing,
             "factorization_info": extra.get("factorization_info", {}),
+            "artifacts": extra.get("artifacts", []),
             "provenance": self.provenance(),
             "config": cell.config,
         }

@@ -24,6 +24,8 @@ Every key, what it holds and its unit::
     timing            dict  seconds: factorize_s (the method's one factorization of every
                             group, shared by its cells), allocate_s, <component>_s, cell_s
     factorization_info dict group -> diagnostics (iterations, jitter, relative error)
+    artifacts         list  files beside the results (relative to the suite's results dir):
+                            ranks/<cell id>.csv and .png (rank chosen for every matrix)
     provenance        dict  seed, suite_file, command, limit, harness and plugin versions,
                             libraries, hardware, git revision, created (UTC)
     config            dict  the resolved cell config that ``cell_id`` hashes

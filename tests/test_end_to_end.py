@@ -145,9 +145,25 @@ def test_mlflow_holds_a_parent_and_one_nested_run_per_cell(suite_run):
         run = by_cell[cell["cell_id"]]
         assert run.data.metrics["hellaswag/acc"] == pytest.approx(cell["metrics"]["hellaswag/acc"])
         assert run.data.metrics["perplexity"] == pytest.approx(cell["metrics"]["perplexity"])
-        assert run.data.params["method.name"] == str((cell["method"] or {}).get("name"))
+        assert run.data.params["method.name"] == (cell["method"] or {}).get("name", "none")
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert f"{cell['cell_id']}.json" in artifacts
+        if cell["method"] is not None:
+            ranks = [a.path for a in client.list_artifacts(run.info.run_id, "ranks")]
+            assert ranks == [f"ranks/{cell['cell_id']}.csv", f"ranks/{cell['cell_id']}.png"]
+
+
+def test_every_cell_records_the_rank_of_every_matrix(suite_run):
+    import csv
+
+    for cell in cells(suite_run):
+        if cell["method"] is None:
+            continue
+        assert len(cell["ranks"]) == 30 * 7
+        with open(suite_run["results"] / cell["artifacts"][0]) as handle:
+            rows = list(csv.DictReader(handle))
+        assert {row["layer"]: int(row["rank"]) for row in rows} == cell["ranks"]
+        assert (suite_run["results"] / cell["artifacts"][1]).stat().st_size > 1000
 
 
 def test_a_second_run_reuses_every_cell(suite_run):

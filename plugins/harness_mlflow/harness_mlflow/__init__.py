@@ -42,7 +42,9 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 
 def cell_params(result: dict) -> dict[str, str]:
-    params = flatten("", {k: result.get(k) for k in ("method", "allocator", "target", "surgery")}, {})
+    # the baseline has no method, allocator or target: logged as name "none"
+    parts = {k: result.get(k) or {"name": "none"} for k in ("method", "allocator", "target", "surgery")}
+    params = flatten("", parts, {})
     params.update(
         {
             "cell_id": result["cell_id"],
@@ -128,6 +130,10 @@ def log_result(client, experiment_id: str, parent_id: str | None, result: dict, 
     params = [Param(k, v) for k, v in cell_params(result).items()]
     client.log_batch(run_id, metrics=metrics, params=params, tags=tag_list)
     client.log_artifact(run_id, str(cell_file))
+    results_dir = Path(cell_file).parent.parent
+    for artifact in result.get("artifacts", []):
+        if (results_dir / artifact).exists():
+            client.log_artifact(run_id, str(results_dir / artifact), artifact_path=str(Path(artifact).parent))
     client.set_terminated(run_id, "FINISHED" if result["status"] == "ok" else "FAILED")
     return run_id
 

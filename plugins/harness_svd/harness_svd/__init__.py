@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 import harness
-from harness.spectral import thin_svd
+from harness.linalg import thin_svd
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ class SVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the decomposition (factors are cast to the model's dtype)."""
     algorithm: Literal["gram", "lapack"] = "gram"
-    """gram: eigh of the smaller Gram (fast; see harness.spectral); lapack: torch.linalg.svd."""
+    """gram: eigh of the smaller Gram (fast; see harness.linalg.thin_svd); lapack: torch.linalg.svd."""
 
 
 class SVD(harness.Decomposer):
@@ -37,7 +37,7 @@ class SVD(harness.Decomposer):
 
     def factorize(self, weights, stats, options, ctx):
         ((name, weight),) = weights.items()
-        U, s, Vt = thin_svd(weight.to(ctx.device), options.algorithm, DTYPES[options.dtype])
+        U, s, Vt = thin_svd(weight.to(ctx.device), DTYPES[options.dtype], options.algorithm)
         return harness.SVDLikeFactorization(name, U, s, Vt, out_dtype=weight.dtype)
 
 

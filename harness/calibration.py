@@ -1,0 +1,371 @@
+"""Calibration statistics of the decomposable Linear layers, and their disk cache.
+
+``collect_stats`` makes one pass over the calibration windows, whatever the
+``needs`` (``harness.STAT_KINDS``):
+
+- ``gram``, ``abs_mean``, ``out_cov``: forward hooks on each target Linear sum
+  X^T X, |x|, x^2 (per input channel) and Y^T Y in float64, batch by batch,
+  under ``torch.no_grad``. Layers fed the same tensor (q/k/v, gate/up) share
+  one computation of the input sums. The forward stops once every target layer
+  has seen its batch, so the LM head runs only where it is itself a target.
+- ``fisher``: each window alone (micro-batch 1) goes forward with the LM loss
+  (labels = the input ids) and backward; as each target weight's gradient G is
+  accumulated, its squares are reduced on the spot to ``fisher_in`` = sum_i G_ij^2
+  (n,) and ``fisher_out`` = sum_j G_ij^2 (m,) and the gradient is freed, so no
+  full-size Fisher is ever held. The empirical Fisher is thus
+  sum over windows s of (dL_s/dW)^2, L_s the mean token loss of window s.
+  Only the target weights require grad during the pass; every parameter's
+  ``requires_grad`` is restored afterwards. Forward statistics asked for at the
+  same time are collected in that same pass.
+
+Memory: one n x n (and m x m) float64 accumulator per layer and kind, on the
+collection device; results are returned on the CPU.
+
+``load_or_collect`` caches the statistics under ``cache_dir/<sha256 of the key
+and layer names>/<kind>.pt``, one file per kind, so that asking later for one
+more kind collects only that kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.api import STAT_KINDS, LayerInfo, LayerStats
+from harness.errors import HarnessError
+
+FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov"})
+INPUT_KINDS = frozenset({"gram", "abs_mean"})
+CACHE_FORMAT = 1
+KIND_FIELDS = {
+    "gram": ("tokens", "gram", "sq_mean"),
+    "abs_mean": ("tokens", "abs_mean", "sq_mean"),
+    "out_cov": ("tokens", "out_cov"),
+    "fisher": ("fisher_in", "fisher_out"),
+}
+"""LayerStats fields stored in each kind's cache file."""
+
+
+class _ForwardDone(Exception):
+    """Raised by a hook once every target layer has seen the batch: the rest of the forward is not needed."""
+
+
+def check_needs(needs: set[str] | frozenset[str]) -> frozenset[str]:
+    unknown = set(needs) - set(STAT_KINDS)
+    if unknown:
+        raise HarnessError(f"unknown calibration statistics {sorted(unknown)}; known: {', '.join(STAT_KINDS)}")
+    return frozenset(needs)
+
+
+# ---------------------------------------------------------------- accumulation
+class _LayerSums:
+    """Running float64 sums of one Linear layer's statistics."""
+
+    def __init__(self, kinds: frozenset[str], shape: tuple[int, int], device: torch.device) -> None:
+        m, n = shape
+        zeros = lambda *size: torch.zeros(*size, dtype=torch.float64, device=device)  # noqa: E731
+        self.kinds = kinds
+        self.tokens = 0
+        self.gram = zeros(n, n) if "gram" in kinds else None
+        self.abs_sum = zeros(n) if "abs_mean" in kinds else None
+        self.sq_sum = zeros(n) if kinds & INPUT_KINDS else None
+        self.out_cov = zeros(m, m) if "out_cov" in kinds else None
+        self.fisher_in = zeros(n) if "fisher" in kinds else None
+        self.fisher_out = zeros(m) if "fisher" in kinds else None
+
+    def add_input(self, sums: dict[str, Any]) -> None:
+        self.tokens += sums["tokens"]
+        self.sq_sum += sums["sq"]
+        if self.gram is not None:
+            self.gram += sums["gram"]
+        if self.abs_sum is not None:
+            self.abs_sum += sums["abs"]
+
+    def add_output(self, y: torch.Tensor) -> None:
+        if not self.kinds & INPUT_KINDS:
+            self.tokens += y.shape[0]
+        self.out_cov += y.T @ y
+
+    def add_grad(self, grad: torch.Tensor) -> None:
+        squared = grad.to(torch.float64).square()
+        self.fisher_in += squared.sum(0)
+        self.fisher_out += squared.sum(1)
+
+    def finish(self) -> LayerStats:
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        tokens = max(self.tokens, 1)
+        return LayerStats(
+            tokens=self.tokens,
+            gram=cpu(self.gram),
+            abs_mean=None if self.abs_sum is None else cpu(self.abs_sum / tokens),
+            sq_mean=None if self.sq_sum is None else cpu(self.sq_sum / tokens),
+            out_cov=cpu(self.out_cov),
+            fisher_in=cpu(self.fisher_in),
+            fisher_out=cpu(self.fisher_out),
+        )
+
+
+def _input_sums(x: torch.Tensor, gram: bool, absolute: bool) -> dict[str, Any]:
+    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    sums: dict[str, Any] = {"tokens": x.shape[0], "sq": x.square().sum(0)}
+    if gram:
+        sums["gram"] = x.T @ x
+    if absolute:
+        sums["abs"] = x.abs().sum(0)
+    return sums
+
+
+class _Collector:
+    """Forward hooks that feed each layer's ``_LayerSums``."""
+
+    def __init__(self, sums: dict[str, _LayerSums], kinds: frozenset[str]) -> None:
+        self.sums = sums
+        self.kinds = kinds
+        self.stop_early = False
+        self.pending: set[str] = set()
+        self._last: tuple[torch.Tensor, dict[str, Any]] | None = None
+
+    def start_batch(self, stop_early: bool) -> None:
+        self.stop_early = stop_early
+        self.pending = set(self.sums)
+        self._last = None
+
+    def end_batch(self) -> None:
+        self._last = None
+
+    def hook(self, name: str) -> Callable:
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.record(name, inputs[0], output)
+
+        return record
+
+    def record(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        sums = self.sums[name]
+        if self.kinds & INPUT_KINDS:
+            # q/k/v (gate/up) receive the very same tensor object: compute its sums once
+            if self._last is None or self._last[0] is not x:
+                self._last = (x, _input_sums(x, "gram" in self.kinds, "abs_mean" in self.kinds))
+            sums.add_input(self._last[1])
+        if "out_cov" in self.kinds:
+            sums.add_output(y.detach().reshape(-1, y.shape[-1]).to(torch.float64))
+        self.pending.discard(name)
+        if self.stop_early and not self.pending:
+            raise _ForwardDone
+
+
+@contextmanager
+def _hooked(modules: dict[str, nn.Module], collector: _Collector) -> Iterator[None]:
+    handles = [module.register_forward_hook(collector.hook(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+@contextmanager
+def _fisher_grads(model: nn.Module, modules: dict[str, nn.Module], sums: dict[str, _LayerSums]) -> Iterator[None]:
+    """Only the target weights require grad; each gradient is reduced into ``sums`` and freed at once."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for name, module in modules.items():
+            weight = module.weight
+            weight.requires_grad_(True)
+
+            def reduce(param: torch.Tensor, layer: _LayerSums = sums[name]) -> None:
+                layer.add_grad(param.grad)
+                param.grad = None
+
+            handles.append(weight.register_post_accumulate_grad_hook(reduce))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules.values():
+            module.weight.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _progress(chunks: Sequence[torch.Tensor], enabled: bool, what: str):
+    from tqdm import tqdm
+
+    return tqdm(chunks, desc=f"calibration ({what})", unit="batch", disable=not enabled)
+
+
+def _forward_pass(model, chunks, collector, device, progress) -> None:
+    with torch.no_grad():
+        for chunk in _progress(chunks, progress, "forward"):
+            collector.start_batch(stop_early=True)
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _ForwardDone:
+                pass
+            finally:
+                collector.end_batch()
+
+
+def _fisher_pass(model, windows, collector, device, progress) -> None:
+    for window in _progress(windows, progress, "fisher"):
+        ids = window.to(device)
+        collector.start_batch(stop_early=False)
+        try:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        finally:
+            collector.end_batch()
+
+
+def collect_stats(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: torch.Tensor,
+    needs: set[str],
+    device: torch.device,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """Calibration statistics of every layer in ``layers`` on ``batches`` (samples, seqlen) of token ids.
+
+    One pass over the data: forward-only in batches of ``batch_size`` where
+    ``needs`` has no ``fisher``, else forward and backward per window. See the
+    module docstring for what each kind holds.
+    """
+    needs = check_needs(needs)
+    if not needs or not layers:
+        return {}
+    if batches.dim() != 2:
+        raise ValueError(f"batches: expected (samples, seqlen) token ids, got shape {tuple(batches.shape)}")
+    device = torch.device(device)
+    modules = {layer.name: model.get_submodule(layer.name) for layer in layers}
+    sums = {layer.name: _LayerSums(needs, tuple(layer.shape), device) for layer in layers}
+    forward_kinds = needs & FORWARD_KINDS
+    collector = _Collector({n: sums[n] for n in modules} if forward_kinds else {}, forward_kinds)
+    hooks = _hooked(modules, collector) if forward_kinds else _no_hooks()
+    with _eval_mode(model), hooks:
+        if "fisher" in needs:
+            with _fisher_grads(model, modules, sums):
+                _fisher_pass(model, batches.split(1), collector, device, progress)
+        else:
+            _forward_pass(model, batches.split(max(1, batch_size)), collector, device, progress)
+    return {name: layer.finish() for name, layer in sums.items()}
+
+
+@contextmanager
+def _no_hooks() -> Iterator[None]:
+    yield
+
+
+# ---------------------------------------------------------------- disk cache
+def cache_digest(key: dict, layers: Sequence[LayerInfo]) -> str:
+    """sha256 of the canonical JSON of ``key`` plus the layer names (and the cache format)."""
+    identity = {"format": CACHE_FORMAT, "key": key, "layers": [layer.name for layer in layers]}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _payload(stats: dict[str, LayerStats], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: {f: getattr(s, f) for f in KIND_FIELDS[kind]} for name, s in stats.items()}
+
+
+def _load_kind(path: Path, names: Sequence[str], log: Callable[[str], None]) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file is a miss, not a failure
+        log(f"calibration cache: ignoring unreadable {path} ({type(exc).__name__}: {exc})")
+        return None
+    if not isinstance(payload, dict) or set(payload) != set(names):
+        log(f"calibration cache: ignoring {path} (its layers differ)")
+        return None
+    return payload
+
+
+def _merge(names: Sequence[str], payloads: dict[str, dict]) -> dict[str, LayerStats]:
+    merged = {}
+    for name in names:
+        stats = LayerStats()
+        for kind in sorted(payloads):
+            for field, value in payloads[kind][name].items():
+                setattr(stats, field, value)
+        merged[name] = stats
+    return merged
+
+
+def load_or_collect(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: torch.Tensor,
+    needs: set[str],
+    *,
+    key: dict,
+    cache_dir: Path,
+    device: torch.device,
+    batch_size: int = 4,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """``collect_stats`` behind a disk cache keyed by ``key`` (model and data fingerprints, ...) and the layers.
+
+    Each kind lives in its own file; kinds already cached are loaded, the
+    others collected in one pass and saved (atomically: temporary file, then
+    ``os.replace``).
+    """
+    needs = check_needs(needs)
+    if not needs or not layers:
+        return {}
+    names = [layer.name for layer in layers]
+    folder = Path(cache_dir) / cache_digest(key, layers)
+    payloads = {}
+    for kind in sorted(needs):
+        if (payload := _load_kind(folder / f"{kind}.pt", names, log)) is not None:
+            payloads[kind] = payload
+    if payloads:
+        log(f"calibration cache hit: {', '.join(sorted(payloads))} from {folder}")
+    missing = needs - payloads.keys()
+    if missing:
+        windows = f"{batches.shape[0]} windows of {batches.shape[1]} tokens"
+        log(f"calibration: collecting {', '.join(sorted(missing))} on {windows}")
+        fresh = collect_stats(model, layers, batches, set(missing), device, batch_size, progress)
+        meta = {"format": CACHE_FORMAT, "key": key, "layers": names}
+        _atomic_write(folder / "key.json", lambda s: s.write(json.dumps(meta, indent=1, default=str).encode()))
+        for kind in sorted(missing):
+            payloads[kind] = _payload(fresh, kind)
+            _atomic_write(folder / f"{kind}.pt", lambda s, p=payloads[kind]: torch.save(p, s))
+        log(f"calibration: saved {', '.join(sorted(missing))} to {folder}")
+    return _merge(names, payloads)

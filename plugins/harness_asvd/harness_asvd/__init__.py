@@ -1,0 +1,109 @@
+"""ASVD: activation-aware SVD (Yuan et al. 2023; hahnyuan/ASVD4LLM).
+
+Input channels are scaled by their activation magnitude on calibration data,
+s_j = (mean_t |X_tj| + eps)^alpha with alpha = 0.5 by default, S = diag(s).
+SVD W S = U diag(sigma) V^T; at rank k, A = U_k diag(sigma_k)^1/2 and
+B = diag(sigma_k)^1/2 V_k^T S^-1:
+
+.. math:: \\min_{\\operatorname{rank}(AB) \\le k} \\|(W - AB) S\\|_F^2 = \\sum_{i>k} \\sigma_i^2
+
+The scaling ``rms`` uses sqrt(mean_t X_tj^2) instead of mean |X_tj| (both come
+from the same calibration pass). Unlike the repo, which calls a randomized SVD
+per rank, one exact SVD serves every rank (nested). ASVD's sensitivity-based
+rank search is a rank allocator, not part of this decomposer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+import harness
+from harness import linalg
+
+__version__ = "0.1.0"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def activation_scales(magnitude: torch.Tensor, alpha: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
+    """s = (magnitude + eps)^alpha per input channel, float64 (``eps`` guards dead channels)."""
+    return (magnitude.to(torch.float64) + eps).pow(alpha)
+
+
+def activation_aware_svd(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of ``weight`` (m, n) with its input channels scaled by ``scales`` (n,).
+
+    Minimizes the activation-scaled reconstruction error
+
+    .. math:: \\|(W - AB) S\\|_F^2, \\qquad S = \\operatorname{diag}(s),
+
+    whose minimum at rank k is the sum of the discarded squared singular values
+    of W S.
+
+    Parameters
+    ----------
+    weight : (m, n) tensor
+    scales : (n,) tensor of positive channel scales (``activation_scales``).
+    dtype : torch.dtype
+        Precision of the SVD.
+
+    Returns
+    -------
+    U (m, r), s (r,), Vt (r, n)
+        SVD of W S, r = min(m, n).
+
+    References
+    ----------
+    Z. Yuan, Y. Shang, Y. Song, Q. Wu, Y. Yan, G. Sun. ASVD: Activation-aware
+    Singular Value Decomposition for Compressing Large Language Models.
+    arXiv:2312.05821, 2023.
+    """
+    return linalg.thin_svd(weight.to(torch.float64) * scales.to(weight.device, torch.float64), dtype)
+
+
+@dataclass(frozen=True)
+class ASVDOptions:
+    alpha: float = 0.5
+    """Exponent of the activation magnitude (ASVD's default 0.5)."""
+    scaling: Literal["abs_mean", "rms"] = "abs_mean"
+    """Activation magnitude per input channel: mean |x| (ASVD) or sqrt(mean x^2)."""
+    eps: float = 1e-6
+    """Added to the magnitude before the power (the repo's guard against zero channels)."""
+    dtype: Literal["float32", "float64"] = "float64"
+    """Precision of the decomposition (factors are cast to the model's dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be non-negative, got {self.alpha}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+
+class ASVD(harness.Decomposer):
+    name = "asvd"
+    needs = frozenset({"abs_mean"})
+    Options = ASVDOptions
+    description = "SVD of W diag(mean|x|^alpha) (activation-aware SVD)"
+
+    def factorize(self, weights, stats, options, ctx):
+        ((name, weight),) = weights.items()
+        layer = stats[name]
+        magnitude = layer.abs_mean if options.scaling == "abs_mean" else layer.sq_mean.sqrt()
+        scales = activation_scales(magnitude.to(ctx.device), options.alpha, options.eps)
+        dtype = DTYPES[options.dtype]
+        U, s, Vt = activation_aware_svd(weight.to(ctx.device), scales, dtype=dtype)
+        right = torch.diag(1 / scales).to(dtype)
+        return harness.SVDLikeFactorization(name, U, s, Vt, right=right, out_dtype=weight.dtype)
+
+
+@harness.hookimpl
+def register_decomposers(register):
+    register(ASVD())

@@ -1,0 +1,422 @@
+"""Rank allocators (energy, global-greedy, sensitivity, welore) on planted spectra.
+
+Every allocator: meets params/bytes/bits/rank targets without exceeding them
+and with less than one step of some group left over, never picks a rank that
+saves nothing, respects floors and ceilings. global-greedy equals a brute-force
+optimum where theory says it must; sensitivity caches its measurements; welore
+recovers a planted τ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import pytest
+import torch
+from harness_allocators import Energy, GlobalGreedy, Sensitivity, WeLore, limits
+from harness_allocators.energy import energy_curve, energy_rank
+from harness_allocators.greedy import choice_error
+from harness_allocators.sensitivity import threshold_assignment
+from harness_allocators.welore import HeavyTail, solve_tau
+
+import harness
+from harness import budget
+from harness.options import parse_options
+from harness.plugins import Plugins
+from harness.targets import Target
+
+DTYPE_BYTES = 2
+
+
+class Spectrum(harness.Factorization):
+    """A factorization known only by its singular values (cheap at any size)."""
+
+    def __init__(self, name: str, m: int, n: int, s: list[float]) -> None:
+        self.names, self.shapes, self.info = (name,), ((m, n),), {}
+        tail = [0.0] * (len(s) + 1)
+        for i in range(len(s) - 1, -1, -1):
+            tail[i] = tail[i + 1] + float(s[i]) ** 2
+        self.tail = tail
+
+    @property
+    def ranks(self):
+        return range(len(self.tail))
+
+    def params(self, rank: int) -> int:
+        m, n = self.shapes[0]
+        return rank * (m + n)
+
+    def error(self, rank: int) -> float:
+        return self.tail[rank]
+
+    def materialize(self, rank: int):
+        raise NotImplementedError
+
+
+def planted(name: str, m: int, n: int, s: torch.Tensor, seed: int) -> harness.SVDLikeFactorization:
+    """SVDLikeFactorization of U diag(s) Vt with random orthonormal U (m, r), Vt (r, n), r = len(s)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = len(s)
+    U = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
+    return harness.SVDLikeFactorization(name, U, s.double(), V.T)
+
+
+def model_facts(layers: int = 4, seed: int = 0) -> list[harness.Factorization]:
+    """Llama-shaped groups (attention 32x32, GQA 16x32, MLP 48x32 / 32x48) with varied decays."""
+    shapes = {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32),
+              "gate_proj": (48, 32), "up_proj": (48, 32), "down_proj": (32, 48)}  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    facts = []
+    for layer in range(layers):
+        for j, (kind, (m, n)) in enumerate(shapes.items()):
+            r = min(m, n)
+            decay = 0.03 + 0.25 * torch.rand(1, generator=gen).item()
+            s = (1 + layer + j) * torch.exp(-decay * torch.arange(r, dtype=torch.float64))
+            s = s + 0.01 * torch.rand(r, generator=gen, dtype=torch.float64)
+            s = torch.sort(s, descending=True).values
+            facts.append(planted(f"model.layers.{layer}.{kind}", m, n, s, seed=100 * layer + j))
+    return facts
+
+
+def fake_loss(facts, calls: list | None = None):
+    """Calibration loss: each group's relative error, weighted by a per-group sensitivity."""
+    weights = [1.0 + 3.0 * (i % 3) for i in range(len(facts))]
+
+    def loss(assignment):
+        if calls is not None:
+            calls.append(tuple(assignment))
+        return 2.0 + sum(
+            w * choice_error(f, r) / max(f.error(0), 1e-12) for w, f, r in zip(weights, facts, assignment, strict=True)
+        )
+
+    return loss
+
+
+def context(loss=None) -> harness.AllocationContext:
+    return harness.AllocationContext(
+        seed=0, layers={}, calibration_loss=loss, dtype_bytes=DTYPE_BYTES, log=lambda msg: None
+    )
+
+
+ASVD_FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # ASVD's own candidates (ours default to 0.4..0.9)
+
+
+def allocate(allocator, facts, target, loss=None, **options):
+    if isinstance(allocator, Sensitivity):
+        options.setdefault("kept_fractions", ASVD_FRACTIONS)
+        loss = loss or fake_loss(facts)
+    opts = parse_options(allocator.Options, options, f"allocators.{allocator.name}")
+    return allocator.allocate(facts, target, opts, context(loss))
+
+
+def max_step(facts, target, options) -> float:
+    """The largest cost of one step between consecutive choices of any group."""
+    steps = [0.0]
+    for band in limits.bands(facts, options):
+        costs = [budget.group_cost(band.fact, r, target, DTYPE_BYTES) for r in band.choices]
+        steps += [b - a for a, b in itertools.pairwise(costs)]
+    return max(steps)
+
+
+def check_assignment(facts, ranks, target, options=None) -> None:
+    options = options or limits.LimitOptions()
+    assert len(ranks) == len(facts)
+    for fact, rank, band in zip(facts, ranks, limits.bands(facts, options), strict=True):
+        if rank is None:
+            continue
+        assert budget.saves(fact, rank), f"{fact.names}: rank {rank} saves nothing"
+        assert rank in fact.ranks
+        floor, ceiling = limits.rank_bounds(fact, options)
+        assert floor <= rank <= ceiling
+        assert rank in band.choices
+    cost = budget.assignment_cost(facts, ranks, target, DTYPE_BYTES)
+    limit = budget.target_budget(facts, target, DTYPE_BYTES)
+    assert cost <= limit
+    if target.kind != "rank":
+        assert budget.fits(facts, ranks, target, DTYPE_BYTES)
+    assert limit - cost <= max_step(facts, target, options) + 1e-6, "more than one step of budget left"
+
+
+ALLOCATORS = [Energy(), GlobalGreedy(), Sensitivity(), WeLore()]
+TARGETS = [Target("params", 0.3), Target("params", 0.55), Target("params", 0.8), Target("bits", 5.0),
+           Target("bytes", 30_000.0), Target("rank", 0.4), Target("rank", 0.7)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return model_facts()
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.label)
+def test_meets_target_within_one_step(allocator, target, facts):
+    ranks = allocate(allocator, facts, target)
+    check_assignment(facts, ranks, target)
+    assert any(r is not None for r in ranks)
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)
+def test_floors_and_ceilings(allocator, facts):
+    options = {"min_rank_fraction": 0.2, "max_rank_fraction": 0.4}
+    for target in (Target("params", 0.5), Target("params", 0.75), Target("rank", 0.5)):
+        ranks = allocate(allocator, facts, target, **options)
+        opts = parse_options(limits.LimitOptions, options, "x")
+        check_assignment(facts, ranks, target, opts)
+        for fact, rank in zip(facts, ranks, strict=True):
+            if rank is not None:
+                assert math.ceil(0.2 * fact.full_rank) <= rank <= math.floor(0.4 * fact.full_rank)
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)
+def test_target_below_the_floors_is_an_error(allocator, facts):
+    with pytest.raises(harness.HarnessError, match=r"floors|kept_fractions"):
+        allocate(allocator, facts, Target("params", 0.05), min_rank_fraction=0.3)
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)
+def test_unsupported_target_kind_is_an_error(allocator, facts):
+    with pytest.raises(harness.HarnessError, match="takes params, bytes, bits, rank targets"):
+        allocate(allocator, facts, Target("flops", 0.5))
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)
+def test_options_declared_and_checked(allocator):
+    opts = parse_options(allocator.Options, {"min_rank_fraction": 0.1, "max_rank_fraction": 0.9}, "a")
+    assert (opts.min_rank_fraction, opts.max_rank_fraction) == (0.1, 0.9)
+    with pytest.raises(harness.HarnessError, match="unknown option"):
+        parse_options(allocator.Options, {"max_rank_fractoin": 0.5}, "a")
+    with pytest.raises(harness.HarnessError, match="min_rank_fraction"):
+        parse_options(allocator.Options, {"min_rank_fraction": 0.8, "max_rank_fraction": 0.5}, "a")
+    with pytest.raises(AttributeError):
+        opts.min_rank = 3  # frozen
+
+
+def test_registered_as_plugins():
+    plugins = Plugins()
+    names = plugins.names("allocator")
+    for name in ("uniform", "energy", "global-greedy", "sensitivity", "welore"):
+        assert name in names
+    assert plugins.get("allocator", "sensitivity").uses_calibration
+    assert not plugins.get("allocator", "welore").uses_calibration
+
+
+def test_full_target_keeps_everything_dense(facts):
+    for allocator in ALLOCATORS:
+        assert allocate(allocator, facts, Target("params", 1.0)) == [None] * len(facts)
+
+
+# ---------------------------------------------------------------- global greedy
+def brute_force(facts, target, options) -> float:
+    """Least total error over every combination of choices (floors, ceilings, dense if not saving)."""
+    limit = budget.target_budget(facts, target, DTYPE_BYTES)
+    best = math.inf
+    for combo in itertools.product(*(band.choices for band in limits.bands(facts, options))):
+        if budget.assignment_cost(facts, combo, target, DTYPE_BYTES) <= limit:
+            best = min(best, sum(choice_error(f, r) for f, r in zip(facts, combo, strict=True)))
+    return best
+
+
+def total_error(facts, ranks) -> float:
+    return sum(choice_error(f, r) for f, r in zip(facts, ranks, strict=True))
+
+
+def test_greedy_equals_brute_force_with_equal_steps():
+    """Same shape, spectra decaying fast enough that every chain (dense jump included) is concave:
+    then any budget is spent on the best unit steps and greedy is optimal at every budget."""
+    decays = [0.5, 0.45, 0.4]
+    facts = [
+        planted(f"g{i}", 6, 6, scale * d ** torch.arange(6.0), seed=i)
+        for i, (scale, d) in enumerate(zip([3.0, 2.0, 2.5], decays, strict=True))
+    ]
+    options = parse_options(GlobalGreedy.Options, {"min_rank": 0}, "a")
+    for step in range(1, 21):
+        target = Target("params", step / 20)
+        ranks = GlobalGreedy().allocate(facts, target, options, context())
+        assert total_error(facts, ranks) == pytest.approx(brute_force(facts, target, options), abs=1e-9), target
+        check_assignment(facts, ranks, target, options)
+
+
+def test_greedy_equals_brute_force_at_lagrangian_budgets():
+    """Mixed shapes, random spectra, dense jumps that pay: at the budget of each group's
+    argmin(error + λ cost) assignment, greedy must find that optimum."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(8, 4), (6, 6), (5, 7), (9, 3)]
+    facts = [
+        planted(f"g{i}", m, n, torch.sort(3 * torch.rand(min(m, n), generator=gen), descending=True).values, seed=i)
+        for i, (m, n) in enumerate(shapes)
+    ]
+    options = parse_options(GlobalGreedy.Options, {"min_rank": 0}, "a")
+    bands = limits.bands(facts, options)
+    seen = set()
+    for lam in torch.logspace(-4, 2, 120).tolist():
+        lagrangian = [
+            min(band.choices, key=lambda r, f=f: choice_error(f, r) + lam * budget.group_params(f, r))
+            for f, band in zip(facts, bands, strict=True)
+        ]
+        cost = budget.assignment_params(facts, lagrangian)
+        if cost in seen:
+            continue
+        seen.add(cost)
+        target = Target("params", cost / budget.dense_total(facts))
+        optimum = brute_force(facts, target, options)
+        assert total_error(facts, lagrangian) == pytest.approx(optimum, abs=1e-9)
+        ranks = GlobalGreedy().allocate(facts, target, options, context())
+        assert total_error(facts, ranks) == pytest.approx(optimum, abs=1e-9), (lam, ranks, lagrangian)
+    assert len(seen) >= 8
+
+
+def test_greedy_leaves_no_affordable_step(facts):
+    target = Target("params", 0.5)
+    ranks = allocate(GlobalGreedy(), facts, target)
+    spare = budget.target_budget(facts, target, DTYPE_BYTES) - budget.assignment_params(facts, ranks)
+    for fact, rank, band in zip(facts, ranks, limits.bands(facts, limits.LimitOptions()), strict=True):
+        if rank is not None:
+            following = band.choices[band.choices.index(rank) + 1]
+            assert budget.group_params(fact, following) - fact.params(rank) > spare
+
+
+def test_greedy_keeps_a_group_dense_when_that_pays_and_counts_it():
+    """A flat spectrum is worth keeping whole: its rank would pass break-even before the error falls."""
+    flat = planted("flat", 8, 8, torch.full((8,), 5.0), seed=1)
+    steep = planted("steep", 8, 8, 4 * 0.3 ** torch.arange(8.0), seed=2)
+    target = Target("params", 0.75)
+    ranks = GlobalGreedy().allocate([flat, steep], target, GlobalGreedy.Options(), context())
+    assert ranks[0] is None
+    assert ranks[1] is not None and budget.saves(steep, ranks[1])
+    assert budget.assignment_params([flat, steep], ranks) <= 0.75 * 128
+
+
+def test_greedy_prefers_error_per_parameter():
+    big = planted("big", 16, 16, 10 * 0.7 ** torch.arange(16.0), seed=1)
+    small = planted("small", 16, 16, 1 * 0.7 ** torch.arange(16.0), seed=2)
+    ranks = GlobalGreedy().allocate([big, small], Target("params", 0.25), GlobalGreedy.Options(), context())
+    assert ranks[0] > ranks[1]
+
+
+def test_greedy_scales_to_200_matrices_of_rank_4096():
+    gen = torch.Generator().manual_seed(0)
+    facts = []
+    for i in range(200):
+        s = torch.sort(10 * torch.rand(4096, generator=gen, dtype=torch.float64) ** 3, descending=True).values
+        facts.append(Spectrum(f"l{i}", 4096, 4096 if i % 2 else 11008, s.tolist()))
+    target = Target("params", 0.6)
+    started = time.perf_counter()
+    ranks = GlobalGreedy().allocate(facts, target, GlobalGreedy.Options(), context())
+    assert time.perf_counter() - started < 30
+    assert budget.fits(facts, ranks, target, DTYPE_BYTES)
+    assert budget.target_budget(facts, target, DTYPE_BYTES) - budget.assignment_params(facts, ranks) <= 4096 + 11008
+
+
+# ---------------------------------------------------------------- energy
+def test_energy_is_scale_free():
+    """Energy fractions ignore scale: two copies of one spectrum at 10x apart get the same rank
+    (greedy, on error per parameter, would give the loud one more)."""
+    s = 0.8 ** torch.arange(16.0)
+    facts = [planted("loud", 16, 16, 10 * s, seed=1), planted("quiet", 16, 16, s, seed=2)]
+    ranks = Energy().allocate(facts, Target("params", 0.5), Energy.Options(), context())
+    assert abs(ranks[0] - ranks[1]) <= 1
+    greedy = GlobalGreedy().allocate(facts, Target("params", 0.5), GlobalGreedy.Options(), context())
+    assert greedy[0] > greedy[1]
+
+
+def test_energy_rank_is_smallest_keeping_the_fraction():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.01])
+    fact = planted("g", 16, 16, s, seed=0)
+    ranks, fraction = limits.fit_knob(
+        "energy", [fact], limits.bands([fact], Energy.Options()), Target("params", 3 * 32 / 256), DTYPE_BYTES,
+        lambda f: [energy_rank(*energy_curve(fact), f)],
+    )  # fmt: skip
+    assert ranks == [3]
+    energy = (s.double() ** 2).cumsum(0) / (s.double() ** 2).sum()
+    assert float(energy[1]) < fraction <= float(energy[2])  # rank 3 is the smallest keeping the fraction
+
+
+# ---------------------------------------------------------------- sensitivity
+def test_sensitivity_needs_calibration(facts):
+    with pytest.raises(harness.HarnessError, match="calibration"):
+        Sensitivity().allocate(facts, Target("params", 0.5), Sensitivity.Options(), context())
+
+
+def test_sensitivity_caches_measurements_across_targets(facts):
+    allocator, calls = Sensitivity(), []
+    loss = fake_loss(facts, calls)
+    first = allocate(allocator, facts, Target("params", 0.5), loss=loss)
+    measured = len(calls)
+    assert measured == 9 * len(facts)  # one call per group and kept fraction
+    assert all(sum(r is not None for r in call) == 1 for call in calls)  # one group truncated at a time
+    second = allocate(allocator, facts, Target("params", 0.7), loss=loss)
+    allocate(allocator, facts, Target("bits", 6.0), loss=loss)
+    assert len(calls) == measured
+    assert budget.assignment_params(facts, second) > budget.assignment_params(facts, first)
+    allocate(allocator, facts, Target("params", 0.5), loss=loss, kept_fractions=[0.5, 0.8])
+    assert len(calls) == measured + 2 * len(facts)  # other candidate ranks: measured anew
+    others = model_facts(seed=0)  # equal values, other objects
+    allocate(allocator, others, Target("params", 0.5), loss=fake_loss(others, calls))
+    assert len(calls) == measured + 11 * len(facts)
+
+
+def test_sensitivity_target_below_its_fractions_is_an_error(facts):
+    with pytest.raises(harness.HarnessError, match="add smaller kept_fractions"):
+        Sensitivity().allocate(facts, Target("params", 0.3), Sensitivity.Options(), context(fake_loss(facts)))
+
+
+def test_sensitivity_spares_the_sensitive_groups(facts):
+    ranks = allocate(Sensitivity(), facts, Target("params", 0.5))
+    fractions = {0: [], 2: []}
+    for i, (fact, rank) in enumerate(zip(facts, ranks, strict=True)):
+        if i % 3 in fractions:
+            fractions[i % 3].append(budget.group_params(fact, rank) / fact.dense_params)
+    assert sum(fractions[2]) / len(fractions[2]) > sum(fractions[0]) / len(fractions[0])
+
+
+def test_sensitivity_is_one_threshold_then_one_group_topped_up(facts):
+    allocator = Sensitivity()
+    target = Target("params", 0.6)
+    ranks = allocate(allocator, facts, target)
+    entries = allocator.cache.get(facts, next(iter(allocator.cache.entries))[1])
+    count = next(
+        j for j in range(len(entries) + 1)
+        if budget.fits(facts, threshold_assignment(entries, j, len(facts)), target, DTYPE_BYTES)
+    )  # fmt: skip
+    rule = threshold_assignment(entries, count, len(facts))
+    differ = [i for i, (a, b) in enumerate(zip(rule, ranks, strict=True)) if a != b]
+    assert len(differ) <= 1
+    for i in differ:
+        assert ranks[i] is None or ranks[i] > rule[i]
+
+
+# ---------------------------------------------------------------- welore
+def test_welore_singular_values_from_error_curve():
+    s = torch.tensor([5.0, 3.0, 2.0, 1.0])
+    tail = HeavyTail(planted("g", 6, 4, s, seed=0), 0.0)
+    assert tail.sorted == pytest.approx(sorted([1.0, 0.5, 0.25, 0.0]))
+
+
+def test_welore_solves_a_planted_tau(facts):
+    """WeLore's rule at τ = 0.175 (its LLaMA-2-7B setting for 50%): ask for the rank it keeps, get τ back."""
+    tau0 = 0.175
+    options = WeLore.Options()
+    bands = limits.bands(facts, options)
+    tails = [HeavyTail(f, 0.0) for f in facts]
+    rule = [band.clamp(tail.rank(tau0)) for band, tail in zip(bands, tails, strict=True)]
+    kept = budget.kept_rank_fraction(facts, rule)
+    assert 0.05 < kept < 0.95
+    ranks, tau = solve_tau(facts, Target("rank", kept), options, DTYPE_BYTES)
+    assert ranks == rule
+    assert tau <= tau0 + 1e-9
+    assert [band.clamp(tail.rank(tau)) for band, tail in zip(bands, tails, strict=True)] == rule
+
+
+def test_welore_rank_target_is_rank_removed(facts):
+    ranks = allocate(WeLore(), facts, Target("rank", 0.5))
+    assert 1 - budget.kept_rank_fraction(facts, ranks) >= 0.5 - 1e-9
+    check_assignment(facts, ranks, Target("rank", 0.5))
+
+
+def test_welore_min_removed_fraction_keeps_light_groups_dense(facts):
+    ranks = allocate(WeLore(), facts, Target("params", 0.8), min_removed_fraction=0.6)
+    for fact, rank in zip(facts, ranks, strict=True):
+        assert rank is None or 1 - rank / fact.full_rank > 0.6

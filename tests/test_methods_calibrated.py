@@ -1,0 +1,279 @@
+"""The calibrated SVD family (svd-llm, fwsvd, asvd, sfsd, lord) on planted data with known answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from harness_asvd import ASVD, activation_aware_svd, activation_scales
+from harness_fwsvd import FWSVD, fisher_channel_weights
+from harness_lord import LoRD
+from harness_sfsd import SFSD
+from harness_svd import SVD
+from harness_svdllm import SVDLLM, whitened_svd
+
+import harness
+from harness import linalg
+from harness.options import parse_options
+
+M, N, T = 24, 16, 200
+NAME = "model.layers.0.mlp.up_proj"
+CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waiting on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def planted(seed: int = 0, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (M, N) (of ``rank`` if given) and inputs X (T, N) with correlated, unevenly scaled channels."""
+    gen = torch.Generator().manual_seed(seed)
+    if rank is None:
+        W = torch.randn(M, N, generator=gen, dtype=torch.float64)
+    else:
+        W = torch.randn(M, rank, generator=gen, dtype=torch.float64) @ torch.randn(
+            rank, N, generator=gen, dtype=torch.float64
+        )
+    mix = torch.randn(N, N, generator=gen, dtype=torch.float64)
+    scale = torch.logspace(-1.5, 1.5, N, dtype=torch.float64)
+    X = torch.randn(T, N, generator=gen, dtype=torch.float64) @ mix * scale
+    return W, X
+
+
+def stats_for(W: torch.Tensor, X: torch.Tensor, fisher_in: torch.Tensor | None = None) -> harness.LayerStats:
+    Y = X @ W.T
+    return harness.LayerStats(
+        tokens=X.shape[0],
+        gram=X.T @ X,
+        abs_mean=X.abs().mean(0),
+        sq_mean=X.square().mean(0),
+        out_cov=Y.T @ Y,
+        fisher_in=fisher_in,
+        fisher_out=None,
+    )
+
+
+def factorize(decomposer, W, stats, **options):
+    opts = decomposer.Options(**options)
+    return decomposer.factorize({NAME: W}, {NAME: stats}, opts, CTX)
+
+
+def product(fact, rank) -> torch.Tensor:
+    A, B = fact.factors(rank)
+    return A.double() @ B.double()
+
+
+def output_error(W, AB, X) -> float:
+    return float(((W - AB) @ X.T).square().sum())
+
+
+def weighted_error(W, AB, d) -> float:
+    return float(((W - AB) * d).square().sum())
+
+
+def fisher_like(seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(N, generator=gen, dtype=torch.float64) ** 4 * 10
+
+
+ALL = [SVDLLM(), FWSVD(), ASVD(), SFSD(), LoRD()]
+
+
+# ---------------------------------------------------------------- svd-llm
+def test_svdllm_output_error_is_discarded_energy_and_beats_svd():
+    W, X = planted()
+    fact = factorize(SVDLLM(), W, stats_for(W, X))
+    svd = factorize(SVD(), W, stats_for(W, X))
+    _, s, _, _, _ = whitened_svd(W, X.T @ X)
+    for k in fact.ranks:
+        err = output_error(W, product(fact, k), X)
+        assert err == pytest.approx(float(s[k:].square().sum()), rel=1e-8, abs=1e-8)
+        assert err == pytest.approx(fact.error(k), rel=1e-8, abs=1e-8)
+        assert err <= output_error(W, product(svd, k), X) * (1 + 1e-9) + 1e-9
+    assert fact.info["jitter"] == 0.0
+    assert fact.info["tokens"] == T
+
+
+def test_svdllm_strictly_better_than_svd_at_a_middle_rank():
+    W, X = planted()
+    k = N // 2
+    whitened = output_error(W, product(factorize(SVDLLM(), W, stats_for(W, X)), k), X)
+    plain = output_error(W, product(factorize(SVD(), W, stats_for(W, X)), k), X)
+    assert whitened < 0.9 * plain
+
+
+def test_cholesky_of_rank_deficient_gram_gets_jitter_recorded():
+    W, X = planted()
+    X[:, 3] = 0  # a dead input channel: G is singular
+    G = X.T @ X
+    assert int(torch.linalg.cholesky_ex(G).info) != 0
+    L, jitter = linalg.cholesky_with_jitter(G)
+    assert jitter > 0
+    torch.testing.assert_close(L @ L.T, G + jitter * torch.eye(N, dtype=G.dtype))
+    logged = []
+    ctx = dataclasses.replace(CTX, log=logged.append)
+    fact = SVDLLM().factorize({NAME: W}, {NAME: stats_for(W, X)}, SVDLLM.Options(), ctx)
+    assert fact.info["jitter"] == pytest.approx(jitter)
+    assert any("jitter" in m or "diagonal" in m for m in logged)
+    assert all(torch.isfinite(t).all() for t in fact.factors(N // 2))
+
+
+def test_cholesky_with_jitter_of_positive_definite_gram_adds_nothing():
+    _, X = planted()
+    L, jitter = linalg.cholesky_with_jitter(X.T @ X)
+    assert jitter == 0.0
+    torch.testing.assert_close(L @ L.T, X.T @ X)
+
+
+def test_cholesky_jitter_never_subtracts_when_lambda_min_is_positive():
+    G = torch.diag(torch.tensor([1.0, 1e-3], dtype=torch.float64))
+    G[0, 1] = G[1, 0] = 1.0  # indefinite: lambda_min < 0
+    _, jitter = linalg.cholesky_with_jitter(G)
+    lam = float(torch.linalg.eigvalsh(G)[0])
+    assert jitter == pytest.approx(-lam + linalg.CHOLESKY_EPS)
+
+
+# ---------------------------------------------------------------- fwsvd
+def test_fwsvd_weighted_error_is_exact_and_beats_svd():
+    W, X = planted()
+    f = fisher_like()
+    fact = factorize(FWSVD(), W, stats_for(W, X, f))
+    svd = factorize(SVD(), W, stats_for(W, X))
+    d = f.sqrt()
+    for k in fact.ranks:
+        err = weighted_error(W, product(fact, k), d)
+        assert err == pytest.approx(fact.error(k), rel=1e-8, abs=1e-8)
+        assert err <= weighted_error(W, product(svd, k), d) * (1 + 1e-9) + 1e-9
+
+
+def test_fwsvd_zero_fisher_channels_are_guarded():
+    W, X = planted()
+    f = fisher_like()
+    f[[2, 5]] = 0
+    fact = factorize(FWSVD(), W, stats_for(W, X, f))
+    for k in (1, N // 2, N):
+        assert all(torch.isfinite(t).all() for t in fact.factors(k))
+    torch.testing.assert_close(product(fact, N), W)
+    assert torch.equal(fisher_channel_weights(torch.zeros(N)), torch.ones(N, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- asvd
+def test_asvd_full_rank_reproduces_weight_and_error_is_exact():
+    W, X = planted()
+    stats = stats_for(W, X)
+    fact = factorize(ASVD(), W, stats)
+    torch.testing.assert_close(product(fact, fact.full_rank), W)
+    assert fact.error(fact.full_rank) == pytest.approx(0, abs=1e-9)
+    scales = activation_scales(stats.abs_mean, 0.5)
+    svd = factorize(SVD(), W, stats)
+    for k in fact.ranks:
+        err = weighted_error(W, product(fact, k), scales)
+        assert err == pytest.approx(fact.error(k), rel=1e-8, abs=1e-8)
+        assert err <= weighted_error(W, product(svd, k), scales) * (1 + 1e-9) + 1e-9
+
+
+def test_asvd_alpha_zero_is_plain_svd_and_rms_mode_uses_sq_mean():
+    W, X = planted()
+    stats = stats_for(W, X)
+    flat = factorize(ASVD(), W, stats, alpha=0.0)
+    svd = factorize(SVD(), W, stats)
+    torch.testing.assert_close(product(flat, 5), product(svd, 5))
+    rms = factorize(ASVD(), W, stats, scaling="rms")
+    _, s, _ = activation_aware_svd(W, activation_scales(stats.sq_mean.sqrt(), 0.5))
+    assert rms.error(5) == pytest.approx(float(s[5:].square().sum()))
+
+
+# ---------------------------------------------------------------- sfsd / lord
+@pytest.mark.parametrize("decomposer", [SFSD(), LoRD()], ids=["sfsd", "lord"])
+def test_output_projection_is_optimal_for_outputs(decomposer):
+    W, X = planted()
+    fact = factorize(decomposer, W, stats_for(W, X))
+    sigma = torch.linalg.svdvals(W @ X.T)  # brute force: Eckart-Young on the outputs W X^T
+    for k in fact.ranks:
+        A, _ = fact.factors(k)
+        torch.testing.assert_close(A.T.double() @ A.double(), torch.eye(k, dtype=torch.float64))
+        err = output_error(W, product(fact, k), X)
+        assert err == pytest.approx(float(sigma[k:].square().sum()), rel=1e-7, abs=1e-7)
+        assert err == pytest.approx(fact.error(k), rel=1e-7, abs=1e-7)
+
+
+def test_output_projection_beats_random_projections_and_matches_svdllm():
+    W, X = planted()
+    stats = stats_for(W, X)
+    k = 6
+    fact = factorize(SFSD(), W, stats)
+    best = output_error(W, product(fact, k), X)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        Q, _ = torch.linalg.qr(torch.randn(M, k, generator=gen, dtype=torch.float64))
+        assert best <= output_error(W, Q @ Q.T @ W, X) + 1e-9
+    # with a full-rank Gram the whitened SVD reaches the same optimum
+    torch.testing.assert_close(product(fact, k), product(factorize(SVDLLM(), W, stats), k))
+
+
+# ---------------------------------------------------------------- all methods
+@pytest.mark.parametrize("decomposer", ALL, ids=lambda d: d.name)
+def test_planted_low_rank_weight_is_recovered_exactly(decomposer):
+    W, X = planted(rank=3)
+    fact = factorize(decomposer, W, stats_for(W, X, fisher_like()))
+    torch.testing.assert_close(product(fact, 3), W, rtol=1e-9, atol=1e-9)
+    assert fact.error(3) <= 1e-12 * fact.error(0)
+
+
+@pytest.mark.parametrize("decomposer", ALL, ids=lambda d: d.name)
+def test_seeded_runs_give_identical_factors(decomposer):
+    results = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        W, X = planted(seed=int(torch.randint(0, 1000, ())))
+        fact = factorize(decomposer, W.float(), stats_for(W, X, fisher_like()))
+        results.append(fact.factors(5))
+    for first, second in zip(*results, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("decomposer", ALL, ids=lambda d: d.name)
+def test_factorization_contract(decomposer):
+    W, X = planted()
+    fact = factorize(decomposer, W.float(), stats_for(W, X, fisher_like()))
+    assert fact.names == (NAME,) and fact.shapes == ((M, N),)
+    assert list(fact.ranks) == list(range(min(M, N) + 1))
+    errors = [fact.error(k) for k in fact.ranks]
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
+    A, B = fact.factors(4)
+    assert A.shape == (M, 4) and B.shape == (4, N) and A.dtype == torch.float32
+    (replacement,) = fact.materialize(4).values()
+    assert isinstance(replacement, harness.LowRank) and replacement.rank == 4
+    assert fact.params(4) == 4 * (M + N)
+    assert decomposer.needs <= set(harness.STAT_KINDS) and decomposer.needs
+
+
+@pytest.mark.parametrize("decomposer", ALL, ids=lambda d: d.name)
+def test_options_are_declared_and_typos_rejected(decomposer):
+    assert dataclasses.is_dataclass(decomposer.Options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decomposer.Options().dtype = "float32"
+    with pytest.raises(harness.HarnessError, match="unknown option"):
+        parse_options(decomposer.Options, {"dtyp": "float32"}, f"methods.{decomposer.name}")
+
+
+def test_invalid_option_values_fail():
+    with pytest.raises(harness.HarnessError):
+        parse_options(ASVD.Options, {"alpha": -1.0}, "methods.asvd")
+    with pytest.raises(harness.HarnessError):
+        parse_options(ASVD.Options, {"scaling": "abs_max"}, "methods.asvd")
+
+
+def test_plugins_are_registered_through_entry_points():
+    from harness.plugins import Plugins
+
+    names = Plugins().names("decomposer")
+    for expected in ("fwsvd", "asvd", "svd-llm", "lord", "sfsd"):
+        assert expected in names
