@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/harness_*))
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo commonsense test lint format help-docs clean
+.PHONY: setup demo commonsense test regress baseline lint format help-docs clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,17 @@ commonsense: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the regression check of .ci/run: the smoke suite afresh, compared with its committed baseline
+regress: setup
+	$(VENV)/bin/harness run suites/smoke.toml --no-progress --force
+	$(VENV)/bin/harness check results/smoke --baseline suites/baselines/smoke.json
+
+# after a change that moves the smoke numbers on purpose: rewrite the baseline (tolerances kept),
+# then commit it with that change, the reason in the commit message
+baseline: setup
+	$(VENV)/bin/harness run suites/smoke.toml --no-progress --force
+	$(VENV)/bin/harness baseline results/smoke -o suites/baselines/smoke.json
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -57,11 +57,42 @@ def build_parser() -> Parser:
 
     board = sub.add_parser("leaderboard", help="reprint the leaderboard of a results directory")
     board.add_argument("results_dir", help="e.g. results/smoke")
+
+    report = sub.add_parser(
+        "report", help="write the leaderboard, Pareto plots and report.html (one static file) of a results directory"
+    )
+    report.add_argument("results_dir", help="e.g. results/smoke")
+
+    compare = sub.add_parser("compare", help="what changed between two runs of a suite, cell by cell")
+    compare.add_argument("results_a", help="results directory of the earlier run, e.g. results/smoke")
+    compare.add_argument("results_b", help="results directory of the later run")
+    compare.add_argument("--only-changed", action="store_true", help="hide metrics whose value did not change")
+
+    show = sub.add_parser("show", help="a cell's settings, metrics and provenance (data sha256, versions, hardware)")
+    show.add_argument("cell", help="cell id or an unambiguous prefix of it")
+    show.add_argument("--results", default="results", help="results root or one suite's directory (default: results)")
+    show.add_argument("--json", action="store_true", help="print the stored result as it is")
+
+    check = sub.add_parser(
+        "check", help="compare a results directory with a committed baseline; exit 1 if a number moved too far"
+    )
+    check.add_argument("results_dir", help="e.g. results/smoke")
+    check.add_argument("--baseline", required=True, help="baseline file, e.g. suites/baselines/smoke.json")
+
+    baseline = sub.add_parser("baseline", help="write the baseline file of a results directory (for harness check)")
+    baseline.add_argument("results_dir", help="e.g. results/smoke")
+    baseline.add_argument("-o", "--output", required=True, help="baseline file to write (its tolerances are kept)")
+
+    sync = sub.add_parser("sync", help="log to MLflow the cells of a results directory that it does not have yet")
+    sync.add_argument("results_dir", help="e.g. results/smoke")
+    sync.add_argument("--tracking-uri", help="default: the suite's mlflow options, else $MLFLOW_TRACKING_URI")
+    sync.add_argument("--experiment", help="default: the suite's mlflow options, else the suite's name")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args)
     except HarnessError as exc:
@@ -77,22 +108,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from harness import leaderboard
     from harness.runner import RunOptions, run_suite
-    from harness.suite import load_suite
+    from harness.suite import check_device, load_suite
 
     suite = load_suite(args.suite)
     if args.model:
         suite = suite.with_models(args.model)
     if args.device:
-        suite = replace(suite, device=args.device)
+        suite = replace(suite, device=check_device(args.device, "--device"))
     options = RunOptions(
         results_root=Path(args.results),
         force=args.force,
         limit=args.limit,
         progress=not args.no_progress,
-        command="harness " + shlex.join(sys.argv[1:]),
+        command="harness " + shlex.join(args.argv),
+        model_key="--model" if args.model else None,
     )
     summary = run_suite(suite, options)
-    text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")
+    text = summary.leaderboard  # written with the plots and report.html at the end of the run
+    if text is None:
+        text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")
     print(text)
     print(f"{summary.computed} cells computed, {summary.skipped} reused; results in {summary.results_dir}")
     if summary.failed:
@@ -153,11 +187,78 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness import report
+    from harness.store import read_results
+
+    directory = Path(args.results_dir)
+    results = read_results(directory)
+    if not results:
+        raise HarnessError(f"{directory}: no cell results")
+    report.write_all(results, directory, f"Leaderboard: {directory.name}")
+    print(f"{directory / 'report.html'} (with leaderboard.md, leaderboard.json and Pareto plots beside it)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness import compare
+
+    print(compare.render(compare.compare(Path(args.results_a), Path(args.results_b), args.only_changed)), end="")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from harness import show
+
+    path = show.find_cell(args.cell, Path(args.results))
+    result = show.load_cell(path)
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=2, allow_nan=True))
+    else:
+        print(show.describe(result, path), end="")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness import check
+
+    report = check.check(Path(args.results_dir), Path(args.baseline))
+    print(check.render(report), end="")
+    return 0 if report.ok else 1
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from harness import check
+
+    document = check.write_baseline(Path(args.results_dir), Path(args.output), "harness " + shlex.join(args.argv))
+    print(f"{args.output}: {len(document['rows'])} rows from {args.results_dir}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from harness import sync
+
+    summary = sync.sync(Path(args.results_dir), args.tracking_uri, args.experiment)
+    print(
+        f"{summary.logged} cell(s) logged, {summary.present} already present in experiment "
+        f"{summary.experiment!r} at {summary.tracking_uri or 'the default tracking store'}"
+    )
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
     "plugins": cmd_plugins,
     "leaderboard": cmd_leaderboard,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "show": cmd_show,
+    "check": cmd_check,
+    "baseline": cmd_baseline,
+    "sync": cmd_sync,
 }
 
 if __name__ == "__main__":

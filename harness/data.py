@@ -131,6 +131,21 @@ def text_source(source: str, purpose: str = "perplexity") -> TextData:
     raise HarnessError(f"unknown text source {source!r}; known: {', '.join(TEXT_SOURCES)}")
 
 
+@cache
+def text_provenance(source: str, purpose: str = "perplexity") -> dict:
+    """What a text source resolved to: split, note, sha256 of its text and of every file read."""
+    from harness.models import cached_sha256
+
+    text = text_source(source, purpose)
+    return {
+        "source": text.source,
+        "split": text.split,
+        "note": text.note,
+        "text_sha256": sha256_texts(text.texts),
+        "files": {name: cached_sha256(Path(name)) for name in text.files},
+    }
+
+
 def tokenize_stream(tokenizer, texts: tuple[str, ...] | list[str], separator: str = "\n\n") -> torch.Tensor:
     """All texts joined by ``separator`` and tokenized into one 1-D LongTensor."""
     ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]

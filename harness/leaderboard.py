@@ -6,6 +6,12 @@ allocator, target, kept fraction of the decomposable parameters, parameters
 and bytes of the model as evaluated, and every metric; the footer says data
 and splits, example counts, seed, hardware and versions. A NaN or infinite
 metric is flagged, not ranked; failed cells are listed with their error.
+
+Metrics of hardware-bound profilers (latency, memory, energy; listed per cell
+in ``hardware_metrics``) never share a table across hardware: they leave the
+main table for one table per hardware fingerprint. Accuracies of compressed
+cells that are not significantly different from their model's baseline on
+the same examples (harness/significance.py) carry a ``≈`` mark.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness import significance
 from harness.provenance import hardware_label
 from harness.store import atomic_write_json, atomic_write_text
 
 SIZE_METRICS = ("kept_fraction", "params_kept", "bytes_kept", "model_params", "model_bytes")
+ID_COLUMNS = ("model", "method", "allocator", "target", "kept")
 
 
 def metric_order(names: set[str]) -> list[str]:
@@ -81,14 +89,62 @@ def order_key(result: dict) -> tuple:
     )
 
 
-def build(results: list[dict]) -> dict[str, Any]:
-    """Rows and footer for ``results`` (baseline first per model, then suite order)."""
+def build(results: list[dict], alpha: float = significance.ALPHA) -> dict[str, Any]:
+    """Rows and footer for ``results`` (baseline first per model, then suite order).
+
+    ``significance`` holds, per row, the paired tests of each accuracy against
+    the model's baseline; ``marks`` the metrics marked ``≈`` (not significant at
+    ``alpha``); ``hardware_tables`` the hardware-bound metrics, one table per hardware.
+    """
+    ordered = sorted(results, key=order_key)
     names = set()
-    for result in results:
+    for result in ordered:
         names |= set(result.get("metrics", {}))
-    metrics = metric_order(names)
-    rows = [row_of(r, metrics) for r in sorted(results, key=order_key)]
-    return {"columns": list(rows[0]) if rows else [], "metrics": metrics, "rows": rows, "footer": footer(results)}
+    hardware_names = hardware_metric_names(ordered)
+    metrics = metric_order(names - hardware_names)
+    rows = [row_of(r, metrics) for r in ordered]
+    tests = significance.against_baseline(ordered, alpha)
+    marks = [{m: significance.MARK for m, t in row.items() if not t["significant"]} for row in tests]
+    lines = footer(results)
+    if any(tests):
+        lines.append(significance.footer_line(alpha))
+    return {
+        "columns": list(rows[0]) if rows else [],
+        "metrics": metrics,
+        "rows": rows,
+        "marks": marks,
+        "significance": tests,
+        "alpha": alpha,
+        "hardware_tables": hardware_tables(ordered, hardware_names),
+        "footer": lines,
+    }
+
+
+def hardware_metric_names(results: list[dict]) -> set[str]:
+    """Metrics that any result says come from a hardware-bound profiler."""
+    return {name for result in results for name in result.get("hardware_metrics") or ()}
+
+
+def hardware_of(result: dict) -> str:
+    hw = (result.get("provenance") or {}).get("hardware")
+    return hardware_label(hw) if hw else "unknown hardware"
+
+
+def hardware_tables(ordered: list[dict], names: set[str]) -> list[dict[str, Any]]:
+    """One table per hardware label holding the hardware-bound metrics of the cells measured there."""
+    groups: dict[str, list[dict]] = {}
+    for result in ordered:
+        if names & set(result.get("metrics", {})):
+            groups.setdefault(hardware_of(result), []).append(result)
+    tables = []
+    for label, group in sorted(groups.items()):
+        metrics = metric_order({n for r in group for n in r["metrics"] if n in names})
+        rows = []
+        for result in group:
+            row = row_of(result, [])
+            rows.append({**{c: row[c] for c in ID_COLUMNS}, **{n: result["metrics"].get(n) for n in metrics}})
+        tables.append({"hardware": label, "columns": [*ID_COLUMNS, *metrics], "metrics": metrics, "rows": rows})
+    return tables
 
 
 def footer(results: list[dict]) -> list[str]:
@@ -113,7 +169,10 @@ def footer(results: list[dict]) -> list[str]:
     )
     lines.append(f"Hardware: {'; '.join(sorted(hardware))}")
     if len(hardware) > 1:
-        lines.append("WARNING: cells ran on different hardware; timing and memory columns are not comparable")
+        lines.append(
+            "Cells ran on different hardware: latency, memory and energy are shown in one table per hardware, "
+            "never compared across; timing columns of other metrics are not comparable"
+        )
     libraries = provenance[-1].get("libraries", {})
     versions = {"harness": provenance[-1].get("harness"), **libraries}
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
@@ -136,14 +195,24 @@ def row_label(result: dict) -> str:
 
 def render(board: dict[str, Any], tablefmt: str = "github") -> str:
     columns = board["columns"] + (["status"] if any("status" in r for r in board["rows"]) else [])
-    rows = [[fmt(row.get(c)) for c in columns] for row in board["rows"]]
-    table = tabulate(rows, headers=columns, tablefmt=tablefmt, disable_numparse=True)
-    return table + "\n\n" + "\n".join(f"- {line}" for line in board["footer"]) + "\n"
+    marks = board.get("marks") or [{} for _ in board["rows"]]
+    rows = [[marked(row.get(c), mark.get(c)) for c in columns] for row, mark in zip(board["rows"], marks, strict=True)]
+    text = tabulate(rows, headers=columns, tablefmt=tablefmt, disable_numparse=True)
+    for table in board.get("hardware_tables", []):
+        body = [[fmt(row.get(c)) for c in table["columns"]] for row in table["rows"]]
+        text += f"\n\n### Hardware-bound metrics on {table['hardware']}\n\n"
+        text += tabulate(body, headers=table["columns"], tablefmt=tablefmt, disable_numparse=True)
+    return text + "\n\n" + "\n".join(f"- {line}" for line in board["footer"]) + "\n"
 
 
-def write(results: list[dict], directory: Path, title: str) -> str:
-    """Write leaderboard.md and leaderboard.json under ``directory``; return the markdown."""
-    board = build(results)
+def marked(value: Any, mark: str | None) -> str:
+    return fmt(value) if not mark else f"{fmt(value)} {mark}"
+
+
+def write(results: list[dict], directory: Path, title: str, board: dict[str, Any] | None = None) -> str:
+    """Write leaderboard.md and leaderboard.json under ``directory``; return the markdown.
+    ``board``: ``build(results)`` where the caller has it already."""
+    board = build(results) if board is None else board
     text = f"# {title}\n\n" + render(board)
     atomic_write_text(Path(directory) / "leaderboard.md", text)
     atomic_write_json(Path(directory) / "leaderboard.json", board)

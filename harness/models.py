@@ -86,9 +86,11 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise HarnessError(f"model: GGUF file {spec!r} does not exist")
+            raise HarnessError(f"model: expected an existing .gguf file, got {spec!r}: no such file")
         return _load_gguf(path, spec, dtype, device, f"GGUF {path.name}, de-quantized on load")
     if path.exists() or spec.startswith((".", "/", "~")):
+        if not path.exists():
+            raise HarnessError(f"model: expected an existing model directory or .gguf file, got {spec!r}: no such path")
         if not path.is_dir():
             raise HarnessError(f"model: expected a model directory, a .gguf file or a hub id, got {spec!r}")
         files = {p.name: cached_sha256(p) for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
@@ -98,6 +100,11 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
     revision = getattr(model.config, "_commit_hash", None) or "unknown"
     files = {"hub-revision": revision}
     return LoadedModel(model, tok, spec, _combine({spec: revision}), files, f"hub model {spec}@{revision}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 def _combine(files: dict[str, str]) -> str:
@@ -121,8 +128,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise HarnessError(f"model: cannot read GGUF file {gguf}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a truncated or corrupt file fails in many ways, all of them the input's
+        raise HarnessError(f"model: expected a readable GGUF file, got {str(gguf)!r}: {_first_line(exc)}") from None
     from safetensors.torch import save_model
 
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
@@ -147,12 +154,14 @@ def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bo
 
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        # safetensors only: pickled weights (pytorch_model.bin) can run code when loaded
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HarnessError(f"model: cannot load {source!r}: {first}") from None
+    except Exception as exc:  # missing, truncated or corrupt files fail in many ways, all of them the input's
+        raise HarnessError(
+            f"model: expected a causal LM with safetensors weights, got {source!r}: {_first_line(exc)}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import random
+import re
 import subprocess
 from functools import cache
 from importlib import metadata
@@ -46,13 +47,34 @@ def hardware(device: torch.device | str = "cpu") -> dict[str, object]:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+    info["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if torch.cuda.is_available():
+        index = torch.device(device).index if torch.device(device).type == "cuda" else None
         info.update(
-            gpu=torch.cuda.get_device_name(0),
-            gpu_count=torch.cuda.device_count(),
+            gpu=torch.cuda.get_device_name(index or 0),
             cuda=torch.version.cuda,
+            driver=nvidia_driver(),
         )
     return info
+
+
+@cache
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version: from NVML where its bindings are installed, else the kernel module."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # no bindings, no library, no driver: try the kernel module's own file
+        pass
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for [\w-]+)?\s+([\d.]+)", text)
+    return match.group(1) if match else None
 
 
 def hardware_label(hw: dict) -> str:

@@ -49,6 +49,8 @@ class RunOptions:
     limit: int | None = None
     progress: bool = True
     command: str = ""
+    model_key: str | None = None
+    """How errors name a model: None for the suite's ``models[i]``, '--model' where the CLI replaced them."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class RunSummary:
     results: list[dict] = field(default_factory=list)
     computed: int = 0
     skipped: int = 0
+    leaderboard: str | None = None
+    """The leaderboard's markdown, once written (with plots and report.html) at the end of the run."""
 
     @property
     def failed(self) -> list[dict]:
@@ -76,6 +80,8 @@ class SuiteRunner:
         self.device = resolve_device(suite.device)
         self.summary = RunSummary(self.store.root)
         self.trackers = [(t, self.plugins.get("tracker", t.name)) for t in suite.trackers]
+        self.trackers_off: set[str] = set()
+        """Labels of trackers that failed once: not called again in this run (the store has every result)."""
 
     # ------------------------------------------------------------ suite
     def run(self) -> RunSummary:
@@ -86,28 +92,62 @@ class SuiteRunner:
         try:
             for model in self.suite.models:
                 self.run_model(model)
+            self.write_reports()
         finally:
             self.plugins.pm.hook.harness_suite_end(suite=self.suite, results=self.summary.results)
             self._tracker_call("end", self.suite, self.summary.results, self.store.root)
         return self.summary
 
+    def write_reports(self) -> None:
+        """Leaderboard, Pareto plots and report.html, written before the trackers end (so they can log them)."""
+        from harness import report
+
+        title = f"Leaderboard: {self.suite.name}"
+        try:
+            self.summary.leaderboard = report.write_all(self.summary.results, self.store.root, title)
+        except Exception as exc:  # a report must never cost the results: `harness report` can redo it
+            log(f"warning: writing the report failed: {type(exc).__name__}: {exc}")
+
     def _tracker_call(self, method: str, *args: Any) -> None:
         for component, tracker in self.trackers:
+            if component.label in self.trackers_off:
+                continue
             call_args = list(args)
             if method == "start":
                 call_args[1] = component.options
             try:
                 getattr(tracker, method)(*call_args)
             except Exception as exc:  # a tracker must never cost a result
-                log(f"warning: tracker {component.label!r} failed in {method}: {type(exc).__name__}: {exc}")
+                self.trackers_off.add(component.label)
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                later = f"; log them later with: harness sync {self.store.root}" if component.name == "mlflow" else ""
+                log(
+                    f"warning: tracker {component.label!r} failed in {method}: {type(exc).__name__}: {first}; "
+                    f"it is off for the rest of this run, results stay in the local store {self.store.cells}{later}"
+                )
 
     # ------------------------------------------------------------ model
+    def model_key(self, model_spec: str) -> str:
+        """'suite.toml: models[i]' (or '--model' where the command line replaced the suite's models)."""
+        if self.options.model_key:
+            return self.options.model_key
+        return f"{self.suite.file}: models[{self.suite.models.index(model_spec)}]"
+
     def run_model(self, model_spec: str) -> None:
         log(f"loading model {model_spec}")
-        loaded = load_model(model_spec, self.suite.dtype, str(self.device), self.suite.trust_remote_code)
+        key = self.model_key(model_spec)
+        try:
+            loaded = load_model(model_spec, self.suite.dtype, str(self.device), self.suite.trust_remote_code)
+        except HarnessError as exc:
+            message = str(exc).removeprefix("model: ")
+            raise HarnessError(f"{key}: {message}") from None
         layers = find_linears(loaded.model, self.suite.surgery.kinds, self.suite.surgery.lm_head)
         if not layers:
-            raise HarnessError(f"model {model_spec!r} has no decomposable Linear layers (surgery.kinds)")
+            kinds = "surgery.kinds " + ", ".join(self.suite.surgery.kinds) if self.suite.surgery.kinds else "surgery"
+            raise HarnessError(
+                f"{key}: expected a model with torch.nn.Linear layers in its transformer blocks to decompose "
+                f"({kinds}), got {model_spec!r} with none ({type(loaded.model).__name__})"
+            )
         session = ModelSession(self, loaded, layers)
         session.run()
 
@@ -253,17 +293,28 @@ class ModelSession:
             "dtype": self.suite.dtype,
             "seed": self.suite.seed,
         }
-        return load_or_collect(
-            self.loaded.model,
-            self.layers,
-            self.batches(),
-            needs,
-            key=key,
-            cache_dir=cache_dir() / "calibration",
-            device=self.runner.device,
-            batch_size=self.suite.calibration.batch_size,
-            log=log,
-        )
+        try:
+            return load_or_collect(
+                self.loaded.model,
+                self.layers,
+                self.batches(),
+                needs,
+                key=key,
+                cache_dir=cache_dir() / "calibration",
+                device=self.runner.device,
+                batch_size=self.suite.calibration.batch_size,
+                log=log,
+            )
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            config = self.suite.calibration
+            free_memory()
+            raise OutOfMemory(
+                f"calibration ({', '.join(sorted(needs))}) ran out of memory on {self.runner.device}: "
+                f"lower calibration.batch_size (now {config.batch_size}), calibration.samples ({config.samples}) "
+                f"or calibration.seqlen ({config.seqlen}) in {self.suite.file} [{first_line(exc)}]"
+            ) from exc
 
     # ------------------------------------------------------------ factorize
     def factorize(self, method: Method) -> tuple[list[Factorization], float]:
@@ -294,7 +345,47 @@ class ModelSession:
     def compute_baseline(self, cell: Cell) -> dict:
         return self.measure(cell, {}, ranks={}, extra={})
 
+    def oom_message(self, kind: str, component: Component, exc: BaseException) -> str:
+        items = self.suite.evaluators if kind == "evaluator" else self.suite.profilers
+        key = f"{kind}s[{items.index(component)}].options"
+        has_batch = hasattr(component.options, "batch_size")
+        lower = f"lower {key}.batch_size (now {component.options.batch_size})" if has_batch else "lower its options"
+        return (
+            f"{kind} {component.label!r} ran out of memory on {self.runner.device}: {lower} or cap examples "
+            f"with --limit, in {self.suite.file} [{first_line(exc)}]"
+        )
+
+    def target_key(self, cell: Cell) -> str:
+        index = self.suite.methods.index(cell.method)
+        return f"{self.suite.file}: methods[{index}].targets[{cell.method.targets.index(cell.target)}]"
+
+    def check_reachable(self, cell: Cell, factorizations: Sequence[Factorization], dtype_bytes: int) -> None:
+        """A params, bytes or bits target below the smallest model (every matrix at rank 1, or at its smallest
+        positive rank) is bad input: only removing whole matrices (rank 0) could meet it."""
+        from harness import budget
+
+        target = cell.target
+        if target.kind == "rank" or not factorizations:
+            return
+        smallest = [min((r for r in f.ranks if r > 0), default=None) for f in factorizations]
+        if target.kind == "params":
+            least = sum(min(budget.group_params(f, r), f.dense_params) for f, r in zip(factorizations, smallest))
+            allowed, unit = target.value * budget.dense_total(factorizations), "parameters"
+        else:
+            least = sum(
+                min(budget.group_bytes(f, r, dtype_bytes), budget.group_bytes(f, None, dtype_bytes))
+                for f, r in zip(factorizations, smallest)
+            )
+            allowed, unit = target.budget_bytes(budget.dense_total(factorizations)), "bytes"
+        if allowed + 1e-9 < least:
+            raise HarnessError(
+                f"{self.target_key(cell)}: expected a target of at least {least:,} {unit} of decomposable weights "
+                f"(every matrix of {self.loaded.model_id} at its smallest rank under {cell.method.label}), "
+                f"got {target.label} ({allowed:,.0f} {unit})"
+            )
+
     def compute_cell(self, cell: Cell, factorizations: list[Factorization], factorize_s: float) -> dict:
+        self.check_reachable(cell, factorizations, self.loaded.model.dtype.itemsize)
         allocator = self.plugins.get("allocator", cell.allocator.name)
         uses_data = bool(self.plugins.get("decomposer", cell.method.name).needs) or allocator.uses_calibration
         ctx = AllocationContext(
@@ -347,6 +438,7 @@ class ModelSession:
         metrics: dict[str, float] = {}
         higher: dict[str, bool] = {}
         infos: dict[str, Any] = {}
+        hardware_metrics: list[str] = []
         timing = dict(extra.get("timing", {}))
         with replaced(model, replacements, self.suite.surgery.mode == "dense"):
             for kind, components in (("evaluator", self.suite.evaluators), ("profiler", self.suite.profilers)):
@@ -355,14 +447,23 @@ class ModelSession:
                     seed_everything(self.suite.seed)
                     started = time.perf_counter()
                     run = plugin.evaluate if kind == "evaluator" else plugin.profile
-                    outcome = run(model, tokenizer, component.options, ctx)
+                    try:
+                        outcome = run(model, tokenizer, component.options, ctx)
+                    except (torch.OutOfMemoryError, RuntimeError) as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        free_memory()
+                        raise OutOfMemory(self.oom_message(kind, component, exc)) from exc
                     timing[f"{component.label}_s"] = time.perf_counter() - started
                     for name, value in outcome.metrics.items():
                         metrics[_metric_name(component, name)] = float(value)
                     for name, value in outcome.higher_is_better.items():
                         higher[_metric_name(component, name)] = value
                     infos[component.label] = outcome.info
+                    if kind == "profiler" and getattr(plugin, "hardware_bound", False):
+                        hardware_metrics += [_metric_name(component, name) for name in outcome.metrics]
             params, nbytes = count_model(model)
+        extra = {**extra, "hardware_metrics": sorted(hardware_metrics)}
         return self.result(
             cell, "ok", metrics, higher, infos, ranks, timing, extra, model_params=params, model_bytes=nbytes
         )
@@ -392,6 +493,7 @@ class ModelSession:
             "ranks": ranks,
             "metrics": metrics,
             "higher_is_better": higher,
+            "hardware_metrics": extra.get("hardware_metrics", []),
             "evaluations": infos,
             "sizes": {
                 "dense_decomposable_params": self.dense_params,
@@ -401,7 +503,7 @@ class ModelSession:
             "timing": timing,
             "factorization_info": extra.get("factorization_info", {}),
             "artifacts": extra.get("artifacts", []),
-            "provenance": self.provenance(),
+            "provenance": self.provenance(cell),
             "config": cell.config,
         }
 
@@ -413,10 +515,36 @@ class ModelSession:
         }
         return self.result(cell, "failed", {}, {}, {}, {}, {}, {"error": error})
 
-    def provenance(self) -> dict[str, Any]:
+    def suite_sha256(self) -> str | None:
+        """sha256 of the suite file as read (None where it is gone)."""
+        try:
+            return data_mod.sha256_file(self.suite.file)
+        except OSError:
+            return None
+
+    def data_provenance(self, cell: Cell) -> dict[str, Any]:
+        """Every dataset the cell read: evaluators' fingerprints (e.g. lm-eval task file sha256),
+        and for each text source (calibration, perplexity) its text sha256 and its files' sha256."""
+        texts = {}
+        if cell.config.get("calibration"):
+            texts["calibration"] = data_mod.text_provenance(self.suite.calibration.source, "calibration")
+        for component in self.suite.evaluators:
+            source = getattr(component.options, "source", None)
+            if source in data_mod.TEXT_SOURCES:
+                texts[component.label] = data_mod.text_provenance(source, "perplexity")
+        return {"evaluators": cell.config.get("fingerprints", {}).get("data", {}), "texts": texts}
+
+    def provenance(self, cell: Cell) -> dict[str, Any]:
         return {
             "seed": self.suite.seed,
+            "seeding": "random, numpy and torch seeded with seed before each factorization, allocation, "
+            "evaluator and profiler; calibration windows drawn with random.Random(seed)",
+            "torch_deterministic": torch.are_deterministic_algorithms_enabled(),
             "suite_file": self.suite.file,
+            "suite_sha256": self.suite_sha256(),
+            "suite": self.suite.to_dict(),
+            "model_files": self.loaded.files,
+            "data": self.data_provenance(cell),
             "command": self.runner.options.command,
             "limit": self.runner.options.limit,
             "harness": harness.__version__,
@@ -426,6 +554,30 @@ class ModelSession:
             "git": git_revision(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+
+
+class OutOfMemory(RuntimeError):
+    """A step ran out of memory; the message names the setting to lower."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:

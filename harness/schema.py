@@ -18,6 +18,8 @@ Every key, what it holds and its unit::
     metrics           dict  metric name -> number; accuracies are fractions in [0, 1],
                             perplexity is per token, sizes are counts and bytes
     higher_is_better  dict  metric name -> bool
+    hardware_metrics  list  metric names from hardware-bound profilers (latency, memory, energy):
+                            comparable only between cells on the same hardware
     evaluations       dict  evaluator/profiler label -> info: data source and split,
                             examples used, sequence length, units, raw samples
     sizes             dict  dense_decomposable_params/bytes (uncompressed), model_params/bytes (as evaluated)
@@ -26,8 +28,12 @@ Every key, what it holds and its unit::
     factorization_info dict group -> diagnostics (iterations, jitter, relative error)
     artifacts         list  files beside the results (relative to the suite's results dir):
                             ranks/<cell id>.csv and .png (rank chosen for every matrix)
-    provenance        dict  seed, suite_file, command, limit, harness and plugin versions,
-                            libraries, hardware, git revision, created (UTC)
+    provenance        dict  seed, seeding, torch_deterministic, suite_file and suite_sha256,
+                            suite (the resolved suite), model_files {name: sha256},
+                            data {evaluators: {label: fingerprints, e.g. task -> file sha256},
+                            texts: {calibration|label: source, split, note, text_sha256,
+                            files {path: sha256}}}, command, limit, harness and plugin
+                            versions, libraries, hardware, git revision, created (UTC)
     config            dict  the resolved cell config that ``cell_id`` hashes
 """
 

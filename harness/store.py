@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+
+CELL_ID = re.compile(r"^[0-9a-f]{1,64}$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -52,9 +55,14 @@ class ResultStore:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise HarnessError(f"results directory {self.root} cannot be written: {exc.strerror or exc}") from None
+            raise HarnessError(
+                f"results directory {self.root} cannot be written: expected a writable directory, "
+                f"got {exc.strerror or exc}"
+            ) from None
 
     def path(self, cell_id: str) -> Path:
+        if not CELL_ID.match(cell_id):  # ids are content hashes: never a path
+            raise ValueError(f"cell id: expected hexadecimal digits, got {cell_id!r}")
         return self.cells / f"{cell_id}.json"
 
     def load(self, cell_id: str) -> dict | None:
@@ -72,12 +80,15 @@ class ResultStore:
 
     def save(self, result: dict) -> Path:
         path = self.path(result["cell_id"])
-        atomic_write_json(path, result)
+        try:
+            atomic_write_json(path, result)
+        except OSError as exc:  # disk full, directory removed or made read-only mid-run
+            raise HarnessError(f"{path}: cannot write the cell result: {exc.strerror or exc}") from None
         shutil.rmtree(self.work_dir(result["cell_id"], create=False), ignore_errors=True)
         return path
 
     def work_dir(self, cell_id: str, create: bool = True) -> Path:
-        path = self.root / "work" / cell_id
+        path = self.path(cell_id).parent.parent / "work" / cell_id
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path

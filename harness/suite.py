@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,23 @@ TOP_KEYS = {
     "models": list[str],
     "trust_remote_code": bool,
     "targets": list,
-    "allocators": list,
-    "methods": list,
-    "evaluators": list,
-    "profilers": list,
-    "trackers": list,
-    "calibration": dict,
-    "surgery": dict,
+    "allocators": list[str | dict[str, Any]],
+    "methods": list[str | dict[str, Any]],
+    "evaluators": list[str | dict[str, Any]],
+    "profilers": list[str | dict[str, Any]],
+    "trackers": list[str | dict[str, Any]],
+    "calibration": dict[str, Any],
+    "surgery": dict[str, Any],
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(value: str, key: str) -> str:
+    """``value`` if it names a device the harness can run on, else HarnessError naming ``key``."""
+    if not DEVICE.match(value):
+        raise HarnessError(f"{key}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,17 @@ class CalibrationConfig:
     batch_size: int = 4
     loss_samples: int = 8
     """Windows used to score a calibration loss for allocators (sensitivity, BitStack order)."""
+
+    def __post_init__(self) -> None:
+        from harness.data import TEXT_SOURCES
+
+        if self.source not in TEXT_SOURCES:
+            raise ValueError(f"source: expected one of {', '.join(TEXT_SOURCES)}, got {self.source!r}")
+        for name in ("samples", "batch_size", "loss_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen: expected at least 2 tokens, got {self.seqlen}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,32 @@ class Suite:
     def with_models(self, models: list[str]) -> Suite:
         return replace(self, models=tuple(models))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved suite (every default filled in), as recorded in each result's provenance."""
+        return {
+            "name": self.name,
+            "file": self.file,
+            "description": self.description,
+            "seed": self.seed,
+            "device": self.device,
+            "dtype": self.dtype,
+            "models": list(self.models),
+            "trust_remote_code": self.trust_remote_code,
+            "methods": [
+                {
+                    **m.to_dict(),
+                    "targets": [t.to_dict() for t in m.targets],
+                    "allocators": [a.to_dict() for a in m.allocators],
+                }
+                for m in self.methods
+            ],
+            "evaluators": [c.to_dict() for c in self.evaluators],
+            "profilers": [c.to_dict() for c in self.profilers],
+            "trackers": [c.to_dict() for c in self.trackers],
+            "calibration": asdict(self.calibration),
+            "surgery": asdict(self.surgery),
+        }
+
 
 def load_suite(path: str | Path, plugins: Plugins | None = None) -> Suite:
     """Read and validate a suite file; raises HarnessError on any problem."""
@@ -112,8 +157,12 @@ def load_suite(path: str | Path, plugins: Plugins | None = None) -> Suite:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HarnessError(f"{path}: suite file does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HarnessError(f"{path}: cannot read suite file: {exc}") from None
+    except IsADirectoryError:
+        raise HarnessError(f"{path}: expected a suite file (TOML), got a directory") from None
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path}: expected a UTF-8 TOML file, got undecodable bytes at offset {exc.start}") from None
+    except OSError as exc:
+        raise HarnessError(f"{path}: cannot read suite file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise HarnessError(f"{path}: not valid TOML: {exc}") from None
     return SuiteParser(str(path), plugins or get_plugins()).parse(raw)
@@ -142,6 +191,12 @@ class SuiteParser:
             raise self.fail("dtype", f"expected 'float32', 'float16' or 'bfloat16', got {values['dtype']!r}")
         if not values.get("models", ["embedded"]):
             raise self.fail("models", "expected at least one model, got an empty list")
+        for i, model in enumerate(values.get("models", [])):
+            if not model.strip():
+                raise self.fail(f"models[{i}]", f"expected a hub id, a local path or 'embedded', got {model!r}")
+        check_device(values.get("device", "auto"), f"{self.file}: device")
+        if not 0 <= values.get("seed", 0) < 2**32:
+            raise self.fail("seed", f"expected an integer from 0 to 2**32 - 1, got {values['seed']}")
         targets = self.targets(values.get("targets", []), "targets")
         allocators = self.components("allocator", values.get("allocators", ["uniform"]), "allocators")
         methods = tuple(

@@ -4,10 +4,13 @@ Each cell run gets the cell's parameters (model, method, allocator, target,
 options, seed, limit), its metrics under names MLflow accepts (lm-eval's
 ``acc,none`` becomes ``acc``; anything else outside MLflow's alphabet becomes
 ``_``), non-finite metrics as tags instead of values, and the cell JSON as an
-artifact. The store is MLflow's own default (SQLite ``mlflow.db`` in the working
-directory) unless ``MLFLOW_TRACKING_URI`` or the suite's ``tracking_uri`` says
-otherwise. An unreachable server costs a warning, never a result: the cells
-stay in the local results store.
+artifact; the parent run gets the leaderboard, report.html and the Pareto
+plots (every ``*.png`` in the results directory) at the end. The store is
+MLflow's own default (SQLite ``mlflow.db`` in the working directory) unless
+``MLFLOW_TRACKING_URI`` or the suite's ``tracking_uri`` says otherwise. An
+unreachable server costs a warning, never a result: the cells stay in the
+local results store, and ``harness sync`` logs them later with ``log_result``
+(runs matched by the tag ``harness.cell_id``).
 """
 
 from __future__ import annotations
@@ -100,9 +103,11 @@ class MLflowTracker(harness.Tracker):
     def end(self, suite, results, results_dir: Path) -> None:
         if self.client is None:
             return
-        board = Path(results_dir) / "leaderboard.md"
-        if board.exists():
-            self.client.log_artifact(self.parent_id, str(board))
+        directory = Path(results_dir)
+        # the leaderboard, report.html and the Pareto plots, written by the runner just before
+        for path in [directory / "leaderboard.md", directory / "report.html", *sorted(directory.glob("*.png"))]:
+            if path.exists():
+                self.client.log_artifact(self.parent_id, str(path))
         self.client.set_terminated(
             self.parent_id, "FAILED" if any(r.get("status") != "ok" for r in results) else "FINISHED"
         )

@@ -1,0 +1,179 @@
+"""Pareto plots of a suite: every metric against kept bytes and against kept parameters.
+
+One PNG per size axis (``pareto_bytes.png``, ``pareto_params.png``) beside the
+leaderboard, one panel per metric, one line per method x allocator (per model
+where a suite has several; per hardware for hardware-bound metrics measured
+on several machines), the baseline as a star and a dotted level, and the
+suite's Pareto front (the points no other point beats on both size and the
+metric) as a grey step line. The size axis is the decomposable weights' kept
+bytes / parameters where every cell has them (the ``params`` profiler), else
+the whole model's as evaluated. Drawn with matplotlib's Agg canvas (no display).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.leaderboard import SIZE_METRICS, hardware_of, metric_order
+
+AXES = {
+    # axis -> (metric with the decomposable layers' size, whole-model size key, scale, label, file)
+    "bytes": ("bytes_kept", "model_bytes", 1e6, "MB", "pareto_bytes.png"),
+    "params": ("params_kept", "model_params", 1e6, "M parameters", "pareto_params.png"),
+}
+SKIP = ("_p90", "_p99", "spread")
+"""Metric name parts not plotted (tail percentiles and spreads: the p50 stands for latency)."""
+MARKERS = "osD^vP<>Xh"
+STYLES = ("-", "--", ":", "-.")
+
+
+def plotted_metrics(results: Sequence[dict]) -> list[str]:
+    names = {
+        name
+        for r in results
+        for name, value in r.get("metrics", {}).items()
+        if isinstance(value, (int, float)) and math.isfinite(value)
+    }
+    return [n for n in metric_order(names) if not any(part in n for part in SKIP) and n not in SIZE_METRICS]
+
+
+def size_of(result: dict, axis: str, use_kept: bool) -> float | None:
+    kept, whole, scale, _, _ = AXES[axis]
+    value = result.get("metrics", {}).get(kept) if use_kept else result.get("sizes", {}).get(whole)
+    return None if value is None else value / scale
+
+
+def axis_label(axis: str, use_kept: bool) -> str:
+    _, _, _, unit, _ = AXES[axis]
+    what = "kept " + ("bytes" if axis == "bytes" else "parameters") + " of the decomposable weights"
+    return (
+        f"{what} ({unit})"
+        if use_kept
+        else f"model {'bytes' if axis == 'bytes' else 'parameters'} as evaluated ({unit})"
+    )
+
+
+def pareto_front(points: Sequence[tuple[float, float]], higher: bool) -> list[tuple[float, float]]:
+    """Points not beaten on both axes: smaller x and better y (higher or lower per ``higher``)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher else p[1])):
+        if not front or (y > front[-1][1] if higher else y < front[-1][1]):
+            front.append((x, y))
+    return front
+
+
+def line_key(result: dict, metric: str, split_hardware: bool, many_models: bool) -> tuple[str, ...]:
+    method = (result.get("method") or {}).get("label", "baseline")
+    allocator = (result.get("allocator") or {}).get("label", "")
+    key = [method, allocator]
+    key.append(result["model"]["id"] if many_models else "")
+    key.append(hardware_of(result) if split_hardware and metric in (result.get("hardware_metrics") or ()) else "")
+    return tuple(key)
+
+
+def key_label(key: tuple[str, ...]) -> str:
+    method, allocator, model, hardware = key
+    text = method if method == "baseline" else f"{method} × {allocator}"
+    extras = [e for e in (model, hardware) if e]
+    return text + (f" [{', '.join(extras)}]" if extras else "")
+
+
+def write_pareto(results: Sequence[dict], directory: Path, title: str = "") -> list[Path]:
+    """Draw both PNGs under ``directory``; returns the paths written (none without plottable metrics)."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    metrics = plotted_metrics(ok)
+    if not ok or not metrics:
+        return []
+    paths = []
+    for axis in AXES:
+        use_kept = all(AXES[axis][0] in r.get("metrics", {}) for r in ok)
+        path = Path(directory) / AXES[axis][4]
+        draw(ok, metrics, axis, use_kept, path, title)
+        paths.append(path)
+    return paths
+
+
+def draw(results: list[dict], metrics: list[str], axis: str, use_kept: bool, path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    styles = Styles(results)
+    many_hardware = len({hardware_of(r) for r in results}) > 1
+    many_models = len({r["model"]["id"] for r in results}) > 1
+    handles: dict[str, Any] = {}
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        higher = next(
+            (r["higher_is_better"][metric] for r in results if metric in r.get("higher_is_better", {})), False
+        )
+        panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_hardware, many_models)
+        ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.set_xlabel(axis_label(axis, use_kept), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+class Styles:
+    """Colour per method, marker per allocator, line style per model."""
+
+    def __init__(self, results: list[dict]) -> None:
+        from matplotlib import colormaps
+
+        methods = sorted({(r.get("method") or {}).get("label", "baseline") for r in results} - {"baseline"})
+        allocators = sorted({(r.get("allocator") or {}).get("label", "") for r in results})
+        models = sorted({r["model"]["id"] for r in results})
+        palette = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+        self.color = {m: palette(i % palette.N) for i, m in enumerate(methods)} | {"baseline": "black"}
+        self.marker = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(allocators)}
+        self.style = {m: STYLES[i % len(STYLES)] for i, m in enumerate(models)}
+
+    def of(self, result: dict) -> dict[str, Any]:
+        method = (result.get("method") or {}).get("label", "baseline")
+        allocator = (result.get("allocator") or {}).get("label", "")
+        return {
+            "color": self.color[method],
+            "marker": self.marker.get(allocator, "o"),
+            "linestyle": self.style[result["model"]["id"]],
+        }
+
+
+def panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_hardware, many_models) -> None:
+    lines: dict[tuple[str, ...], list[tuple[float, float, dict]]] = {}
+    for result in results:
+        value, size = result.get("metrics", {}).get(metric), size_of(result, axis, use_kept)
+        if value is None or size is None or not math.isfinite(value):
+            continue
+        lines.setdefault(line_key(result, metric, many_hardware, many_models), []).append((size, value, result))
+    points = [(x, y) for line in lines.values() for x, y, _ in line]
+    for key, line in lines.items():
+        line.sort(key=lambda p: p[0])
+        style = styles.of(line[0][2])
+        label = key_label(key)
+        if key[0] == "baseline":
+            for x, y, _ in line:
+                handle = ax.plot([x], [y], marker="*", markersize=13, color="black", linestyle="none")[0]
+                ax.axhline(y, color="black", linestyle=":", linewidth=0.8, alpha=0.6)
+            handles.setdefault(label, handle)
+            continue
+        handle = ax.plot([p[0] for p in line], [p[1] for p in line], markersize=5, linewidth=1.2, **style)[0]
+        handles.setdefault(label, handle)
+    front = pareto_front(points, higher)
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        handle = ax.step(xs, ys, where="post", color="grey", linewidth=3, alpha=0.25, zorder=0)[0]
+        handles.setdefault("Pareto front", handle)
+    values = [y for _, y in points]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")

@@ -1,0 +1,117 @@
+"""``harness show CELL``: where one cell's numbers came from.
+
+A cell is named by its id or any unambiguous prefix of it, searched in every
+``<results>/*/cells/`` (or in ``<results>/cells/`` where ``--results`` names a
+suite's own directory). The text says the cell's settings and metrics, then
+its provenance: the model files and datasets read with their sha256, the
+resolved suite, the seed, the command, the git revision, the hardware and
+every version; ``--json`` prints the stored result as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.provenance import hardware_label
+
+CELL_ID = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def find_cell(prefix: str, results: Path) -> Path:
+    """The one cell file under ``results`` whose id starts with ``prefix``."""
+    if not CELL_ID.match(prefix):
+        raise HarnessError(f"cell id: expected hexadecimal digits (a cell id or its prefix), got {prefix!r}")
+    results = Path(results)
+    if not results.is_dir():
+        raise HarnessError(f"--results: expected a results directory, got {str(results)!r}: no such directory")
+    folders = [results / "cells"] if (results / "cells").is_dir() else sorted(results.glob("*/cells"))
+    matches = sorted(p for folder in folders for p in folder.glob(f"{prefix}*.json"))
+    if not matches:
+        raise HarnessError(f"cell id: expected the id of a cell under {results}, got {prefix!r}: no such cell")
+    if len(matches) > 1:
+        listed = ", ".join(str(p) for p in matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise HarnessError(f"cell id: {prefix!r} matches {len(matches)} cells ({listed}); give more digits")
+    return matches[0]
+
+
+def load_cell(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"{path}: expected a cell result (JSON), cannot read it: {exc}") from None
+
+
+def _line(key: str, value: Any) -> str:
+    return f"{key:<13}{value}"
+
+
+def _options(component: dict | None) -> str:
+    if not component:
+        return "—"
+    options = ", ".join(f"{k}={v}" for k, v in (component.get("options") or {}).items())
+    return f"{component.get('label', component.get('name'))}" + (f" ({options})" if options else "")
+
+
+def describe(result: dict[str, Any], path: Path) -> str:
+    """Human-readable text of a cell's settings, metrics and provenance."""
+    prov = result.get("provenance") or {}
+    model = result.get("model") or {}
+    target = result.get("target") or {}
+    lines = [
+        _line("cell", f"{result.get('cell_id')}  ({path})"),
+        _line("suite", f"{result.get('suite')}  status {result.get('status')}  created {prov.get('created')}"),
+        _line("model", f"{model.get('id')}  dtype {model.get('dtype')}  fingerprint {model.get('fingerprint')}"),
+    ]
+    if model.get("note"):
+        lines.append(_line("", model["note"]))
+    for name, sha in (model.get("files") or prov.get("model_files") or {}).items():
+        lines.append(_line("", f"file {name}  sha256 {sha}"))
+    lines += [
+        _line("method", _options(result.get("method")) if result.get("method") else "baseline (uncompressed)"),
+        _line("allocator", _options(result.get("allocator"))),
+        _line("target", target.get("label", "—")),
+    ]
+    if result.get("error"):
+        lines.append(_line("error", f"{result['error'].get('type')}: {result['error'].get('message')}"))
+    metrics = result.get("metrics") or {}
+    lines.append(_line("metrics", "; ".join(f"{k} {v:.6g}" for k, v in metrics.items()) or "—"))
+    lines += data_lines(prov.get("data") or {}, result.get("calibration"))
+    lines += [
+        _line("seed", f"{prov.get('seed')}  (torch deterministic algorithms: {prov.get('torch_deterministic')})"),
+        _line("limit", prov.get("limit")),
+        _line("suite file", f"{prov.get('suite_file')}  sha256 {prov.get('suite_sha256')}"),
+        _line("command", prov.get("command") or "—"),
+        _line("git", prov.get("git") or "unknown"),
+    ]
+    hw = prov.get("hardware") or {}
+    lines.append(_line("hardware", f"{hardware_label(hw)}; {hw.get('platform')}" if hw else "unknown"))
+    plugins = ", ".join(f"{k} {v}" for k, v in (prov.get("plugins") or {}).items())
+    libraries = ", ".join(f"{k} {v}" for k, v in (prov.get("libraries") or {}).items())
+    lines += [
+        _line("versions", f"harness {prov.get('harness')}; {libraries}"),
+        _line("plugins", plugins or "—"),
+    ]
+    if prov.get("suite"):
+        lines.append(_line("resolved", "the suite with every default filled in: harness show --json"))
+    return "\n".join(lines) + "\n"
+
+
+def data_lines(data: dict[str, Any], calibration: dict | None) -> list[str]:
+    lines = []
+    for label, prints in (data.get("evaluators") or {}).items():
+        for name, sha in (prints or {}).items():
+            lines.append(_line("data", f"{label}: {name}  sha256 {sha}"))
+    for label, text in (data.get("texts") or {}).items():
+        lines.append(
+            _line("data", f"{label}: {text.get('source')} ({text.get('split')})  text sha256 {text.get('text_sha256')}")
+        )
+        for name, sha in (text.get("files") or {}).items():
+            lines.append(_line("", f"file {name}  sha256 {sha}"))
+    if calibration:
+        settings = ", ".join(f"{k}={v}" for k, v in calibration.items() if k != "data")
+        lines.append(_line("calibration", settings))
+    return lines or [_line("data", "—")]
