@@ -22,14 +22,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, least: int = 1, what: str = "a positive integer") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def count(text: str) -> int:
+    return positive_int(text, 0, "a non-negative integer")
 
 
 def build_parser() -> Parser:
@@ -48,6 +52,13 @@ def build_parser() -> Parser:
     run.add_argument("--force", action="store_true", help="recompute cells that are already done")
     run.add_argument("--device", help="override the suite's device (auto, cpu, cuda, cuda:1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--executor",
+        choices=("sequential", "ray"),
+        default="sequential",
+        help="sequential: one cell after another in this process (default); ray: every cell a Ray task",
+    )
+    add_ray_arguments(run.add_argument_group("with --executor ray"))
 
     validate = sub.add_parser("validate", help="check a suite without running it")
     validate.add_argument("suite")
@@ -90,6 +101,35 @@ def build_parser() -> Parser:
     return parser
 
 
+def add_ray_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster: HOST:PORT of its head (ray start --head), ray://HOST:PORT or auto; "
+        "default: a local Ray runtime on this machine",
+    )
+    group.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="cells at once on the local runtime (default: CPUs / --cpus-per-cell)",
+    )
+    group.add_argument(
+        "--cpus-per-cell",
+        type=positive_int,
+        metavar="N",
+        help="torch threads of every cell, and CPUs a CPU cell reserves (default: the threads of a sequential "
+        "run here, so that the numbers are the same)",
+    )
+    group.add_argument(
+        "--accelerator-type",
+        metavar="KIND",
+        help="the GPU kind every cell runs on, as Ray names it (e.g. H100); needed on a cluster with GPUs of "
+        "several kinds",
+    )
+    group.add_argument("--retries", type=count, metavar="N", help="retries of a cell whose worker dies (default: 2)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -107,9 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from harness import leaderboard
+    from harness.ray_executor import run_ray, settings_from
     from harness.runner import RunOptions, run_suite
     from harness.suite import check_device, load_suite
 
+    settings = settings_from(args)
     suite = load_suite(args.suite)
     if args.model:
         suite = suite.with_models(args.model)
@@ -123,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command="harness " + shlex.join(args.argv),
         model_key="--model" if args.model else None,
     )
-    summary = run_suite(suite, options)
+    summary = run_suite(suite, options) if settings is None else run_ray(suite, options, settings)
     text = summary.leaderboard  # written with the plots and report.html at the end of the run
     if text is None:
         text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")

@@ -30,7 +30,7 @@ from harness.errors import HarnessError
 from harness.factorization import Factorization
 from harness.models import LoadedModel, cache_dir, load_model, resolve_device
 from harness.options import options_dict
-from harness.plugins import get_plugins
+from harness.plugins import Plugins, get_plugins
 from harness.provenance import git_revision, hardware, library_versions, seed_everything
 from harness.schema import SCHEMA_VERSION
 from harness.store import ResultStore
@@ -51,6 +51,9 @@ class RunOptions:
     command: str = ""
     model_key: str | None = None
     """How errors name a model: None for the suite's ``models[i]``, '--model' where the CLI replaced them."""
+    calibration_cache: Path | None = None
+    """Where calibration statistics are cached: None for ``cache_dir()/calibration`` (the Ray executor shares
+    them through the results store)."""
 
 
 @dataclass
@@ -77,11 +80,14 @@ class SuiteRunner:
         self.options = options
         self.plugins = get_plugins()
         self.store = ResultStore(Path(options.results_root) / suite.name)
-        self.device = resolve_device(suite.device)
+        self.device = self.resolve_device()
         self.summary = RunSummary(self.store.root)
         self.trackers = [(t, self.plugins.get("tracker", t.name)) for t in suite.trackers]
         self.trackers_off: set[str] = set()
         """Labels of trackers that failed once: not called again in this run (the store has every result)."""
+
+    def resolve_device(self) -> torch.device:
+        return resolve_device(self.suite.device)
 
     # ------------------------------------------------------------ suite
     def run(self) -> RunSummary:
@@ -134,6 +140,10 @@ class SuiteRunner:
         return f"{self.suite.file}: models[{self.suite.models.index(model_spec)}]"
 
     def run_model(self, model_spec: str) -> None:
+        self.open_session(model_spec).run()
+
+    def open_session(self, model_spec: str) -> ModelSession:
+        """Load ``model_spec`` and find its decomposable layers; bad input is a HarnessError naming the model."""
         log(f"loading model {model_spec}")
         key = self.model_key(model_spec)
         try:
@@ -148,8 +158,25 @@ class SuiteRunner:
                 f"{key}: expected a model with torch.nn.Linear layers in its transformer blocks to decompose "
                 f"({kinds}), got {model_spec!r} with none ({type(loaded.model).__name__})"
             )
-        session = ModelSession(self, loaded, layers)
-        session.run()
+        return ModelSession(self, loaded, layers)
+
+    # ------------------------------------------------------------ cells
+    def pending(self, cell: Cell) -> bool:
+        """True where ``cell`` is to be computed: not done yet, or ``--force``."""
+        return self.options.force or not self.store.done(cell.id)
+
+    def skip(self, cell: Cell) -> None:
+        result = self.store.load(cell.id)
+        self.summary.results.append(result)
+        self.summary.skipped += 1
+        log(f"skip {cell.label} (done: {self.store.path(cell.id)})")
+
+    def collect(self, cell: Cell, result: dict, path: Path) -> None:
+        """A computed cell's result, saved at ``path``: into the summary, then to the hooks and trackers."""
+        self.summary.results.append(result)
+        self.summary.computed += 1
+        self.plugins.pm.hook.harness_cell_end(cell=cell, result=result)
+        self._tracker_call("log_cell", cell, result, path)
 
 
 def _metric_name(component: Component, metric: str) -> str:
@@ -185,18 +212,7 @@ class ModelSession:
         return bool(decomposer.needs) or self.plugins.get("allocator", allocator.name).uses_calibration
 
     def versions(self) -> dict[str, str]:
-        used = {
-            self.plugins.plugin_of(kind, c.name)
-            for kind, items in (
-                ("decomposer", self.suite.methods),
-                ("evaluator", self.suite.evaluators),
-                ("profiler", self.suite.profilers),
-            )
-            for c in items
-        }
-        used |= {self.plugins.plugin_of("allocator", a.name) for m in self.suite.methods for a in m.allocators}
-        all_versions = self.plugins.versions()
-        return {"harness": harness.__version__, **{name: all_versions[name] for name in sorted(used)}}
+        return used_versions(self.suite, self.plugins)
 
     def data_fingerprints(self) -> dict[str, Any]:
         prints = {}
@@ -208,10 +224,11 @@ class ModelSession:
         return prints
 
     # ------------------------------------------------------------ run
-    def run(self) -> None:
+    def cells(self) -> list[Cell]:
+        """The model's grid: baseline first, then every method x allocator x target in suite order."""
         needs_any = any(self.needs_calibration(m, a) for m in self.suite.methods for a in m.allocators)
         fingerprints = {"model": self.loaded.fingerprint, "data": self.data_fingerprints()}
-        cells = expand(
+        return expand(
             self.suite,
             self.loaded.model_id,
             fingerprints,
@@ -220,31 +237,34 @@ class ModelSession:
             calibrated=self.needs_calibration,
             calibration=self.calibration_identity() if needs_any else None,
         )
-        baseline, method_cells = cells[0], cells[1:]
+
+    def run(self) -> None:
+        baseline, *method_cells = self.cells()
         self.run_or_skip(baseline, lambda: self.compute_baseline(baseline))
         for method in self.suite.methods:
             mine = [c for c in method_cells if c.method is method]
-            pending = [c for c in mine if self.runner.options.force or not self.runner.store.done(c.id)]
+            pending = [c for c in mine if self.runner.pending(c)]
             for cell in mine:
                 if cell not in pending:
-                    self.skip(cell)
+                    self.runner.skip(cell)
             if pending:
                 self.run_method(method, pending)
 
-    def skip(self, cell: Cell) -> None:
-        result = self.runner.store.load(cell.id)
-        self.runner.summary.results.append(result)
-        self.runner.summary.skipped += 1
-        log(f"skip {cell.label} (done: {self.runner.store.path(cell.id)})")
-
     def run_or_skip(self, cell: Cell, compute) -> None:
-        if not self.runner.options.force and self.runner.store.done(cell.id):
-            self.skip(cell)
+        if not self.runner.pending(cell):
+            self.runner.skip(cell)
             return
         self.record(cell, compute)
 
     def record(self, cell: Cell, compute) -> dict:
         self.plugins.pm.hook.harness_cell_start(cell=cell)
+        result = self.attempt(cell, compute)
+        path = self.runner.store.save(result)
+        self.runner.collect(cell, result, path)
+        return result
+
+    def attempt(self, cell: Cell, compute) -> dict:
+        """``compute()``'s result, or the cell's failed result where a plugin raised; timed in ``cell_s``."""
         log(f"cell {cell.label} [{cell.id}]")
         started = time.perf_counter()
         try:
@@ -255,11 +275,6 @@ class ModelSession:
             result = self.failed_result(cell, exc)
             log(f"cell {cell.label} FAILED: {type(exc).__name__}: {exc}")
         result.setdefault("timing", {})["cell_s"] = time.perf_counter() - started
-        path = self.runner.store.save(result)
-        self.runner.summary.results.append(result)
-        self.runner.summary.computed += 1
-        self.plugins.pm.hook.harness_cell_end(cell=cell, result=result)
-        self.runner._tracker_call("log_cell", cell, result, path)
         return result
 
     def run_method(self, method: Method, cells: Sequence[Cell]) -> None:
@@ -300,7 +315,7 @@ class ModelSession:
                 self.batches(),
                 needs,
                 key=key,
-                cache_dir=cache_dir() / "calibration",
+                cache_dir=self.runner.options.calibration_cache or cache_dir() / "calibration",
                 device=self.runner.device,
                 batch_size=self.suite.calibration.batch_size,
                 log=log,
@@ -508,11 +523,10 @@ class ModelSession:
         }
 
     def failed_result(self, cell: Cell, exc: BaseException) -> dict:
-        error = {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
-        }
+        return self.failed_with(cell, error_record(exc))
+
+    def failed_with(self, cell: Cell, error: dict | None) -> dict:
+        """The cell's failed result with ``error`` (type, message, traceback)."""
         return self.result(cell, "failed", {}, {}, {}, {}, {}, {"error": error})
 
     def suite_sha256(self) -> str | None:
@@ -554,6 +568,31 @@ class ModelSession:
             "git": git_revision(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+
+
+def used_versions(suite: Suite, plugins: Plugins) -> dict[str, str]:
+    """Versions of the harness and of every plugin the suite uses (part of each cell's id)."""
+    used = {
+        plugins.plugin_of(kind, c.name)
+        for kind, items in (
+            ("decomposer", suite.methods),
+            ("evaluator", suite.evaluators),
+            ("profiler", suite.profilers),
+        )
+        for c in items
+    }
+    used |= {plugins.plugin_of("allocator", a.name) for m in suite.methods for a in m.allocators}
+    all_versions = plugins.versions()
+    return {"harness": harness.__version__, **{name: all_versions[name] for name in sorted(used)}}
+
+
+def error_record(exc: BaseException) -> dict:
+    """How a result records an exception: type, message and traceback lines."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+    }
 
 
 class OutOfMemory(RuntimeError):

@@ -1,0 +1,248 @@
+"""``harness run SUITE --executor ray``: every cell a Ray task, results in the same store and trackers.
+
+The driver (this process) is the sequential ``SuiteRunner`` with the model
+work moved to Ray tasks (``harness.ray_tasks``): per model, one task plans
+the cells; the cells already in the store are reused as in a sequential
+run; calibration statistics (one task) and each method's factorizations (one
+task per method) are computed once and shared through the results store;
+then one task per pending cell computes it with the sequential runner's code
+and writes its result. The driver collects the results as they come, calls
+the lifecycle hooks and trackers (MLflow) and writes the leaderboard and
+report, as a sequential run does; the numbers are the same.
+
+A task whose worker dies (crash, kill, lost node) is retried up to
+``--retries`` times by Ray; after that its cell is recorded as failed with the
+reason and the suite goes on. A rerun resumes: done cells are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.cells import Cell, content_hash
+from harness.errors import HarnessError
+from harness.provenance import hardware_label
+from harness.ray_cluster import RaySettings, connect, import_ray, task_resources
+from harness.ray_tasks import Job, Plan, Refused, calibrate_task, cell_task, factorize_task, plan_task
+from harness.runner import RunOptions, RunSummary, SuiteRunner, log, used_versions
+from harness.suite import Method, Suite
+
+KILL_ONCE_ENV = "HARNESS_RAY_KILL_ONCE"
+"""Tests: path of a marker file; the first cell task to create it kills its worker (see ``ray_tasks.kill_once``)."""
+RAY_FLAGS = {"address": "--address", "workers": "--workers", "cpus_per_cell": "--cpus-per-cell"}
+RAY_FLAGS |= {"accelerator_type": "--accelerator-type", "retries": "--retries"}
+
+
+def settings_from(args: argparse.Namespace) -> RaySettings | None:
+    """The Ray settings of ``harness run`` (None for the sequential executor); Ray flags need ``--executor ray``."""
+    given = {key: getattr(args, key) for key in RAY_FLAGS if getattr(args, key, None) is not None}
+    if args.executor != "ray":
+        if given:
+            raise HarnessError(f"{RAY_FLAGS[next(iter(given))]}: only with --executor ray")
+        return None
+    if args.address and args.workers:
+        raise HarnessError("--workers: only for the local Ray runtime, got it with --address (the cluster decides)")
+    return RaySettings(**given)
+
+
+def run_ray(suite: Suite, options: RunOptions, settings: RaySettings) -> RunSummary:
+    return RayRunner(suite, options, settings).run()
+
+
+class RayRunner(SuiteRunner):
+    """The sequential runner's suite-level work (skips, hooks, trackers, reports) with cells run as Ray tasks."""
+
+    def __init__(self, suite: Suite, options: RunOptions, settings: RaySettings) -> None:
+        root = Path(options.results_root).resolve()  # the same path on every node
+        calibration = root / suite.name / "calibration"
+        options = replace(options, results_root=root, progress=False, calibration_cache=calibration)
+        super().__init__(suite, options)
+        self.settings = settings
+        self.threads = settings.cpus_per_cell or torch.get_num_threads()
+        self.resources: dict[str, Any] = {}
+        self.remotes: dict[Callable[..., Any], Any] = {}
+        self.outstanding: set[Any] = set()
+        self.probe = self.store.root / f".ray-probe-{uuid.uuid4().hex}"
+        self.job = Job(
+            replace(suite, device="cuda" if suite.device.startswith("cuda") else suite.device),
+            options,
+            self.threads,
+            str(self.probe),
+            os.environ.get(KILL_ONCE_ENV) or None,
+        )
+
+    def resolve_device(self) -> torch.device:
+        """The driver computes nothing: each task resolves the suite's device on its own worker."""
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------ suite
+    def run(self) -> RunSummary:
+        started = connect(self.settings, self.threads)
+        self.probe.touch()
+        try:
+            ray = import_ray()
+            self.resources = task_resources(
+                self.suite.device, ray.cluster_resources(), self.settings.accelerator_type, self.threads
+            )
+            log(f"ray: every cell asks for {describe(self.resources)}; {self.threads} torch threads per cell")
+            # declared with the resources (not .options()), so that Ray starts a fresh worker for each GPU task
+            retries = {"max_retries": self.settings.retries, "retry_exceptions": False}
+            tasks = (plan_task, calibrate_task, factorize_task, cell_task)
+            self.remotes = {task: ray.remote(**self.resources, **retries)(task) for task in tasks}
+            return super().run()
+        finally:
+            self.stop(started)
+
+    def stop(self, started: bool) -> None:
+        ray = import_ray()
+        for ref in self.outstanding:  # after an error: nothing keeps computing for a run that ended
+            ray.cancel(ref, force=True)
+        self.probe.unlink(missing_ok=True)
+        if started:
+            ray.shutdown()
+
+    def write_reports(self) -> None:
+        self.check_hardware()
+        super().write_reports()
+
+    def check_hardware(self) -> None:
+        """Every computed cell should report the same hardware; say so where they do not."""
+        labels = Counter(
+            hardware_label(r["provenance"]["hardware"])
+            for r in self.summary.results
+            if r and r.get("status") == "ok" and (r.get("provenance") or {}).get("hardware")
+        )
+        if len(labels) > 1:
+            kinds = ", ".join(f"{label} ({n} cells)" for label, n in labels.items())
+            log(f"warning: the cells of {self.suite.name} ran on different hardware: {kinds}")
+
+    # ------------------------------------------------------------ model
+    def run_model(self, model_spec: str) -> None:
+        plan: Plan = self.fetch(self.submit(plan_task, self.job, model_spec), self.model_key(model_spec))
+        self.check_versions(plan)
+        pending = [cell for cell in plan.cells if cell.id in plan.fallbacks]
+        for cell in plan.cells:
+            if cell.id not in plan.fallbacks:
+                self.skip(cell)
+        if pending:
+            self.gather(self.submit_cells(model_spec, pending), plan.fallbacks)
+            self.tidy(plan.cells)
+
+    def submit(self, task: Callable[..., Any], *args: Any) -> Any:
+        ref = self.remotes[task].remote(*args)
+        self.outstanding.add(ref)
+        return ref
+
+    def fetch(self, ref: Any, key: str) -> Any:
+        """A planning task's value; its failure (after retries) or a Refused is a HarnessError."""
+        ray = import_ray()
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise HarnessError(f"{key}: expected the Ray task loading the model to finish, got {first(exc)}") from None
+        finally:
+            self.outstanding.discard(ref)
+        if isinstance(value, Refused):
+            raise HarnessError(value.message)
+        return value
+
+    def check_versions(self, plan: Plan) -> None:
+        mine = used_versions(self.suite, self.plugins)
+        if plan.versions != mine:
+            differ = sorted(k for k in mine.keys() | plan.versions.keys() if mine.get(k) != plan.versions.get(k))
+            raise HarnessError(
+                f"--executor ray: expected the Ray workers to run the harness and plugins of this machine, got "
+                f"other versions of {', '.join(differ)} (workers: {plan.versions}; here: {mine})"
+            )
+
+    # ------------------------------------------------------------ cells
+    def submit_cells(self, model_spec: str, pending: list[Cell]) -> dict[Any, Cell]:
+        methods = [m for m in self.suite.methods if any(c.method and c.method.label == m.label for c in pending)]
+        calibrated = self.submit_calibration(model_spec, methods)
+        factorized = {}
+        for method in methods:
+            cell = next(c for c in pending if c.method and c.method.label == method.label)
+            path = str(self.factorization_path(cell))
+            needs = calibrated if self.needs(method) else None
+            factorized[method.label] = self.submit(factorize_task, self.job, model_spec, method, path, needs)
+        refs = {}
+        for cell in pending:
+            self.plugins.pm.hook.harness_cell_start(cell=cell)
+            source = None if cell.method is None else factorized[cell.method.label]
+            refs[self.submit(cell_task, self.job, model_spec, cell, source)] = cell
+        log(f"ray: {len(refs)} cells submitted for {model_spec}")
+        return refs
+
+    def needs(self, method: Method) -> list[str]:
+        return sorted(self.plugins.get("decomposer", method.name).needs)
+
+    def submit_calibration(self, model_spec: str, methods: Iterable[Method]) -> Any:
+        """One task collecting the statistics each method needs, in the sequential runner's order."""
+        needs = [self.needs(m) for m in methods if self.needs(m)]
+        return self.submit(calibrate_task, self.job, model_spec, needs) if needs else None
+
+    def factorization_path(self, cell: Cell) -> Path:
+        """Where the store keeps the factorizations of ``cell``'s method, named by what they depend on."""
+        config = cell.config
+        key = {name: config.get(name) for name in ("method", "dtype", "seed", "surgery", "versions")}
+        key |= {"model": config["fingerprints"]["model"], "device": self.job.suite.device}
+        key["calibration"] = config.get("calibration") if self.needs(cell.method) else None
+        key["trust_remote_code"] = config.get("trust_remote_code")
+        return self.store.root / "factorizations" / f"{content_hash(key, 32)}.pt"
+
+    def gather(self, refs: dict[Any, Cell], fallbacks: dict[str, dict]) -> None:
+        ray = import_ray()
+        remaining = list(refs)
+        while remaining:
+            (ref,), remaining = ray.wait(remaining, num_returns=1)
+            cell = refs[ref]
+            result = self.outcome(ref, cell, fallbacks[cell.id])
+            self.outstanding.discard(ref)
+            self.collect(cell, result, self.store.path(cell.id))
+
+    def outcome(self, ref: Any, cell: Cell, fallback: dict) -> dict:
+        """The cell's result; where every attempt's worker died, its failed result saying why."""
+        ray = import_ray()
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            log(f"cell {cell.label} FAILED: {first(exc)} (tried {self.settings.retries + 1} times)")
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": []}
+            result = {**fallback, "error": error}
+            self.store.save(result)
+            return result
+        if isinstance(value, Refused):
+            raise HarnessError(value.message)
+        log(f"done {cell.label}: {value.get('status')}")
+        return value
+
+    def tidy(self, cells: list[Cell]) -> None:
+        """Remove the stored factorizations of methods whose cells are all done (a rerun has nothing to reuse)."""
+        for cell in cells:
+            if cell.method is not None and all(self.store.done(c.id) for c in cells if c.method == cell.method):
+                self.factorization_path(cell).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone, or still holding another method's
+            (self.store.root / "factorizations").rmdir()
+
+
+def first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def describe(resources: dict[str, Any]) -> str:
+    asked = {"num_cpus": "CPU", "num_gpus": "GPU"}
+    parts = [f"{resources[k]:g} {name}" for k, name in asked.items() if resources.get(k)]
+    if resources.get("accelerator_type"):
+        parts.append(f"accelerator type {resources['accelerator_type']}")
+    return ", ".join(parts)
