@@ -6,6 +6,8 @@ where a GPU is present and are skipped otherwise.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -247,3 +249,34 @@ def test_energy_on_cuda_measures_or_says_why(tiny):
         assert outcome.metrics["joules_per_token"] > 0
     else:
         assert outcome.metrics == {} and outcome.info["reason"]
+
+
+REUSED_HEAP = """
+import ctypes, ctypes.util, sys
+import numpy as np, torch
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallopt(-4, 0)        # M_MMAP_MAX = 0: large blocks come from the heap, not fresh mappings
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() leaves the heap's top resident
+from harness_profilers.memory import cpu_peak
+
+def work():
+    block = np.ones(40_000_000 // 8)
+    block[::512] = 2.0
+    del block
+
+metrics, info = cpu_peak(work, torch.device("cpu"))
+print(metrics["peak_rss_delta_mb"], info["heap_trimmed"])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_trim")
+def test_cpu_peak_sees_a_pass_that_reuses_freed_heap_pages():
+    """The warm-up call frees 40 MB that stays resident in the heap; the measured call reuses it.
+
+    Without trimming the heap first, the pass's peak above the resident set reads 0 (seen in a long
+    test session); in a subprocess, so that the allocator settings stay there.
+    """
+    out = subprocess.run([sys.executable, "-c", REUSED_HEAP], capture_output=True, text=True, check=True)
+    delta, trimmed = out.stdout.split()
+    assert trimmed == "True"
+    assert float(delta) >= 35

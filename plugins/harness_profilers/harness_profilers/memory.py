@@ -5,7 +5,8 @@ CUDA: the caching allocator's peak allocated and reserved bytes, after
 the peak above what was allocated before the pass (weights and all).
 
 CPU: the process's peak resident set during the pass, above its resident set
-just before (after ``gc.collect``). Linux keeps a peak (VmHWM) that writing
+just before (after ``gc.collect`` and, with glibc, ``malloc_trim(0)``, so
+that memory freed earlier is not counted as resident and reused unseen). Linux keeps a peak (VmHWM) that writing
 "5" to ``/proc/self/clear_refs`` resets, which gives the pass's own peak;
 where that is not possible, a thread samples RSS (psutil) every millisecond,
 which can miss a short spike. Which method was used is in info.
@@ -16,6 +17,8 @@ which can miss a short spike. Which method was used is in info.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import re
 import threading
@@ -78,6 +81,20 @@ def current_rss() -> int | None:
     except ImportError:
         return None
     return psutil.Process().memory_info().rss
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``); False where there is none.
+
+    Without it, a pass can reuse pages freed by earlier work that are still
+    resident, and its own peak above the resident set reads as zero.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return False
+    return bool(trim and trim(0) is not None)
 
 
 def reset_peak_rss() -> bool:
@@ -165,6 +182,7 @@ def cuda_peak(work, device: torch.device) -> tuple[dict[str, float], dict]:
 def cpu_peak(work, device: torch.device) -> tuple[dict[str, float], dict]:
     work()  # first call allocates lazily-created state (caches, thread pools): not the pass's own
     gc.collect()
+    trimmed = release_free_heap()
     before = current_rss()
     if before is None:
         return {}, {"method": "none", "note": "no way to read this process's RSS on this platform"}
@@ -177,4 +195,5 @@ def cpu_peak(work, device: torch.device) -> tuple[dict[str, float], dict]:
             work()
         peak, method = sampler.peak, "RSS sampled every 1 ms on a thread (may miss short spikes)"
     metrics = {"peak_rss_mb": peak / MB, "peak_rss_delta_mb": max(peak - before, 0) / MB}
-    return metrics, {"method": method, "rss_before_bytes": before, "peak_rss_bytes": peak}
+    info = {"method": method, "heap_trimmed": trimmed, "rss_before_bytes": before, "peak_rss_bytes": peak}
+    return metrics, info
