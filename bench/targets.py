@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_common_arguments, machine, report  # noqa: E402
 from harness.plugins import get_plugins, set_plugins  # noqa: E402
-from harness.provenance import cpu_model, library_versions  # noqa: E402
 from harness.runner import RunOptions, run_suite  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
 
@@ -119,10 +118,7 @@ def run(args) -> dict:
             "targets": {"1": ONE, "4": FOUR},
             "calibration": "lambada, 16 x 256 tokens (cached on disk after the first run)",
             "repeats": args.repeats,
-            "threads": torch.get_num_threads(),
-            "hardware": f"CPU {cpu_model()}",
-            "platform": platform.platform(),
-            "libraries": library_versions(),
+            **machine(),
         },
     }
 
@@ -150,20 +146,13 @@ def render(outcome: dict) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "svd-llm", "lord", "sfsd"])
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", type=Path, help="write the figures and configuration here")
+    add_common_arguments(parser, repeats=2)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    outcome = run(args)
-    print(render(outcome))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(outcome, indent=2) + "\n")
-    return 0
+    return report(args, run(args), render)
 
 
 if __name__ == "__main__":
