@@ -163,10 +163,8 @@ def footer(results: list[dict]) -> list[str]:
     limits = {p.get("limit") for p in provenance}
     seeds = {p.get("seed") for p in provenance}
     hardware = {hardware_label(p["hardware"]) for p in provenance if p.get("hardware")}
-    lines.append(
-        f"Limit per task: {', '.join(str(v) for v in sorted(limits, key=str))}; seed: "
-        f"{', '.join(str(s) for s in sorted(seeds, key=str))}"
-    )
+    given = ", ".join(str(v) for v in sorted(limits, key=str)) if limits - {None} else "none (each evaluator's own)"
+    lines.append(f"Examples per task from --limit: {given}; seed: {', '.join(str(s) for s in sorted(seeds, key=str))}")
     lines.append(f"Hardware: {'; '.join(sorted(hardware))}")
     if len(hardware) > 1:
         lines.append(
