@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import re
 import threading
@@ -83,18 +84,27 @@ def current_rss() -> int | None:
     return psutil.Process().memory_info().rss
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (looked up once: ``find_library`` runs ``ldconfig``)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_heap() -> bool:
     """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``); False where there is none.
 
     Without it, a pass can reuse pages freed by earlier work that are still
     resident, and its own peak above the resident set reads as zero.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    return bool(trim and trim(0) is not None)
+    trim(0)  # returns whether pages were released; either way the heap is trimmed now
+    return True
 
 
 def reset_peak_rss() -> bool:
