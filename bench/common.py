@@ -39,3 +39,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None = 
         parser.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the figures and configuration here")
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0])
+
+
+def script_main(parse: Callable[[], argparse.Namespace], run: Callable, render: Callable[[dict], str]) -> int:
+    """Parse the command line, run, then save and print the figures (``report``)."""
+    args = parse()
+    return report(args, run(args), render)

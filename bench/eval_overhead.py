@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_common_arguments, machine, report  # noqa: E402
+from bench.common import add_common_arguments, machine, new_parser, script_main  # noqa: E402
 from harness.models import cache_dir, cached_sha256, embedded_gguf, load_model  # noqa: E402
 
 SUITE = """
@@ -182,7 +182,7 @@ def render(outcome: dict) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "piqa"])
     parser.add_argument("--limit", type=int, default=40, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -191,10 +191,5 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    return report(args, run(args), render)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(parse, run, render))

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_common_arguments, machine, report  # noqa: E402
+from bench.common import add_common_arguments, machine, new_parser, script_main  # noqa: E402
 from harness.api import AllocationContext  # noqa: E402
 from harness.runner import RunOptions, SuiteRunner  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
@@ -55,11 +55,11 @@ def method_errors(session, method, cells, grams: dict) -> dict[str, float]:
         assignment = allocator.allocate(factorizations, cell.target, cell.allocator.options, ctx)
         error = total = 0.0
         for fact, rank in zip(factorizations, assignment, strict=True):
-            weights = weights_of(session.loaded.model, fact.names)
-            for name in fact.names:
-                A, B = fact.factors(rank)
-                e, t = output_error(weights[name], A @ B, grams[name])
-                error, total = error + e, total + t
+            (name,) = fact.names  # the SVD family factorizes one matrix per group
+            weight = weights_of(session.loaded.model, fact.names)[name]
+            approx = weight if rank is None else torch.matmul(*fact.factors(rank))  # None: left dense
+            e, t = output_error(weight, approx, grams[name])
+            error, total = error + e, total + t
         out[cell.target.label] = error / total
     return out
 
@@ -108,17 +108,12 @@ def render(outcome: dict) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--suite", type=Path, default=ROOT / "suites" / "svd_family.toml")
     parser.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "svd-llm", "lord", "sfsd"])
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    return report(args, run(args), render)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(parse, run, render))

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_common_arguments, machine, report  # noqa: E402
+from bench.common import add_common_arguments, machine, new_parser, script_main  # noqa: E402
 from harness.plugins import get_plugins, set_plugins  # noqa: E402
 from harness.runner import RunOptions, run_suite  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
@@ -144,16 +144,11 @@ def render(outcome: dict) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "svd-llm", "lord", "sfsd"])
     add_common_arguments(parser, repeats=2)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    return report(args, run(args), render)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(parse, run, render))
