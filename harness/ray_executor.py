@@ -34,7 +34,7 @@ from harness.errors import HarnessError
 from harness.provenance import hardware_label
 from harness.ray_cluster import RaySettings, connect, import_ray, task_resources
 from harness.ray_tasks import Job, Plan, Refused, calibrate_task, cell_task, factorize_task, plan_task
-from harness.runner import RunOptions, RunSummary, SuiteRunner, log, used_versions
+from harness.runner import RunOptions, RunSummary, SuiteRunner, first_line, log, used_versions
 from harness.suite import Method, Suite
 
 KILL_ONCE_ENV = "HARNESS_RAY_KILL_ONCE"
@@ -149,7 +149,8 @@ class RayRunner(SuiteRunner):
         try:
             value = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            raise HarnessError(f"{key}: expected the Ray task loading the model to finish, got {first(exc)}") from None
+            reason = first_line(exc, 300)
+            raise HarnessError(f"{key}: expected the Ray task loading the model to finish, got {reason}") from None
         finally:
             self.outstanding.discard(ref)
         if isinstance(value, Refused):
@@ -216,7 +217,7 @@ class RayRunner(SuiteRunner):
         try:
             value = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            log(f"cell {cell.label} FAILED: {first(exc)} (tried {self.settings.retries + 1} times)")
+            log(f"cell {cell.label} FAILED: {first_line(exc, 300)} (tried {self.settings.retries + 1} times)")
             error = {"type": type(exc).__name__, "message": str(exc), "traceback": []}
             result = {**fallback, "error": error}
             self.store.save(result)
@@ -233,11 +234,6 @@ class RayRunner(SuiteRunner):
                 self.factorization_path(cell).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # gone, or still holding another method's
             (self.store.root / "factorizations").rmdir()
-
-
-def first(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def describe(resources: dict[str, Any]) -> str:

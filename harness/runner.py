@@ -614,9 +614,10 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, the line cut at ``limit`` characters."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:
