@@ -71,7 +71,7 @@ def lm_eval_alone(lm_factory: Callable[[], object], tasks: list[str], limit: int
 
 def harness_run(suite_path: Path, results: Path) -> dict[str, float]:
     from harness.plugins import set_plugins
-    from harness.runner import RunOptions, run_suite
+    from harness.run.runner import RunOptions, run_suite
     from harness.suite import load_suite
 
     set_plugins(None)

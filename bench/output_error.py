@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import add_common_arguments, machine, new_parser, script_main  # noqa: E402
 from harness.api import AllocationContext  # noqa: E402
-from harness.runner import RunOptions, SuiteRunner  # noqa: E402
+from harness.run.runner import RunOptions, SuiteRunner  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
 from harness.surgery import weights_of  # noqa: E402
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import add_common_arguments, machine, new_parser, script_main  # noqa: E402
 from harness.plugins import get_plugins, set_plugins  # noqa: E402
-from harness.runner import RunOptions, run_suite  # noqa: E402
+from harness.run.runner import RunOptions, run_suite  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
 
 SUITE = """

@@ -1,45 +1,50 @@
 """harness: compare weight-decomposition methods for LLM compression, reproducibly.
 
-The public API for plugins is re-exported here: ``hookimpl``, the component
-base classes, ``Factorization`` and its replacements, ``Target`` and
-``HarnessError``.
+This module is the public API for plugins: everything a plugin may import is
+named in ``__all__`` below (and documented in ``plugins/README.md``); a plugin
+imports nothing else from ``harness``. Names are resolved on first use
+(PEP 562), so ``import harness`` and ``harness --help`` load neither torch nor
+any plugin.
 """
 
 from __future__ import annotations
 
-import pluggy
-
-from harness.api import (
-    STAT_KINDS,
-    AllocationContext,
-    Decomposer,
-    EvalResult,
-    Evaluator,
-    FactorizeContext,
-    LayerInfo,
-    LayerStats,
-    NoOptions,
-    Profiler,
-    RankAllocator,
-    RunContext,
-    Tracker,
-)
-from harness.errors import HarnessError
-from harness.factorization import (
-    Dense,
-    Factorization,
-    LowRank,
-    ProjectionFactorization,
-    Replacement,
-    SVDLikeFactorization,
-    break_even_rank,
-    lowrank_params,
-)
-from harness.targets import Target
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-hookimpl = pluggy.HookimplMarker("harness")
+_EXPORTS: dict[str, str] = {
+    # hooks
+    "hookimpl": "harness.hookspecs",
+    # components and their contexts
+    "STAT_KINDS": "harness.api",
+    "AllocationContext": "harness.api",
+    "Decomposer": "harness.api",
+    "EvalResult": "harness.api",
+    "Evaluator": "harness.api",
+    "FactorizeContext": "harness.api",
+    "LayerInfo": "harness.api",
+    "LayerStats": "harness.api",
+    "NoOptions": "harness.api",
+    "Profiler": "harness.api",
+    "RankAllocator": "harness.api",
+    "RunContext": "harness.api",
+    "Tracker": "harness.api",
+    # errors
+    "HarnessError": "harness.errors",
+    # factorizations and the layers they become
+    "Dense": "harness.factorization",
+    "Factorization": "harness.factorization",
+    "LowRank": "harness.factorization",
+    "ProjectionFactorization": "harness.factorization",
+    "Replacement": "harness.factorization",
+    "SVDLikeFactorization": "harness.factorization",
+    "break_even_rank": "harness.factorization",
+    "lowrank_params": "harness.factorization",
+    # targets
+    "Target": "harness.targets",
+}
 
 __all__ = [
     "STAT_KINDS",
@@ -68,3 +73,47 @@ __all__ = [
     "hookimpl",
     "lowrank_params",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'harness' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
+    from harness.api import (
+        STAT_KINDS,
+        AllocationContext,
+        Decomposer,
+        EvalResult,
+        Evaluator,
+        FactorizeContext,
+        LayerInfo,
+        LayerStats,
+        NoOptions,
+        Profiler,
+        RankAllocator,
+        RunContext,
+        Tracker,
+    )
+    from harness.errors import HarnessError
+    from harness.factorization import (
+        Dense,
+        Factorization,
+        LowRank,
+        ProjectionFactorization,
+        Replacement,
+        SVDLikeFactorization,
+        break_even_rank,
+        lowrank_params,
+    )
+    from harness.hookspecs import hookimpl
+    from harness.targets import Target

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:  # annotations only: importing the API must not load torch
+    import torch
 
-from harness.factorization import Factorization
-from harness.targets import Target
+    from harness.factorization import Factorization
+    from harness.targets import Target
 
 
 @dataclass(frozen=True)

@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from harness import leaderboard
-    from harness.ray_executor import run_ray, settings_from
-    from harness.runner import RunOptions, run_suite
+    from harness.ray.executor import run_ray, settings_from
+    from harness.report import leaderboard
+    from harness.run.runner import RunOptions, run_suite
     from harness.suite import check_device, load_suite
 
     settings = settings_from(args)
@@ -218,7 +218,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness import leaderboard
+    from harness.report import leaderboard
     from harness.store import read_results
 
     directory = Path(args.results_dir)
@@ -230,7 +230,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness import report
+    from harness.report import html as report
     from harness.store import read_results
 
     directory = Path(args.results_dir)
@@ -243,14 +243,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness import compare
+    from harness.report import compare
 
     print(compare.render(compare.compare(Path(args.results_a), Path(args.results_b), args.only_changed)), end="")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from harness import show
+    from harness.report import show
 
     path = show.find_cell(args.cell, Path(args.results))
     result = show.load_cell(path)
@@ -264,7 +264,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from harness import check
+    from harness.report import check
 
     report = check.check(Path(args.results_dir), Path(args.baseline))
     print(check.render(report), end="")
@@ -272,7 +272,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from harness import check
+    from harness.report import check
 
     document = check.write_baseline(Path(args.results_dir), Path(args.output), "harness " + shlex.join(args.argv))
     print(f"{args.output}: {len(document['rows'])} rows from {args.results_dir}")

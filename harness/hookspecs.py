@@ -15,6 +15,8 @@ from typing import Any
 import pluggy
 
 hookspec = pluggy.HookspecMarker("harness")
+hookimpl = pluggy.HookimplMarker("harness")
+"""Decorate a plugin's hook functions with this (exported as ``harness.hookimpl``)."""
 
 # ---------------------------------------------------------------- registration
 # Called once, when the plugin manager is built, before any suite is read.

@@ -2,7 +2,7 @@
 
 Layout of ``results/<suite>/``::
 
-    cells/<cell id>.json   one result per cell (schema: harness/schema.py)
+    cells/<cell id>.json   one result per cell (schema: harness/run/record.py)
     work/<cell id>/        partial progress of a cell in flight (removed when done)
     leaderboard.md|json    written at the end of a run (and by `harness leaderboard`)
 

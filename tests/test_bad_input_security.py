@@ -98,7 +98,7 @@ def test_cell_ids_are_hashes_never_paths(tmp_path, cell_id):
 
 def test_calibration_cache_is_keyed_by_content_hashes():
     from harness.api import LayerInfo
-    from harness.calibration import cache_digest
+    from harness.run.calibration import cache_digest
 
     layers = [LayerInfo("model.layers.0.mlp.up_proj", "up_proj", 0, (8, 4))]
     key = {"model": "a" * 64, "calibration": {"data": "b" * 64, "samples": 4, "seqlen": 32}, "dtype": "float32"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harness import LayerStats
-from harness.calibration import cache_digest, collect_stats, load_or_collect
 from harness.errors import HarnessError
+from harness.run.calibration import cache_digest, collect_stats, load_or_collect
 from harness.surgery import find_linears
 
 SAMPLES, SEQLEN, BATCH = 5, 12, 2

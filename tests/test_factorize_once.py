@@ -10,7 +10,7 @@ import pytest
 
 import harness
 from harness.plugins import get_plugins
-from harness.runner import RunOptions, run_suite
+from harness.run.runner import RunOptions, run_suite
 from harness.suite import load_suite
 from tests.conftest import write_suite
 

@@ -12,10 +12,10 @@ from harness_trawl import TrawlCP
 from torch import nn
 
 import harness
-from harness import factstore
 from harness.factorization import Dense, LowRank, ProjectionFactorization
 from harness.options import parse_options
 from harness.plugins import get_plugins
+from harness.ray import factstore
 
 CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
 NAME = "model.layers.0.mlp.up_proj"

@@ -21,7 +21,7 @@ import torch
 
 import harness
 from harness.plugins import Plugins, get_plugins, set_plugins
-from harness.runner import RunOptions, run_suite
+from harness.run.runner import RunOptions, run_suite
 from harness.suite import load_suite
 from tests.conftest import ROOT, write_suite
 
@@ -159,12 +159,12 @@ def test_a_rerun_retries_failed_cells_only(faulty, tiny_model_dir, tmp_path):
     ids=["cuda", "cpu"],
 )
 def test_out_of_memory_in_calibration_names_the_settings_to_lower(tiny_model_dir, tmp_path, monkeypatch, error):
-    import harness.calibration
+    import harness.run.calibration
 
     def out_of_memory(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(harness.calibration, "load_or_collect", out_of_memory)
+    monkeypatch.setattr(harness.run.calibration, "load_or_collect", out_of_memory)
     suite = write_suite(
         tmp_path / "oom.toml",
         f"""

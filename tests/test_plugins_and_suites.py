@@ -109,7 +109,7 @@ def test_allow_and_block_lists(monkeypatch):
 
 
 def test_lifecycle_hooks_reach_plugins(tmp_path, tiny_model_dir):
-    from harness.runner import RunOptions, run_suite
+    from harness.run.runner import RunOptions, run_suite
 
     plugin = ThrowawayPlugin()
     get_plugins().register(plugin, name="listener")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 
 from harness.api import LayerInfo
-from harness.rankreport import heatmap_grid, rank_heatmap, rank_rows, write_rank_csv
+from harness.report.ranks import heatmap_grid, rank_heatmap, rank_rows, write_rank_csv
 
 SHAPES = {"q_proj": (32, 32), "k_proj": (16, 32), "o_proj": (32, 32), "down_proj": (32, 48)}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.ray_cluster import check_address, task_resources
+from harness.ray.cluster import check_address, task_resources
 from tests.conftest import ROOT, write_suite
 from tests.test_bad_input import BASE
 

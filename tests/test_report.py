@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import leaderboard
-from harness.significance import MARK, against_baseline, mcnemar_exact, paired_bootstrap
+from harness.report import leaderboard
+from harness.report.significance import MARK, against_baseline, mcnemar_exact, paired_bootstrap
 from harness.store import atomic_write_json
 from tests.conftest import write_suite
 
@@ -140,7 +140,7 @@ def test_hardware_bound_metrics_get_one_table_per_hardware():
 
 
 def test_runner_records_hardware_metrics_and_writes_reports(tmp_path, tiny_model_dir, monkeypatch):
-    from harness.runner import RunOptions, run_suite
+    from harness.run.runner import RunOptions, run_suite
     from harness.suite import load_suite
 
     monkeypatch.chdir(tmp_path)
@@ -179,7 +179,7 @@ def test_runner_records_hardware_metrics_and_writes_reports(tmp_path, tiny_model
 
 # ---------------------------------------------------------------- plots and html
 def test_pareto_front_known_answer():
-    from harness.pareto import pareto_front
+    from harness.report.pareto import pareto_front
 
     points = [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.9), (2, 0.4)]
     assert pareto_front(points, higher=True) == [(1, 0.5), (2, 0.7), (4, 0.9)]
@@ -187,7 +187,7 @@ def test_pareto_front_known_answer():
 
 
 def test_report_html_is_self_contained(tmp_path):
-    from harness.report import write_all
+    from harness.report.html import write_all
 
     results = [*suite_results(latency=3.0), cell("svd", 0.7, outcomes(25), allocator="energy", latency=2.0)]
     text = write_all(results, tmp_path, "Leaderboard: t")
@@ -210,7 +210,7 @@ def chromium() -> str | None:
 )
 def test_report_renders_in_headless_chromium(tmp_path):
     assert chromium() is not None, "HARNESS_REQUIRE_CHROMIUM is set but no chromium is installed"
-    from harness.report import write_report
+    from harness.report.html import write_report
 
     results = suite_results(latency=3.0)
     page = write_report(results, tmp_path, "Leaderboard: chromium").read_text()
@@ -261,7 +261,7 @@ def test_compare_prints_deltas_cell_by_cell(tmp_path, capsys):
 
 
 def test_compare_flags_hardware_metrics_from_other_hardware(tmp_path):
-    from harness.compare import compare
+    from harness.report.compare import compare
 
     store(suite_results(latency=5.0), tmp_path / "a")
     store(suite_results(latency=4.0, hw=GPU), tmp_path / "b")

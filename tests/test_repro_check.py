@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import check
 from harness.cli import main
 from harness.errors import HarnessError
+from harness.report import check
 from harness.store import atomic_write_json
 
 HW = {"device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "platform": "test"}

@@ -156,7 +156,7 @@ def mlflow_server(tmp_path):
 def test_cells_reach_a_real_mlflow_server(mlflow_server, tiny_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from harness.runner import RunOptions, run_suite
+    from harness.run.runner import RunOptions, run_suite
     from harness.suite import load_suite
 
     suite = write_suite(

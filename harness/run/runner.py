@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 import harness
 from harness import data as data_mod
 from harness.api import AllocationContext, FactorizeContext, LayerInfo, RunContext
-from harness.cells import Cell, expand
 from harness.errors import HarnessError
 from harness.factorization import Factorization
 from harness.models import LoadedModel, cache_dir, load_model, resolve_device
 from harness.options import options_dict
 from harness.plugins import Plugins, get_plugins
 from harness.provenance import git_revision, hardware, library_versions, seed_everything
-from harness.schema import SCHEMA_VERSION
+from harness.run.cells import Cell, expand
+from harness.run.record import SCHEMA_VERSION
 from harness.store import ResultStore
 from harness.suite import Component, Method, Suite
 from harness.surgery import count_layers, count_model, find_linears, replaced, weights_of
@@ -106,7 +106,7 @@ class SuiteRunner:
 
     def write_reports(self) -> None:
         """Leaderboard, Pareto plots and report.html, written before the trackers end (so they can log them)."""
-        from harness import report
+        from harness.report import html as report
 
         title = f"Leaderboard: {self.suite.name}"
         try:
@@ -300,7 +300,7 @@ class ModelSession:
         return self._batches
 
     def stats(self, needs: set[str]) -> dict:
-        from harness.calibration import load_or_collect
+        from harness.run.calibration import load_or_collect
 
         key = {
             "model": self.loaded.fingerprint,
@@ -428,7 +428,7 @@ class ModelSession:
 
     def rank_report(self, cell: Cell, ranks: dict[str, int | None]) -> list[str]:
         """The rank chosen for every matrix: CSV and heat map under ranks/, paths relative to the results dir."""
-        from harness.rankreport import rank_heatmap, rank_rows, write_rank_csv
+        from harness.report.ranks import rank_heatmap, rank_rows, write_rank_csv
 
         rows = rank_rows(self.layer_by_name, ranks)
         folder = self.runner.store.root / "ranks"

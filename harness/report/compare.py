@@ -18,7 +18,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.errors import HarnessError
-from harness.leaderboard import fmt, hardware_of, metric_order, order_key
+from harness.report.leaderboard import fmt, hardware_of, metric_order, order_key
 from harness.store import read_results
 
 Key = tuple[str, str, str, str]

@@ -3,8 +3,8 @@
 ``write_all`` is what ``harness run`` calls at the end (before trackers end, so
 MLflow can log the files) and ``harness report`` calls on stored results:
 
-    leaderboard.md | leaderboard.json   harness/leaderboard.py
-    pareto_bytes.png | pareto_params.png  harness/pareto.py
+    leaderboard.md | leaderboard.json   harness/report/leaderboard.py
+    pareto_bytes.png | pareto_params.png  harness/report/pareto.py
     report.html                         one static file: the tables (with the
                                         significance marks), the plots embedded
                                         as base64 PNG, the paired tests and the
@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import leaderboard, pareto, significance
 from harness.provenance import hardware_label
+from harness.report import leaderboard, pareto, significance
 from harness.store import atomic_write_text
 
 CSS = """

@@ -36,10 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import leaderboard
 from harness.errors import HarnessError
 from harness.options import parse_options
 from harness.provenance import hardware_label
+from harness.report import leaderboard
 from harness.store import atomic_write_text, read_results
 
 FORMAT = "harness-baseline/1"

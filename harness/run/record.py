@@ -3,7 +3,7 @@
 Every key, what it holds and its unit::
 
     schema            int   version of this schema
-    cell_id           str   content hash of ``config`` (harness/cells.py)
+    cell_id           str   content hash of ``config`` (harness/run/cells.py)
     suite             str   suite name
     status            str   "ok" or "failed"
     error             dict  {type, message, traceback} when failed, else null

@@ -11,7 +11,7 @@ model once. The steps:
 - ``calibrate_task``: calibration statistics, collected once into the store's
   ``calibration/`` cache in the order the sequential runner asks for them;
 - ``factorize_task``: one method's factorizations, written once to the store
-  (``harness.factstore``) for every cell of the method;
+  (``harness.ray.factstore``) for every cell of the method;
 - ``cell_task``: one cell (baseline or allocate, truncate, evaluate), written
   to the store by ``ResultStore.save`` and returned.
 
@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from harness import factstore
-from harness.cells import Cell, content_hash
 from harness.errors import HarnessError
-from harness.runner import ModelSession, RunOptions, SuiteRunner, error_record, log
+from harness.ray import factstore
+from harness.run.cells import Cell, content_hash
+from harness.run.runner import ModelSession, RunOptions, SuiteRunner, error_record, log
 from harness.suite import Method, Suite
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.leaderboard import SIZE_METRICS, hardware_of, metric_order
+from harness.report.leaderboard import SIZE_METRICS, hardware_of, metric_order
 
 AXES = {
     # axis -> (metric with the decomposable layers' size, whole-model size key, scale, label, file)

@@ -11,7 +11,7 @@ Metrics of hardware-bound profilers (latency, memory, energy; listed per cell
 in ``hardware_metrics``) never share a table across hardware: they leave the
 main table for one table per hardware fingerprint. Accuracies of compressed
 cells that are not significantly different from their model's baseline on
-the same examples (harness/significance.py) carry a ``≈`` mark.
+the same examples (harness/report/significance.py) carry a ``≈`` mark.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness import significance
 from harness.provenance import hardware_label
+from harness.report import significance
 from harness.store import atomic_write_json, atomic_write_text
 
 SIZE_METRICS = ("kept_fraction", "params_kept", "bytes_kept", "model_params", "model_bytes")

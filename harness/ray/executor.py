@@ -1,7 +1,7 @@
 """``harness run SUITE --executor ray``: every cell a Ray task, results in the same store and trackers.
 
 The driver (this process) is the sequential ``SuiteRunner`` with the model
-work moved to Ray tasks (``harness.ray_tasks``): per model, one task plans
+work moved to Ray tasks (``harness.ray.tasks``): per model, one task plans
 the cells; the cells already in the store are reused as in a sequential
 run; calibration statistics (one task) and each method's factorizations (one
 task per method) are computed once and shared through the results store;
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from harness.cells import Cell, content_hash
 from harness.errors import HarnessError
 from harness.provenance import hardware_label
-from harness.ray_cluster import RaySettings, connect, import_ray, task_resources
-from harness.ray_tasks import Job, Plan, Refused, calibrate_task, cell_task, factorize_task, plan_task
-from harness.runner import RunOptions, RunSummary, SuiteRunner, first_line, log, used_versions
+from harness.ray.cluster import RaySettings, connect, import_ray, task_resources
+from harness.ray.tasks import Job, Plan, Refused, calibrate_task, cell_task, factorize_task, plan_task
+from harness.run.cells import Cell, content_hash
+from harness.run.runner import RunOptions, RunSummary, SuiteRunner, first_line, log, used_versions
 from harness.suite import Method, Suite
 
 KILL_ONCE_ENV = "HARNESS_RAY_KILL_ONCE"

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from harness.calibration import _atomic_write
 from harness.factorization import Factorization
+from harness.run.calibration import _atomic_write
 
 FORMAT = 1
 TAG = "__harness__"
