@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Tracker": "harness.api",
     # errors
     "HarnessError": "harness.errors",
+    "first_line": "harness.errors",
     # factorizations and the layers they become
     "Dense": "harness.factorization",
     "Factorization": "harness.factorization",
@@ -70,6 +71,7 @@ __all__ = [
     "Tracker",
     "__version__",
     "break_even_rank",
+    "first_line",
     "hookimpl",
     "lowrank_params",
 ]
@@ -104,7 +106,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         RunContext,
         Tracker,
     )
-    from harness.errors import HarnessError
+    from harness.errors import HarnessError, first_line
     from harness.factorization import (
         Dense,
         Factorization,

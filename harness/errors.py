@@ -24,3 +24,9 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 def where(file: str | None, key: str) -> str:
     """'file: key' prefix for validation messages."""
     return f"{file}: {key}" if file else key
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, the line cut at ``limit`` characters (for one-line reports)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from harness.data import sha256_file
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 EMBEDDED = "embedded"
 EMBEDDED_NOTE = (
@@ -102,11 +102,6 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
     return LoadedModel(model, tok, spec, _combine({spec: revision}), files, f"hub model {spec}@{revision}")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
-
-
 def _combine(files: dict[str, str]) -> str:
     import hashlib
 
@@ -129,7 +124,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # a truncated or corrupt file fails in many ways, all of them the input's
-        raise HarnessError(f"model: expected a readable GGUF file, got {str(gguf)!r}: {_first_line(exc)}") from None
+        raise HarnessError(f"model: expected a readable GGUF file, got {str(gguf)!r}: {first_line(exc, 300)}") from None
     from safetensors.torch import save_model
 
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
@@ -160,7 +155,7 @@ def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bo
         )
     except Exception as exc:  # missing, truncated or corrupt files fail in many ways, all of them the input's
         raise HarnessError(
-            f"model: expected a causal LM with safetensors weights, got {source!r}: {_first_line(exc)}"
+            f"model: expected a causal LM with safetensors weights, got {source!r}: {first_line(exc, 300)}"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 ACCELERATOR = "accelerator_type:"
 ADDRESS = re.compile(r"^(?:ray://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
@@ -78,9 +78,8 @@ def start(ray: Any, settings: RaySettings, threads: int) -> None:
 
 def init_error(settings: RaySettings, exc: BaseException) -> str:
     where = f"--address {settings.address}" if settings.address else "--executor ray"
-    first = (str(exc).strip().splitlines() or [""])[0]
     hint = AUTH_HINT if settings.address and "RAY_AUTH_MODE" not in os.environ else ""
-    return f"{where}: expected a Ray runtime to join, got {type(exc).__name__}: {first}{hint}"
+    return f"{where}: expected a Ray runtime to join, got {first_line(exc, 10_000)}{hint}"
 
 
 def forwarded_env() -> dict[str, str]:

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.provenance import hardware_label
 from harness.ray.cluster import RaySettings, connect, import_ray, task_resources
 from harness.ray.tasks import Job, Plan, Refused, calibrate_task, cell_task, factorize_task, plan_task
 from harness.run.cells import Cell, content_hash
-from harness.run.runner import RunOptions, RunSummary, SuiteRunner, first_line, log, used_versions
+from harness.run.runner import RunOptions, RunSummary, SuiteRunner, log, used_versions
 from harness.suite import Method, Suite
 
 KILL_ONCE_ENV = "HARNESS_RAY_KILL_ONCE"

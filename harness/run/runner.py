@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import harness
 from harness import data as data_mod
 from harness.api import AllocationContext, FactorizeContext, LayerInfo, RunContext
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.factorization import Factorization
 from harness.models import LoadedModel, cache_dir, load_model, resolve_device
 from harness.options import options_dict
@@ -125,10 +125,9 @@ class SuiteRunner:
                 getattr(tracker, method)(*call_args)
             except Exception as exc:  # a tracker must never cost a result
                 self.trackers_off.add(component.label)
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
                 later = f"; log them later with: harness sync {self.store.root}" if component.name == "mlflow" else ""
                 log(
-                    f"warning: tracker {component.label!r} failed in {method}: {type(exc).__name__}: {first}; "
+                    f"warning: tracker {component.label!r} failed in {method}: {first_line(exc, 300)}; "
                     f"it is off for the rest of this run, results stay in the local store {self.store.cells}{later}"
                 )
 
@@ -612,12 +611,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message``, the line cut at ``limit`` characters."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:
