@@ -43,19 +43,28 @@ _EXPORTS: dict[str, str] = {
     "SVDLikeFactorization": "harness.factorization",
     "break_even_rank": "harness.factorization",
     "lowrank_params": "harness.factorization",
-    # targets
+    # budgets and targets
+    "Assignment": "harness.budget",
+    "Fitting": "harness.budget",
+    "keep_fraction": "harness.budget",
+    "kept_rank_fraction": "harness.budget",
+    "largest_fitting": "harness.budget",
+    "saves": "harness.budget",
+    "top_up": "harness.budget",
     "Target": "harness.targets",
 }
 
 __all__ = [
     "STAT_KINDS",
     "AllocationContext",
+    "Assignment",
     "Decomposer",
     "Dense",
     "EvalResult",
     "Evaluator",
     "Factorization",
     "FactorizeContext",
+    "Fitting",
     "HarnessError",
     "LayerInfo",
     "LayerStats",
@@ -73,7 +82,12 @@ __all__ = [
     "break_even_rank",
     "first_line",
     "hookimpl",
+    "keep_fraction",
+    "kept_rank_fraction",
+    "largest_fitting",
     "lowrank_params",
+    "saves",
+    "top_up",
 ]
 
 
@@ -106,6 +120,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         RunContext,
         Tracker,
     )
+    from harness.budget import Assignment, Fitting, keep_fraction, kept_rank_fraction, largest_fitting, saves, top_up
     from harness.errors import HarnessError, first_line
     from harness.factorization import (
         Dense,

@@ -1,16 +1,19 @@
-"""Budget arithmetic shared by rank allocators.
+"""Budget arithmetic shared by rank allocators, independent of the target's kind.
 
 An *assignment* gives each factorization (group) a rank, or None: keep that
 group's original dense weights. Allocators must never pick a rank that saves
-nothing (``saves``); where the best rank would not, they return None.
+nothing (``saves``); where the best rank would not, they return None. What an
+assignment costs under a target, and the budget it must meet, are the
+target's (``harness.Target.cost``, ``.limit``, ``.fits``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
-from harness.factorization import Factorization
-from harness.targets import Target
+if TYPE_CHECKING:
+    from harness.factorization import Factorization
 
 Assignment = list[int | None]
 
@@ -50,86 +53,11 @@ def largest_rank_within(fact: Factorization, params: float) -> int | None:
     return best
 
 
-def fits(facts: Sequence[Factorization], ranks: Sequence[int | None], target: Target, dtype_bytes: int) -> bool:
-    """Does ``ranks`` meet a ``params``, ``bytes`` or ``bits`` target?"""
-    if target.kind == "params":
-        return assignment_params(facts, ranks) <= target.value * dense_total(facts) + 1e-9
-    if target.kind in ("bytes", "bits"):
-        return assignment_bytes(facts, ranks, dtype_bytes) <= target.budget_bytes(dense_total(facts))
-    raise ValueError(f"fits() does not apply to {target.kind} targets")
-
-
-def largest_fitting(
-    build: Callable[[float], Assignment],
-    ok: Callable[[Assignment], bool],
-    lo: float = 0.0,
-    hi: float = 1.0,
-    steps: int = 40,
-) -> Assignment | None:
-    """Bisect a monotone knob in [lo, hi]: the assignment of the largest knob with ``ok``.
-
-    ``build(knob)`` must give assignments that grow with the knob. Returns None
-    when even ``build(lo)`` does not fit.
-    """
-    best = build(lo)
-    if not ok(best):
-        return None
-    if ok(top := build(hi)):
-        return top
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        candidate = build(mid)
-        if ok(candidate):
-            lo, best = mid, candidate
-        else:
-            hi = mid
-    return best
-
-
-# ---------------------------------------------------------------- any target kind
-# A target as an additive cost per group and a total budget, so that one
-# allocator serves every kind:
-#
-# - ``params``: parameters kept; budget ``value`` x dense parameters.
-# - ``bytes`` / ``bits``: bytes kept; budget ``Target.budget_bytes``.
-# - ``rank``: rank kept (a dense group keeps its full rank); budget ``value`` x
-#   the sum of full ranks, i.e. a rank-weighted mean kept fraction of rank
-#   (WeLore's convention: removed rank / total rank over all matrices).
-
-COST_KINDS = ("params", "bytes", "bits", "rank")
-
-
-def group_cost(fact: Factorization, rank: int | None, target: Target, dtype_bytes: int) -> float:
-    """What ``fact`` at ``rank`` (None: dense) spends of a ``target`` budget."""
-    if target.kind == "params":
-        return group_params(fact, rank)
-    if target.kind in ("bytes", "bits"):
-        return group_bytes(fact, rank, dtype_bytes)
-    if target.kind == "rank":
-        return fact.full_rank if rank is None else rank
-    raise ValueError(f"no cost for {target.kind} targets")
-
-
-def target_budget(facts: Sequence[Factorization], target: Target, dtype_bytes: int) -> float:
-    """The largest total ``group_cost`` that meets ``target`` (same tolerance as ``fits``)."""
-    if target.kind == "params":
-        return target.value * dense_total(facts) + 1e-9
-    if target.kind in ("bytes", "bits"):
-        return target.budget_bytes(dense_total(facts))
-    if target.kind == "rank":
-        return target.value * sum(f.full_rank for f in facts) + 1e-9
-    raise ValueError(f"no budget for {target.kind} targets")
-
-
-def assignment_cost(
-    facts: Sequence[Factorization], ranks: Sequence[int | None], target: Target, dtype_bytes: int
-) -> float:
-    return sum(group_cost(f, r, target, dtype_bytes) for f, r in zip(facts, ranks, strict=True))
-
-
-def within(facts: Sequence[Factorization], ranks: Sequence[int | None], target: Target, dtype_bytes: int) -> bool:
-    """Does ``ranks`` meet ``target`` of any kind (``fits`` plus ``rank`` targets)?"""
-    return assignment_cost(facts, ranks, target, dtype_bytes) <= target_budget(facts, target, dtype_bytes)
+def keep_fraction(facts: Sequence[Factorization], keep: float) -> Assignment:
+    """Each group's largest saving rank within ``keep`` of its dense parameters; keep >= 1 keeps all dense."""
+    if keep >= 1:
+        return [None] * len(facts)
+    return [largest_rank_within(f, keep * f.dense_params) for f in facts]
 
 
 def kept_rank_fraction(facts: Sequence[Factorization], ranks: Sequence[int | None]) -> float:
@@ -139,26 +67,37 @@ def kept_rank_fraction(facts: Sequence[Factorization], ranks: Sequence[int | Non
     return kept / full if full else 1.0
 
 
-def bracket_fitting(
+class Fitting(NamedTuple):
+    """What ``largest_fitting`` found."""
+
+    ranks: Assignment
+    """The assignment of the largest knob found that fits."""
+    over: Assignment | None
+    """The assignment of the smallest knob found that does not (None: ``build(hi)`` fits)."""
+    knob: float
+    """The knob of ``ranks``."""
+
+
+def largest_fitting(
     build: Callable[[float], Assignment],
     ok: Callable[[Assignment], bool],
     lo: float = 0.0,
     hi: float = 1.0,
     steps: int = 50,
-) -> tuple[Assignment, Assignment | None, float] | None:
-    """Like ``largest_fitting``, but also the assignment just past the boundary.
+) -> Fitting | None:
+    """Bisect a monotone knob in [lo, hi] for the largest whose assignment is ``ok``.
 
-    Returns ``(fitting, over, knob)``: the assignment of the largest knob found
-    with ``ok``, that of the smallest knob found without it (None when
-    ``build(hi)`` fits), and the fitting knob. Returns None when ``build(lo)``
-    does not fit.
+    ``build(knob)`` must give assignments that grow with the knob. Returns
+    ``build(hi)`` when it fits; otherwise ``steps`` halvings keep the last
+    fitting and the last failing assignment (``Fitting``). Returns None when
+    even ``build(lo)`` does not fit.
     """
     best = build(lo)
     if not ok(best):
         return None
     top = build(hi)
     if ok(top):
-        return top, None, hi
+        return Fitting(top, None, hi)
     over = top
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -167,7 +106,7 @@ def bracket_fitting(
             lo, best = mid, candidate
         else:
             hi, over = mid, candidate
-    return best, over, lo
+    return Fitting(best, over, lo)
 
 
 def top_up(

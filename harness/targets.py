@@ -1,52 +1,285 @@
 """Compression targets: what a suite asks the allocator to meet.
 
-Kinds (DESIGN.md, "Definitions that every method shares"):
+Kinds (DESIGN.md, "Definitions that every method shares"), one class each:
 
-- ``params``: fraction of the decomposable Linear weights' parameters kept
-  (``keep = 0.8`` removes 20%).
-- ``rank``: fraction of each matrix's full rank kept (the denoising regime).
-- ``bytes``: a memory budget in bytes for the decomposable weights.
-- ``bits``: average bits per decomposable weight (a budget in bytes, scaled).
+- ``params`` (``ParamsTarget``): fraction of the decomposable Linear weights'
+  parameters kept (``keep = 0.8`` removes 20%).
+- ``rank`` (``RankTarget``): fraction of each matrix's full rank kept (the
+  denoising regime).
+- ``bytes`` (``BytesTarget``): a memory budget in bytes for the decomposable
+  weights.
+- ``bits`` (``BitsTarget``): average bits per decomposable weight (a budget in
+  bytes, scaled).
 
 In a suite a bare number is a ``params`` target; a table names the kind:
 ``{rank = 0.5}``, ``{bytes = "40MB"}``, ``{bits = 2.5}``.
+
+A kind is a subclass of ``Target`` that sets ``kind`` (its name in suites,
+registered in ``KINDS`` when the class is defined) and ``unit``, and defines
+its arithmetic: ``cost`` (what one group at one rank, or dense, spends) and
+``budget`` (the total a list of groups may spend). Everything an allocator
+asks (``limit``, ``fits``, ``assignment_cost``, ``unreachable``) follows from
+those two. ``Target(kind, value)`` builds the registered class of ``kind``, so
+``Target("params", 0.8) == ParamsTarget(0.8)``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from harness import budget
 from harness.errors import HarnessError
 
-KINDS = ("params", "rank", "bytes", "bits")
+if TYPE_CHECKING:
+    from harness.budget import Assignment
+    from harness.factorization import Factorization
+
+KINDS: dict[str, type[Target]] = {}
+"""Registered target kinds by name, in definition order (filled by ``Target.__init_subclass__``)."""
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-@dataclass(frozen=True)
-class Target:
-    kind: str
+class _TargetType(type):
+    """``Target(kind, value)`` builds the registered class of ``kind``; a kind's own class builds itself."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Target:
+            return _build(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _build(kind: str, value: float) -> Target:
+    if kind not in KINDS:
+        raise ValueError(f"unknown target kind {kind!r}; known: {', '.join(KINDS)}")
+    return KINDS[kind](value)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Target(metaclass=_TargetType):
+    """A compression target of one kind: ``value`` in the kind's own terms.
+
+    Equality and hash are those of ``(kind, value)``; ``to_dict`` is
+    ``{"kind": ..., "value": ...}`` (part of every cell's id).
+    """
+
     value: float
+    kind: ClassVar[str] = ""
+    """The kind's name in suites and results (``{kind = value}``)."""
+    unit: ClassVar[str] = ""
+    """What ``cost`` and ``budget`` count, in messages (parameters, bytes, rank)."""
+    tolerance: ClassVar[float] = 0.0
+    """Slack added to ``budget`` before comparing a cost against it (``limit``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is None:
+            return
+        if kind in KINDS and KINDS[kind].__qualname__ != cls.__qualname__:
+            raise TypeError(f"target kind {kind!r} is already registered by {KINDS[kind].__qualname__}")
+        KINDS[kind] = cls
+
+    # ------------------------------------------------------------ identity and reporting
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Target):
+            return NotImplemented
+        return (self.kind, self.value) == (other.kind, other.value)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.value))
+
+    def __repr__(self) -> str:
+        return f"Target(kind={self.kind!r}, value={self.value!r})"
 
     @property
     def label(self) -> str:
-        if self.kind == "params":
-            return f"keep={self.value:g}"
-        if self.kind == "bytes":
-            return f"bytes={self.value / 1e6:.3g}MB"
         return f"{self.kind}={self.value:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": self.value}
 
+    # ------------------------------------------------------------ suite input
+    @classmethod
+    def parse_value(cls, raw: Any, key: str) -> float:
+        """A suite's ``{kind = raw}`` -> value; HarnessError naming ``key``."""
+        if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+            raise HarnessError(f"{key}.{cls.kind}: expected a number, got {raw!r}")
+        return float(raw)
+
+    def check(self, key: str) -> Target:
+        """This target, or HarnessError naming ``key`` where its value is out of range."""
+        return self
+
+    # ------------------------------------------------------------ arithmetic
+    def cost(self, fact: Factorization, rank: int | None, dtype_bytes: int) -> float:
+        """What ``fact`` at ``rank`` (None: dense) spends of this target's budget."""
+        raise NotImplementedError(f"{type(self).__name__} defines no cost")
+
+    def costs(self, fact: Factorization, ranks: Sequence[int], dtype_bytes: int) -> list[float]:
+        """``cost`` of ``fact`` at each of ``ranks`` (kinds may do this faster)."""
+        return [self.cost(fact, r, dtype_bytes) for r in ranks]
+
+    def budget(self, facts: Sequence[Factorization], dtype_bytes: int) -> float:
+        """The total cost this target allows for ``facts``, as stated (no tolerance)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no budget")
+
+    def limit(self, facts: Sequence[Factorization], dtype_bytes: int) -> float:
+        """The largest total cost that meets this target: ``budget`` plus ``tolerance``."""
+        return self.budget(facts, dtype_bytes) + self.tolerance
+
+    def assignment_cost(self, facts: Sequence[Factorization], ranks: Sequence[int | None], dtype_bytes: int) -> float:
+        return sum(self.cost(f, r, dtype_bytes) for f, r in zip(facts, ranks, strict=True))
+
+    def fits(self, facts: Sequence[Factorization], ranks: Sequence[int | None], dtype_bytes: int) -> bool:
+        """Does the assignment ``ranks`` (one rank or None per group) meet this target?"""
+        return self.assignment_cost(facts, ranks, dtype_bytes) <= self.limit(facts, dtype_bytes)
+
+    def per_matrix(self, facts: Sequence[Factorization]) -> Assignment | None:
+        """Each group's rank where every matrix meets this target on its own (the uniform allocator).
+
+        None where the kind is a budget for the whole model only: the uniform
+        allocator then solves one common kept fraction of parameters that fits.
+        """
+        return None
+
+    def unreachable(self, facts: Sequence[Factorization], dtype_bytes: int) -> tuple[float, float] | None:
+        """``(least, allowed)`` where this target is below the smallest model, else None.
+
+        The smallest model has every matrix at its smallest positive rank (or
+        dense, where that costs less); ``least`` is its cost, ``allowed`` this
+        target's ``budget``, both in ``unit``. Only removing whole matrices
+        (rank 0) could meet such a target.
+        """
+        if not facts:
+            return None
+        smallest = [min((r for r in f.ranks if r > 0), default=None) for f in facts]
+        least = sum(min(self.cost(f, r, dtype_bytes), self.cost(f, None, dtype_bytes)) for f, r in zip(facts, smallest))
+        allowed = self.budget(facts, dtype_bytes)
+        return (least, allowed) if allowed + 1e-9 < least else None
+
     def budget_bytes(self, dense_weights: int) -> float:
         """The bytes budget of a ``bytes`` or ``bits`` target for ``dense_weights`` weights."""
-        if self.kind == "bytes":
-            return self.value
-        if self.kind == "bits":
-            return self.value * dense_weights / 8
         raise ValueError(f"{self.kind} target has no byte budget")
+
+
+def _fraction(target: Target, key: str) -> Target:
+    if not 0 < target.value <= 1:
+        raise HarnessError(f"{key}: expected a fraction in (0, 1], got {target.value:g}")
+    return target
+
+
+class ParamsTarget(Target):
+    """Keep ``value`` of the decomposable weights' parameters (budget: ``value`` x dense parameters)."""
+
+    kind = "params"
+    unit = "parameters"
+    tolerance = 1e-9
+
+    @property
+    def label(self) -> str:
+        return f"keep={self.value:g}"
+
+    def check(self, key: str) -> Target:
+        return _fraction(self, key)
+
+    def cost(self, fact: Factorization, rank: int | None, dtype_bytes: int) -> float:
+        return budget.group_params(fact, rank)
+
+    def costs(self, fact: Factorization, ranks: Sequence[int], dtype_bytes: int) -> list[float]:
+        return [fact.params(r) for r in ranks]
+
+    def budget(self, facts: Sequence[Factorization], dtype_bytes: int) -> float:
+        return self.value * budget.dense_total(facts)
+
+    def per_matrix(self, facts: Sequence[Factorization]) -> Assignment:
+        return budget.keep_fraction(facts, self.value)
+
+
+class RankTarget(Target):
+    """Keep ``value`` of the rank, summed over matrices (a dense matrix keeps its full rank).
+
+    Budget: ``value`` x the sum of full ranks, i.e. a rank-weighted mean kept
+    fraction of rank (WeLore's convention: removed rank / total rank over all
+    matrices). Per matrix (uniform): ``round(value * full_rank)``, at least 1.
+    """
+
+    kind = "rank"
+    unit = "rank"
+    tolerance = 1e-9
+
+    def check(self, key: str) -> Target:
+        return _fraction(self, key)
+
+    def cost(self, fact: Factorization, rank: int | None, dtype_bytes: int) -> float:
+        return fact.full_rank if rank is None else rank
+
+    def budget(self, facts: Sequence[Factorization], dtype_bytes: int) -> float:
+        return self.value * sum(f.full_rank for f in facts)
+
+    def per_matrix(self, facts: Sequence[Factorization]) -> Assignment:
+        ranks: Assignment = []
+        for fact in facts:
+            rank = max(1, round(self.value * fact.full_rank))
+            rank = min((r for r in fact.ranks if r >= rank), default=fact.full_rank)
+            ranks.append(None if self.value >= 1 else rank)
+        return ranks
+
+    def unreachable(self, facts: Sequence[Factorization], dtype_bytes: int) -> tuple[float, float] | None:
+        return None  # per matrix, a rank target always keeps at least rank 1
+
+
+class _ByteBudget(Target):
+    """Bytes kept (``Factorization.bytes``; a dense group: its parameters x ``dtype_bytes``)."""
+
+    unit = "bytes"
+
+    def cost(self, fact: Factorization, rank: int | None, dtype_bytes: int) -> float:
+        return budget.group_bytes(fact, rank, dtype_bytes)
+
+    def costs(self, fact: Factorization, ranks: Sequence[int], dtype_bytes: int) -> list[float]:
+        return [fact.bytes(r, dtype_bytes) for r in ranks]
+
+    def budget(self, facts: Sequence[Factorization], dtype_bytes: int) -> float:
+        return self.budget_bytes(budget.dense_total(facts))
+
+
+class BytesTarget(_ByteBudget):
+    """At most ``value`` bytes for the decomposable weights."""
+
+    kind = "bytes"
+
+    @property
+    def label(self) -> str:
+        return f"bytes={self.value / 1e6:.3g}MB"
+
+    @classmethod
+    def parse_value(cls, raw: Any, key: str) -> float:
+        return parse_bytes(raw, key)
+
+    def check(self, key: str) -> Target:
+        if self.value <= 0:
+            raise HarnessError(f"{key}: expected a positive number of bytes, got {self.value:g}")
+        return self
+
+    def budget_bytes(self, dense_weights: int) -> float:
+        return self.value
+
+
+class BitsTarget(_ByteBudget):
+    """At most ``value`` bits per decomposable weight on average: ``value`` x dense weights / 8 bytes."""
+
+    kind = "bits"
+
+    def check(self, key: str) -> Target:
+        if not 0 < self.value <= 32:
+            raise HarnessError(f"{key}: expected bits per weight in (0, 32], got {self.value:g}")
+        return self
+
+    def budget_bytes(self, dense_weights: int) -> float:
+        return self.value * dense_weights / 8
 
 
 def parse_bytes(text: str | int | float, key: str) -> float:
@@ -63,24 +296,11 @@ def parse_target(raw: Any, key: str) -> Target:
     if isinstance(raw, bool):
         raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {raw!r}")
     if isinstance(raw, (int, float)):
-        return _checked(Target("params", float(raw)), key)
+        return ParamsTarget(float(raw)).check(key)
     if isinstance(raw, dict) and len(raw) == 1:
         kind, value = next(iter(raw.items()))
         if kind not in KINDS:
             raise HarnessError(f"{key}: expected one of {', '.join(KINDS)}, got {kind!r}")
-        if kind == "bytes":
-            return _checked(Target("bytes", parse_bytes(value, key)), key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise HarnessError(f"{key}.{kind}: expected a number, got {value!r}")
-        return _checked(Target(kind, float(value)), key)
+        cls = KINDS[kind]
+        return cls(cls.parse_value(value, key)).check(key)
     raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {raw!r}")
-
-
-def _checked(target: Target, key: str) -> Target:
-    if target.kind in ("params", "rank") and not 0 < target.value <= 1:
-        raise HarnessError(f"{key}: expected a fraction in (0, 1], got {target.value:g}")
-    if target.kind == "bits" and not 0 < target.value <= 32:
-        raise HarnessError(f"{key}: expected bits per weight in (0, 32], got {target.value:g}")
-    if target.kind == "bytes" and target.value <= 0:
-        raise HarnessError(f"{key}: expected a positive number of bytes, got {target.value:g}")
-    return target

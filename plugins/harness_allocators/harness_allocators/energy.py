@@ -20,7 +20,6 @@ import bisect
 from dataclasses import dataclass
 
 import harness
-from harness import budget
 from harness_allocators import limits
 
 
@@ -51,7 +50,7 @@ class EnergyOptions(limits.LimitOptions):
 class Energy(harness.RankAllocator):
     name = "energy"
     Options = EnergyOptions
-    target_kinds = budget.COST_KINDS
+    target_kinds = limits.KINDS
     description = "smallest rank keeping a common fraction of each matrix's energy, solved for the target"
 
     def allocate(self, factorizations, target, options, ctx):
@@ -60,7 +59,7 @@ class Energy(harness.RankAllocator):
         groups = limits.bands(facts, options)
         curves = [energy_curve(f) for f in facts]
 
-        def build(fraction: float) -> budget.Assignment:
+        def build(fraction: float) -> harness.Assignment:
             return [energy_rank(ranks, curve, fraction) for ranks, curve in curves]
 
         ranks, fraction = limits.fit_knob(self.name, facts, groups, target, ctx.dtype_bytes, build)

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 
 import harness
-from harness import budget
 from harness_allocators import limits
 
 
@@ -90,8 +89,8 @@ class Chain:
 
     def __init__(self, fact: harness.Factorization, band: limits.Band, target: harness.Target, dtype_bytes: int):
         self.choices = band.choices
-        self.costs = [*limits.rank_costs(fact, band.ranks, target, dtype_bytes)]
-        self.costs.append(budget.group_cost(fact, None, target, dtype_bytes))
+        self.costs = [*target.costs(fact, band.ranks, dtype_bytes)]
+        self.costs.append(target.cost(fact, None, dtype_bytes))
         errors = [fact.error(r) for r in band.ranks] + [0.0]
         self.gains = [errors[0] - e for e in errors]
         self.at = 0  # current choice index
@@ -150,9 +149,9 @@ def take_fitting_prefix(chains: list[Chain], spent: float, limit: float) -> floa
     return float(running[taken - 1]) if taken else spent
 
 
-def greedy(facts, groups, target: harness.Target, dtype_bytes: int) -> budget.Assignment:
+def greedy(facts, groups, target: harness.Target, dtype_bytes: int) -> harness.Assignment:
     """Greedy over all groups' hull segments, best ρ first, within ``target``'s budget."""
-    limit = budget.target_budget(facts, target, dtype_bytes)
+    limit = target.limit(facts, dtype_bytes)
     chains = [Chain(f, band, target, dtype_bytes) for f, band in zip(facts, groups, strict=True)]
     spent = take_fitting_prefix(chains, sum(chain.costs[0] for chain in chains), limit)
     heap = [(-segment[0], g) for g, chain in enumerate(chains) if (segment := chain.next_segment()) is not None]
@@ -180,15 +179,15 @@ class GreedyOptions(limits.LimitOptions):
 class GlobalGreedy(harness.RankAllocator):
     name = "global-greedy"
     Options = GreedyOptions
-    target_kinds = budget.COST_KINDS
+    target_kinds = limits.KINDS
     description = "singular directions across all matrices by error reduction per parameter (or byte, or rank)"
 
     def allocate(self, factorizations, target, options, ctx):
         limits.check_kind(self, target)
         facts = list(factorizations)
         groups = limits.bands(facts, options)
-        limit = budget.target_budget(facts, target, ctx.dtype_bytes)
+        limit = target.limit(facts, ctx.dtype_bytes)
         floor = limits.smallest(groups)
-        if (lowest := budget.assignment_cost(facts, floor, target, ctx.dtype_bytes)) > limit:
+        if (lowest := target.assignment_cost(facts, floor, ctx.dtype_bytes)) > limit:
             raise limits.infeasible(self.name, target, facts, lowest, limit)
         return greedy(facts, groups, target, ctx.dtype_bytes)

@@ -2,7 +2,7 @@
 
 Every allocator here picks, for each group, one of its *choices*: a supported
 rank r with ``floor <= r <= ceiling`` that saves parameters
-(``budget.saves``), or None (keep the group dense). Choices are listed in
+(``harness.saves``), or None (keep the group dense). Choices are listed in
 increasing cost, dense last (a rank that saves costs less than dense). A
 ceiling limits the rank a group is *factored* at; a group that would need
 more stays dense, exactly as past break-even.
@@ -19,13 +19,16 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import harness
-from harness import budget
-from harness.factorization import Factorization
-from harness.targets import Target
+
+if TYPE_CHECKING:
+    from harness import Assignment, Factorization, Target
 
 EPS = 1e-9
+KINDS = ("params", "bytes", "bits", "rank")
+"""The target kinds these allocators take: any kind with a cost and a budget."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class Band:
         self.fact, self.floor, self.ceiling = fact, floor, ceiling
         ranks = fact.ranks
         inside = list(ranks[bisect.bisect_left(ranks, floor) : bisect.bisect_right(ranks, ceiling)])
-        # costs grow with rank, so the saving ranks are a prefix (budget.saves)
+        # costs grow with rank, so the saving ranks are a prefix (harness.saves)
         saving = bisect.bisect_left(inside, fact.dense_params, key=fact.params)
         self.ranks = [r for r in inside[:saving] if allow(r)] if allow else inside[:saving]
         self.choices: list[int | None] = [*self.ranks, None]
@@ -98,16 +101,7 @@ def check_kind(allocator: harness.RankAllocator, target: Target) -> None:
 
 
 def cost_of(target: Target, dtype_bytes: int) -> Callable[[Factorization, int | None], float]:
-    return lambda fact, rank: budget.group_cost(fact, rank, target, dtype_bytes)
-
-
-def rank_costs(fact: Factorization, ranks: Sequence[int], target: Target, dtype_bytes: int) -> list[float]:
-    """``budget.group_cost`` of ``fact`` at each of ``ranks`` (ints), without the per-call dispatch."""
-    if target.kind == "params":
-        return [fact.params(r) for r in ranks]
-    if target.kind in ("bytes", "bits"):
-        return [fact.bytes(r, dtype_bytes) for r in ranks]
-    return [budget.group_cost(fact, r, target, dtype_bytes) for r in ranks]
+    return lambda fact, rank: target.cost(fact, rank, dtype_bytes)
 
 
 def infeasible(
@@ -115,16 +109,12 @@ def infeasible(
 ) -> Exception:
     return harness.HarnessError(
         f"allocator {allocator!r}, target {target.label}: the smallest assignment the rank floors allow "
-        f"costs {smallest:.6g} {unit(target)}, over the budget of {limit:.6g} over {len(facts)} groups; "
+        f"costs {smallest:.6g} {target.unit}, over the budget of {limit:.6g} over {len(facts)} groups; "
         "lower min_rank / min_rank_fraction or raise the target"
     )
 
 
-def unit(target: Target) -> str:
-    return {"params": "parameters", "bytes": "bytes", "bits": "bytes", "rank": "rank"}[target.kind]
-
-
-def smallest(groups: Sequence[Band]) -> budget.Assignment:
+def smallest(groups: Sequence[Band]) -> Assignment:
     """Every group at its cheapest choice."""
     return [band.choices[0] for band in groups]
 
@@ -135,35 +125,35 @@ def fit_knob(
     groups: Sequence[Band],
     target: Target,
     dtype_bytes: int,
-    build: Callable[[float], budget.Assignment],
+    build: Callable[[float], Assignment],
     lo: float = 0.0,
     hi: float = 1.0,
-) -> tuple[budget.Assignment, float]:
+) -> tuple[Assignment, float]:
     """The assignment of the largest knob in [lo, hi] that meets ``target``, topped up, and that knob.
 
     ``build(knob)`` gives desired ranks (None: full) that grow with the knob;
     they are clamped into each group's band. The knob is bisected
-    (``budget.bracket_fitting``); groups that change between the last fitting
+    (``harness.largest_fitting``); groups that change between the last fitting
     and the first failing knob are then raised one at a time while the budget
-    allows (``budget.top_up``), so the budget left is below one step of some
+    allows (``harness.top_up``), so the budget left is below one step of some
     group. Raises HarnessError where even the floors are over budget.
     """
     cost = cost_of(target, dtype_bytes)
-    limit = budget.target_budget(facts, target, dtype_bytes)
+    limit = target.limit(facts, dtype_bytes)
 
-    def ok(ranks: budget.Assignment) -> bool:
+    def ok(ranks: Assignment) -> bool:
         return sum(cost(f, r) for f, r in zip(facts, ranks, strict=True)) <= limit
 
-    def clamped(knob: float) -> budget.Assignment:
+    def clamped(knob: float) -> Assignment:
         return [band.clamp(r) for band, r in zip(groups, build(knob), strict=True)]
 
     floor = smallest(groups)
     if not ok(floor):
-        raise infeasible(allocator, target, facts, budget.assignment_cost(facts, floor, target, dtype_bytes), limit)
-    found = budget.bracket_fitting(clamped, ok, lo, hi)
+        raise infeasible(allocator, target, facts, target.assignment_cost(facts, floor, dtype_bytes), limit)
+    found = harness.largest_fitting(clamped, ok, lo, hi)
     if found is None:  # even the knob's lowest setting is over budget: top up from the floors
         found = (floor, clamped(lo), lo)
     fitting, over, knob = found
     if over is not None:
-        fitting = budget.top_up(facts, fitting, over, [band.choices for band in groups], cost, limit)
+        fitting = harness.top_up(facts, fitting, over, [band.choices for band in groups], cost, limit)
     return fitting, knob

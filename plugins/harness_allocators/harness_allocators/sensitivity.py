@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import harness
-from harness import budget
 from harness_allocators import limits
 
 CACHE_SIZE = 8
@@ -65,9 +64,9 @@ def candidate_ranks(fact: harness.Factorization, band: limits.Band, fractions: S
     return sorted(found, reverse=True)
 
 
-def threshold_assignment(entries: Sequence[Entry], count: int, groups: int) -> budget.Assignment:
+def threshold_assignment(entries: Sequence[Entry], count: int, groups: int) -> harness.Assignment:
     """Each group's smallest rank among the first ``count`` entries (None: none allowed)."""
-    ranks: budget.Assignment = [None] * groups
+    ranks: harness.Assignment = [None] * groups
     for _, g, rank in entries[:count]:
         ranks[g] = rank if ranks[g] is None else min(ranks[g], rank)
     return ranks
@@ -107,7 +106,7 @@ class MeasurementCache:
 class Sensitivity(harness.RankAllocator):
     name = "sensitivity"
     Options = SensitivityOptions
-    target_kinds = budget.COST_KINDS
+    target_kinds = limits.KINDS
     uses_calibration = True
     description = "ASVD: per-layer calibration loss at each kept fraction, then one global threshold"
 
@@ -122,7 +121,7 @@ class Sensitivity(harness.RankAllocator):
         entries = []
         for g, ranks in enumerate(candidates):
             for rank in ranks:
-                assignment: budget.Assignment = [None] * len(facts)
+                assignment: harness.Assignment = [None] * len(facts)
                 assignment[g] = rank
                 entries.append((float(ctx.calibration_loss(assignment)), g, rank))
         entries.sort(key=lambda e: (e[0], e[1], -e[2]))
@@ -142,21 +141,21 @@ class Sensitivity(harness.RankAllocator):
         entries = self.measure(facts, candidates, ctx)
         return self.select(facts, groups, entries, target, options, ctx)
 
-    def select(self, facts, groups, entries, target, options, ctx) -> budget.Assignment:
+    def select(self, facts, groups, entries, target, options, ctx) -> harness.Assignment:
         cost = limits.cost_of(target, ctx.dtype_bytes)
-        limit = budget.target_budget(facts, target, ctx.dtype_bytes)
+        limit = target.limit(facts, ctx.dtype_bytes)
 
         def ok(count: int) -> bool:
             ranks = threshold_assignment(entries, count, len(facts))
-            return budget.assignment_cost(facts, ranks, target, ctx.dtype_bytes) <= limit
+            return target.assignment_cost(facts, ranks, ctx.dtype_bytes) <= limit
 
         if not ok(len(entries)):
-            lowest = budget.assignment_cost(
-                facts, threshold_assignment(entries, len(entries), len(facts)), target, ctx.dtype_bytes
+            lowest = target.assignment_cost(
+                facts, threshold_assignment(entries, len(entries), len(facts)), ctx.dtype_bytes
             )
             raise harness.HarnessError(
                 f"allocator {self.name!r}, target {target.label}: even every measured rank (kept_fractions "
-                f"{list(options.kept_fractions)}) costs {lowest:.6g} {limits.unit(target)}, over the budget "
+                f"{list(options.kept_fractions)}) costs {lowest:.6g} {target.unit}, over the budget "
                 f"of {limit:.6g}; add smaller kept_fractions or lower the rank floors"
             )
         low, high = 0, len(entries)
@@ -169,6 +168,6 @@ class Sensitivity(harness.RankAllocator):
         ranks = threshold_assignment(entries, low, len(facts))
         if low > 0:
             before = threshold_assignment(entries, low - 1, len(facts))
-            ranks = budget.top_up(facts, ranks, before, [band.choices for band in groups], cost, limit)
+            ranks = harness.top_up(facts, ranks, before, [band.choices for band in groups], cost, limit)
             ctx.log(f"sensitivity: loss threshold {entries[low - 1][0]:.6g} ({low} of {len(entries)} entries)")
         return ranks

@@ -1,9 +1,15 @@
 """Uniform allocation: the same kept fraction for every matrix (SVD-LLM's default).
 
+Where the target applies to every matrix on its own (``Target.per_matrix``),
+each group meets it alone:
+
 - ``params`` target ``keep``: each group gets the largest rank costing at most
   ``keep`` of its dense parameters (SVD-LLM: k = int(m n keep / (m + n))).
 - ``rank`` target: each group keeps ``round(value * full_rank)`` (at least 1).
-- ``bytes`` / ``bits``: the largest common kept fraction whose bytes fit.
+
+For a budget of the whole model only (``bytes``, ``bits``, any kind without a
+per-matrix rule): the largest common kept fraction of parameters whose
+assignment fits the target (``Target.fits``).
 
 A rank that would save nothing is never chosen: that group stays dense (None).
 """
@@ -13,23 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import harness
-from harness import budget
 
 
-def uniform_ranks(facts, keep: float) -> budget.Assignment:
+def uniform_ranks(facts, keep: float) -> harness.Assignment:
     """Largest saving rank within ``keep`` of each group's dense size; keep >= 1 keeps all dense."""
-    if keep >= 1:
-        return [None] * len(facts)
-    return [budget.largest_rank_within(f, keep * f.dense_params) for f in facts]
-
-
-def uniform_rank_fraction(facts, fraction: float) -> budget.Assignment:
-    ranks: budget.Assignment = []
-    for fact in facts:
-        rank = max(1, round(fraction * fact.full_rank))
-        rank = min((r for r in fact.ranks if r >= rank), default=fact.full_rank)
-        ranks.append(None if fraction >= 1 else rank)
-    return ranks
+    return harness.keep_fraction(facts, keep)
 
 
 @dataclass(frozen=True)
@@ -44,14 +38,13 @@ class Uniform(harness.RankAllocator):
 
     def allocate(self, factorizations, target, options, ctx):
         facts = list(factorizations)
-        if target.kind == "params":
-            return uniform_ranks(facts, target.value)
-        if target.kind == "rank":
-            return uniform_rank_fraction(facts, target.value)
-        ranks = budget.largest_fitting(
+        if (ranks := target.per_matrix(facts)) is not None:
+            return ranks
+        found = harness.largest_fitting(
             lambda keep: uniform_ranks(facts, keep),
-            lambda ranks: budget.fits(facts, ranks, target, ctx.dtype_bytes),
+            lambda ranks: target.fits(facts, ranks, ctx.dtype_bytes),
+            steps=40,
         )
-        if ranks is None:
+        if found is None:
             raise harness.HarnessError(f"target {target.label}: smaller than the smallest factorization of the model")
-        return ranks
+        return found.ranks

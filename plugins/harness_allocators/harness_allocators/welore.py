@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import harness
-from harness import budget
 from harness_allocators import limits
 
 TAU_MAX = 1.0 + 1e-6
@@ -84,7 +83,7 @@ class WeLoreOptions(limits.LimitOptions):
             raise ValueError(f"min_removed_fraction: expected a fraction in [0, 1), got {self.min_removed_fraction:g}")
 
 
-def solve_tau(facts, target, options, dtype_bytes: int) -> tuple[budget.Assignment, float]:
+def solve_tau(facts, target, options, dtype_bytes: int) -> tuple[harness.Assignment, float]:
     """Ranks and the smallest τ whose rule (then topped up) meets ``target``."""
 
     def band(fact: harness.Factorization) -> limits.Band:  # a group losing too little stays dense
@@ -94,7 +93,7 @@ def solve_tau(facts, target, options, dtype_bytes: int) -> tuple[budget.Assignme
     groups = [band(f) for f in facts]
     tails = [HeavyTail(f, options.min_removed_fraction) for f in facts]
 
-    def build(knob: float) -> budget.Assignment:  # knob 0 -> τ just above 1, knob 1 -> τ = 0
+    def build(knob: float) -> harness.Assignment:  # knob 0 -> τ just above 1, knob 1 -> τ = 0
         tau = (1 - knob) * TAU_MAX
         return [tail.rank(tau) for tail in tails]
 
@@ -105,13 +104,13 @@ def solve_tau(facts, target, options, dtype_bytes: int) -> tuple[budget.Assignme
 class WeLore(harness.RankAllocator):
     name = "welore"
     Options = WeLoreOptions
-    target_kinds = budget.COST_KINDS
+    target_kinds = limits.KINDS
     description = "WeLore: drop min-max normalized singular values below one global threshold, solved for the target"
 
     def allocate(self, factorizations, target, options, ctx):
         limits.check_kind(self, target)
         facts = list(factorizations)
         ranks, tau = solve_tau(facts, target, options, ctx.dtype_bytes)
-        removed = 1 - budget.kept_rank_fraction(facts, ranks)
+        removed = 1 - harness.kept_rank_fraction(facts, ranks)
         ctx.log(f"welore: τ = {tau:.6g}, {removed:.1%} of rank removed for {target.label}")
         return ranks

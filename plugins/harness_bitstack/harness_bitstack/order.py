@@ -14,11 +14,11 @@ are ranked by a score, lower first:
   reduction of ||W - W_r||_F^2 per byte the block costs. No data needed;
   not the paper's order.
 
-Ties go to the earlier group. For a budget (``bytes`` or ``bits``: the
-target's ``budget_bytes`` of the dense weights; ``params``: the kept fraction
-of their parameters, counted as ``Factorization.params``) the allocator loads
-the longest prefix of the order whose total fits, never exceeding it; a budget
-below the minimum configuration is a HarnessError. One order is computed per
+Ties go to the earlier group. For a target's budget (``Target.budget``:
+``bytes`` or ``bits``, the bytes of the dense weights it allows; ``params``, the
+kept fraction of their parameters; each block counted by ``Target.cost``) the
+allocator loads the longest prefix of the order whose total fits, never
+exceeding it; a budget below the minimum configuration is a HarnessError. One order is computed per
 set of factorizations and options and reused for every budget.
 """
 
@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import harness
-from harness import budget
 
 Score = Callable[[int, int, list[int]], float]
 """score(group, level, base assignment) -> lower loads first."""
@@ -121,25 +120,19 @@ class BitStackOrder(harness.RankAllocator):
         n_blocks = [block_count(f) for f in facts]
         order = self.order(facts, options, ctx)
         base = [min(options.min_blocks, n) for n in n_blocks]
-        if target.kind in ("bytes", "bits"):
-            limit = target.budget_bytes(budget.dense_total(facts))
-            unit = "bytes"
-
-            def cost(g, r):
-                return facts[g].bytes(r, ctx.dtype_bytes)
-        elif target.kind == "params":
-            limit, unit = target.value * budget.dense_total(facts), "parameters"
-
-            def cost(g, r):
-                return facts[g].params(r)
-        else:
+        if target.kind not in self.target_kinds:
             raise harness.HarnessError(f"bitstack-order takes bytes, bits or params targets, not {target.kind}")
+        limit = target.budget(facts, ctx.dtype_bytes)
+
+        def cost(g, r):
+            return target.cost(facts[g], r, ctx.dtype_bytes)
+
         ranks = longest_prefix(order, base, cost, limit)
         if ranks is None:
             least = sum(cost(g, r) for g, r in enumerate(base))
             raise harness.HarnessError(
-                f"target {target.label}: {limit:.0f} {unit} is below the minimum of {options.min_blocks} "
-                f"block(s) per matrix, {least} {unit}"
+                f"target {target.label}: {limit:.0f} {target.unit} is below the minimum of {options.min_blocks} "
+                f"block(s) per matrix, {least} {target.unit}"
             )
         return ranks
 
