@@ -113,10 +113,16 @@ class RankAllocator:
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    target_kinds: ClassVar[tuple[str, ...]] = ("params", "rank", "bytes", "bits")
+    target_kinds: ClassVar[tuple[str, ...] | None] = None
+    """The target kinds ``allocate`` takes; None (the default): every registered kind (``harness.Target``
+    subclasses), since an allocator that asks the target for its cost and budget needs no kind of its own."""
     uses_calibration: ClassVar[bool] = False
     """True where ``allocate`` calls ``ctx.calibration_loss`` (then calibration data is loaded)."""
     description: ClassVar[str] = ""
+
+    def takes(self, kind: str) -> bool:
+        """Whether ``allocate`` takes targets of ``kind``."""
+        return self.target_kinds is None or kind in self.target_kinds
 
     def allocate(
         self,
@@ -158,11 +164,30 @@ class EvalResult:
 
 
 class Evaluator:
+    """Measures a model (compressed or not): model -> metrics.
+
+    Subclasses set ``name`` and ``Options`` and implement ``evaluate``; those
+    that read a dataset implement ``data_fingerprint`` too.
+    """
+
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
 
+    def data_fingerprint(self, options: Any) -> dict[str, Any] | None:
+        """What identifies the data ``evaluate`` reads with ``options``, or None (nothing to fingerprint).
+
+        A JSON-able dict, e.g. ``{task: sha256 of its data file}``. It is
+        hashed into the id of every cell the evaluator runs in (so changed
+        data means new cells, not stale reuse) and recorded in each result's
+        provenance. Called before any model is loaded, for every model of a
+        suite run: keep it cheap and deterministic (cache file hashes). The
+        default returns None: the cell ids then depend on the options only.
+        """
+        return None
+
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, options: Any, ctx: RunContext) -> EvalResult:
+        """Metrics of ``model`` (already on ``ctx.device``, in eval mode) with the parsed ``options``."""
         raise NotImplementedError
 
 

@@ -257,7 +257,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        print(json.dumps(result, indent=2, allow_nan=True))
+        print(json.dumps(result.to_json(), indent=2, allow_nan=True))
     else:
         print(show.describe(result, path), end="")
     return 0

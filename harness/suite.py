@@ -289,7 +289,7 @@ class SuiteParser:
             for allocator in method.allocators:
                 component = self.plugins.get("allocator", allocator.name)
                 for target in method.targets:
-                    if target.kind not in component.target_kinds:
+                    if not component.takes(target.kind):
                         raise self.fail(
                             f"methods[{i}].targets",
                             f"allocator {allocator.name!r} takes {', '.join(component.target_kinds)} targets, "

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from harness_allocators import Energy, GlobalGreedy, Sensitivity, WeLore, limits
+from harness_allocators import Energy, GlobalGreedy, Sensitivity, Uniform, WeLore, limits
 from harness_allocators.energy import energy_curve, energy_rank
 from harness_allocators.greedy import choice_error
 from harness_allocators.sensitivity import threshold_assignment
@@ -176,14 +176,22 @@ def test_target_below_the_floors_is_an_error(allocator, facts):
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)
-def test_unsupported_target_kind_is_an_error(allocator, facts, monkeypatch):
-    monkeypatch.setattr("harness.targets.KINDS", dict(targets.KINDS))  # the kind below is this test's only
+def test_generic_allocators_take_every_registered_kind(allocator):
+    assert allocator.target_kinds is None and all(allocator.takes(kind) for kind in targets.KINDS)
+    assert allocator.takes("a-kind-registered-later")
 
-    class Flops(harness.Target):
-        kind = "flops"
 
-    with pytest.raises(harness.HarnessError, match="takes params, bytes, bits, rank targets"):
-        allocate(allocator, facts, Target("flops", 0.5))
+def test_an_allocator_that_names_its_kinds_refuses_the_others(facts):
+    from harness_bitstack.order import BitStackOrder
+
+    assert BitStackOrder().takes("bytes") and not BitStackOrder().takes("rank")
+
+    class ParamsOnly(Uniform):
+        name = "params-only"
+        target_kinds = ("params",)
+
+    with pytest.raises(harness.HarnessError, match=r"allocator 'params-only' takes params targets, got a bits"):
+        limits.check_kind(ParamsOnly(), Target("bits", 4.0))
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS, ids=lambda a: a.name)

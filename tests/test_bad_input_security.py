@@ -86,13 +86,14 @@ def test_suite_names_cannot_leave_the_results_directory(tmp_path, name):
 
 @pytest.mark.parametrize("cell_id", ["../x", "/etc/passwd", "ab/cd", "", "ABC"])
 def test_cell_ids_are_hashes_never_paths(tmp_path, cell_id):
+    from harness.run.record import CellRecord
     from harness.store import ResultStore
 
     store = ResultStore(tmp_path / "s")
     with pytest.raises(ValueError, match="cell id: expected hexadecimal digits"):
         store.path(cell_id)
     with pytest.raises(ValueError):
-        store.save({"cell_id": cell_id, "status": "ok"})
+        store.save(CellRecord(cell_id=cell_id, suite="s", status="ok", model={}))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cells", "s"]
 
 

@@ -276,19 +276,20 @@ def test_a_plugin_that_fails_to_import_is_reported_at_run_start(tmp_path, tiny_m
 
 # ---------------------------------------------------------------- a crash while a result is written
 def test_a_crash_mid_write_leaves_the_old_result_whole(tmp_path, monkeypatch):
+    from harness.run.record import CellRecord
     from harness.store import ResultStore
 
     store = ResultStore(tmp_path / "s")
-    store.save({"cell_id": "abc123", "status": "ok", "metrics": {"x": 1.0}})
+    store.save(CellRecord(cell_id="abc123", suite="s", status="ok", model={}, metrics={"x": 1.0}))
 
     def crash(src, dst):
         raise KeyboardInterrupt  # killed between writing the temporary file and renaming it
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        store.save({"cell_id": "abc123", "status": "ok", "metrics": {"x": 2.0}})
+        store.save(CellRecord(cell_id="abc123", suite="s", status="ok", model={}, metrics={"x": 2.0}))
     monkeypatch.undo()
-    assert store.load("abc123")["metrics"] == {"x": 1.0}
+    assert store.load("abc123").metrics == {"x": 1.0}
     assert [p.name for p in store.cells.iterdir()] == ["abc123.json"]
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from harness.report import leaderboard
 from harness.report.significance import MARK, against_baseline, mcnemar_exact, paired_bootstrap
+from harness.run.record import SCHEMA_VERSION, CellRecord
 from harness.store import atomic_write_json
 from tests.conftest import write_suite
 
@@ -35,7 +36,7 @@ def cell(
     latency: float | None = None,
     model: str = "m",
     allocator: str = "uniform",
-) -> dict:
+) -> CellRecord:
     per_example = per_example or outcomes(30)
     acc = sum(o["acc"] for o in per_example.values()) / len(per_example)
     metrics = {"piqa/acc": acc, "perplexity": 20.0 / (keep or 1), "kept_fraction": keep or 1.0}
@@ -45,23 +46,27 @@ def cell(
         metrics["decode_ms_p50_b1"] = latency
         hardware_metrics = ["decode_ms_p50_b1"]
     label = f"keep={keep}"
-    return {
-        "cell_id": f"{model}-{method}-{allocator}-{keep}-{hw['device']}".replace("/", "_"),
-        "status": "ok",
-        "model": {"id": model, "note": "test model"},
-        "method": None if method is None else {"name": method, "label": method},
-        "allocator": None if method is None else {"name": allocator, "label": allocator},
-        "target": None if method is None else {"kind": "params", "value": keep, "label": label},
-        "metrics": metrics,
-        "higher_is_better": {"piqa/acc": True, "perplexity": False, "decode_ms_p50_b1": False},
-        "hardware_metrics": hardware_metrics,
-        "sizes": {"model_params": 5000 * (keep or 1), "model_bytes": 10000 * (keep or 1)},
-        "evaluations": {"lm-eval": {"data": "piqa validation", "tasks": {"piqa": {"per_example": per_example}}}},
-        "provenance": {"hardware": hw, "seed": 0, "limit": None, "harness": "0", "libraries": {}, "created": "now"},
-    }
+    return CellRecord.from_json(
+        {
+            "schema": SCHEMA_VERSION,
+            "suite": "t",
+            "cell_id": f"{model}-{method}-{allocator}-{keep}-{hw['device']}".replace("/", "_"),
+            "status": "ok",
+            "model": {"id": model, "note": "test model"},
+            "method": None if method is None else {"name": method, "label": method},
+            "allocator": None if method is None else {"name": allocator, "label": allocator},
+            "target": None if method is None else {"kind": "params", "value": keep, "label": label},
+            "metrics": metrics,
+            "higher_is_better": {"piqa/acc": True, "perplexity": False, "decode_ms_p50_b1": False},
+            "hardware_metrics": hardware_metrics,
+            "sizes": {"model_params": 5000 * (keep or 1), "model_bytes": 10000 * (keep or 1)},
+            "evaluations": {"lm-eval": {"data": "piqa validation", "tasks": {"piqa": {"per_example": per_example}}}},
+            "provenance": {"hardware": hw, "seed": 0, "limit": None, "harness": "0", "libraries": {}, "created": "now"},
+        }
+    )
 
 
-def suite_results(**kwargs) -> list[dict]:
+def suite_results(**kwargs) -> list[CellRecord]:
     base = outcomes(30)
     return [
         cell(None, None, base, **kwargs),
@@ -70,9 +75,9 @@ def suite_results(**kwargs) -> list[dict]:
     ]
 
 
-def store(results: list[dict], directory: Path) -> Path:
+def store(results: list[CellRecord], directory: Path) -> Path:
     for result in results:
-        atomic_write_json(directory / "cells" / f"{result['cell_id']}.json", result)
+        atomic_write_json(directory / "cells" / f"{result.cell_id}.json", result.to_json())
     return directory
 
 
@@ -247,8 +252,8 @@ def test_compare_prints_deltas_cell_by_cell(tmp_path, capsys):
 
     before = suite_results()
     after = suite_results()
-    after[1]["metrics"]["perplexity"] = 33.0
-    after[1]["cell_id"] = "new-id"
+    after[1].metrics["perplexity"] = 33.0
+    after[1].cell_id = "new-id"
     store(before, tmp_path / "a")
     store([*after[:2], cell("svd", 0.3)], tmp_path / "b")
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--only-changed"]) == 0

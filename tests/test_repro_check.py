@@ -19,6 +19,7 @@ HW = {"device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "platform": "test"}
 
 def result(cell_id: str, method: str | None, target: float | None, metrics: dict, status: str = "ok") -> dict:
     return {
+        "schema": 1,
         "cell_id": cell_id,
         "suite": "unit",
         "status": status,

@@ -22,19 +22,23 @@ import contextlib
 import os
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.errors import HarnessError, first_line
+from harness.errors import HarnessError
 from harness.provenance import hardware_label
 from harness.ray.cluster import RaySettings, connect, import_ray, task_resources
-from harness.ray.tasks import Job, Plan, Refused, calibrate_task, cell_task, factorize_task, plan_task
+from harness.ray.dispatch import Dispatch
+from harness.ray.tasks import Job, Plan, calibrate_task, cell_task, factorize_task, plan_task
 from harness.run.cells import Cell, content_hash
-from harness.run.runner import RunOptions, RunSummary, SuiteRunner, log, used_versions
+from harness.run.env import RunOptions, log
+from harness.run.identity import used_versions
+from harness.run.record import CellRecord
+from harness.run.runner import RunSummary, SuiteRunner
 from harness.suite import Method, Suite
 
 KILL_ONCE_ENV = "HARNESS_RAY_KILL_ONCE"
@@ -70,8 +74,7 @@ class RayRunner(SuiteRunner):
         self.settings = settings
         self.threads = settings.cpus_per_cell or torch.get_num_threads()
         self.resources: dict[str, Any] = {}
-        self.remotes: dict[Callable[..., Any], Any] = {}
-        self.outstanding: set[Any] = set()
+        self.tasks = Dispatch()
         self.probe = self.store.root / f".ray-probe-{uuid.uuid4().hex}"
         self.job = Job(
             replace(suite, device="cuda" if suite.device.startswith("cuda") else suite.device),
@@ -95,21 +98,17 @@ class RayRunner(SuiteRunner):
                 self.suite.device, ray.cluster_resources(), self.settings.accelerator_type, self.threads
             )
             log(f"ray: every cell asks for {describe(self.resources)}; {self.threads} torch threads per cell")
-            # declared with the resources (not .options()), so that Ray starts a fresh worker for each GPU task
-            retries = {"max_retries": self.settings.retries, "retry_exceptions": False}
             tasks = (plan_task, calibrate_task, factorize_task, cell_task)
-            self.remotes = {task: ray.remote(**self.resources, **retries)(task) for task in tasks}
+            self.tasks.declare(tasks, self.resources, self.settings.retries)
             return super().run()
         finally:
             self.stop(started)
 
     def stop(self, started: bool) -> None:
-        ray = import_ray()
-        for ref in self.outstanding:  # after an error: nothing keeps computing for a run that ended
-            ray.cancel(ref, force=True)
+        self.tasks.cancel_all()
         self.probe.unlink(missing_ok=True)
         if started:
-            ray.shutdown()
+            import_ray().shutdown()
 
     def write_reports(self) -> None:
         self.check_hardware()
@@ -118,9 +117,7 @@ class RayRunner(SuiteRunner):
     def check_hardware(self) -> None:
         """Every computed cell should report the same hardware; say so where they do not."""
         labels = Counter(
-            hardware_label(r["provenance"]["hardware"])
-            for r in self.summary.results
-            if r and r.get("status") == "ok" and (r.get("provenance") or {}).get("hardware")
+            hardware_label(r.hardware) for r in self.summary.results if r is not None and r.ok and r.hardware
         )
         if len(labels) > 1:
             kinds = ", ".join(f"{label} ({n} cells)" for label, n in labels.items())
@@ -128,7 +125,7 @@ class RayRunner(SuiteRunner):
 
     # ------------------------------------------------------------ model
     def run_model(self, model_spec: str) -> None:
-        plan: Plan = self.fetch(self.submit(plan_task, self.job, model_spec), self.model_key(model_spec))
+        plan: Plan = self.tasks.fetch(self.tasks.submit(plan_task, self.job, model_spec), self.model_key(model_spec))
         self.check_versions(plan)
         pending = [cell for cell in plan.cells if cell.id in plan.fallbacks]
         for cell in plan.cells:
@@ -137,25 +134,6 @@ class RayRunner(SuiteRunner):
         if pending:
             self.gather(self.submit_cells(model_spec, pending), plan.fallbacks)
             self.tidy(plan.cells)
-
-    def submit(self, task: Callable[..., Any], *args: Any) -> Any:
-        ref = self.remotes[task].remote(*args)
-        self.outstanding.add(ref)
-        return ref
-
-    def fetch(self, ref: Any, key: str) -> Any:
-        """A planning task's value; its failure (after retries) or a Refused is a HarnessError."""
-        ray = import_ray()
-        try:
-            value = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            reason = first_line(exc, 300)
-            raise HarnessError(f"{key}: expected the Ray task loading the model to finish, got {reason}") from None
-        finally:
-            self.outstanding.discard(ref)
-        if isinstance(value, Refused):
-            raise HarnessError(value.message)
-        return value
 
     def check_versions(self, plan: Plan) -> None:
         mine = used_versions(self.suite, self.plugins)
@@ -175,12 +153,12 @@ class RayRunner(SuiteRunner):
             cell = next(c for c in pending if c.method and c.method.label == method.label)
             path = str(self.factorization_path(cell))
             needs = calibrated if self.needs(method) else None
-            factorized[method.label] = self.submit(factorize_task, self.job, model_spec, method, path, needs)
+            factorized[method.label] = self.tasks.submit(factorize_task, self.job, model_spec, method, path, needs)
         refs = {}
         for cell in pending:
             self.plugins.pm.hook.harness_cell_start(cell=cell)
             source = None if cell.method is None else factorized[cell.method.label]
-            refs[self.submit(cell_task, self.job, model_spec, cell, source)] = cell
+            refs[self.tasks.submit(cell_task, self.job, model_spec, cell, source)] = cell
         log(f"ray: {len(refs)} cells submitted for {model_spec}")
         return refs
 
@@ -190,7 +168,7 @@ class RayRunner(SuiteRunner):
     def submit_calibration(self, model_spec: str, methods: Iterable[Method]) -> Any:
         """One task collecting the statistics each method needs, in the sequential runner's order."""
         needs = [self.needs(m) for m in methods if self.needs(m)]
-        return self.submit(calibrate_task, self.job, model_spec, needs) if needs else None
+        return self.tasks.submit(calibrate_task, self.job, model_spec, needs) if needs else None
 
     def factorization_path(self, cell: Cell) -> Path:
         """Where the store keeps the factorizations of ``cell``'s method, named by what they depend on."""
@@ -201,31 +179,15 @@ class RayRunner(SuiteRunner):
         key["trust_remote_code"] = config.get("trust_remote_code")
         return self.store.root / "factorizations" / f"{content_hash(key, 32)}.pt"
 
-    def gather(self, refs: dict[Any, Cell], fallbacks: dict[str, dict]) -> None:
-        ray = import_ray()
-        remaining = list(refs)
-        while remaining:
-            (ref,), remaining = ray.wait(remaining, num_returns=1)
+    def gather(self, refs: dict[Any, Cell], fallbacks: dict[str, CellRecord]) -> None:
+        for ref in self.tasks.as_done(refs):
             cell = refs[ref]
-            result = self.outcome(ref, cell, fallbacks[cell.id])
-            self.outstanding.discard(ref)
-            self.collect(cell, result, self.store.path(cell.id))
-
-    def outcome(self, ref: Any, cell: Cell, fallback: dict) -> dict:
-        """The cell's result; where every attempt's worker died, its failed result saying why."""
-        ray = import_ray()
-        try:
-            value = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            log(f"cell {cell.label} FAILED: {first_line(exc, 300)} (tried {self.settings.retries + 1} times)")
-            error = {"type": type(exc).__name__, "message": str(exc), "traceback": []}
-            result = {**fallback, "error": error}
-            self.store.save(result)
-            return result
-        if isinstance(value, Refused):
-            raise HarnessError(value.message)
-        log(f"done {cell.label}: {value.get('status')}")
-        return value
+            record, came_back = self.tasks.record(ref, cell.label, fallbacks[cell.id], self.settings.retries + 1)
+            if came_back:
+                log(f"done {cell.label}: {record.status}")
+            else:
+                self.store.save(record)
+            self.collect(cell, record, self.store.path(cell.id))
 
     def tidy(self, cells: list[Cell]) -> None:
         """Remove the stored factorizations of methods whose cells are all done (a rerun has nothing to reuse)."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from harness.factorization import Factorization
-from harness.run.calibration import _atomic_write
+from harness.store import atomic_write
 
 FORMAT = 1
 TAG = "__harness__"
@@ -134,7 +134,7 @@ def _numpy_value(kind: str, payload: Any) -> Any:
 def save(path: Path, factorizations: list[Factorization], seconds: float) -> None:
     """Write ``factorizations`` (and the seconds they took) to ``path`` atomically; Unsupported if impossible."""
     payload = {"format": FORMAT, "seconds": seconds, "factorizations": encode(list(factorizations))}
-    _atomic_write(Path(path), lambda stream: torch.save(payload, stream))
+    atomic_write(Path(path), lambda stream: torch.save(payload, stream))
 
 
 def load(path: Path, roots: Iterable[str]) -> tuple[list[Factorization], float]:

@@ -36,7 +36,10 @@ import torch
 from harness.errors import HarnessError
 from harness.ray import factstore
 from harness.run.cells import Cell, content_hash
-from harness.run.runner import ModelSession, RunOptions, SuiteRunner, error_record, log
+from harness.run.env import RunOptions, log
+from harness.run.record import CellRecord, error_record
+from harness.run.runner import SuiteRunner
+from harness.run.session import ModelSession
 from harness.suite import Method, Suite
 
 
@@ -64,7 +67,7 @@ class Refused:
 @dataclass(frozen=True)
 class Plan:
     cells: list[Cell]
-    fallbacks: dict[str, dict]
+    fallbacks: dict[str, CellRecord]
     """Pending cell id -> its failed result without an error (recorded where every attempt of its task dies)."""
     versions: dict[str, str]
 
@@ -115,7 +118,7 @@ def plan_task(job: Job, model_spec: str) -> Plan:
     check_shared(job)
     current = session(job, model_spec)
     cells = current.cells()
-    fallbacks = {c.id: current.failed_with(c, None) for c in cells if current.runner.pending(c)}
+    fallbacks = {c.id: current.failed(c, None) for c in cells if current.env.pending(c)}
     return Plan(cells, fallbacks, current.versions())
 
 
@@ -156,25 +159,25 @@ def factorize_task(job: Job, model_spec: str, method: Method, path: str, calibra
 
 
 @guarded
-def cell_task(job: Job, model_spec: str, cell: Cell, factorized: Factorized | None) -> dict:
+def cell_task(job: Job, model_spec: str, cell: Cell, factorized: Factorized | None) -> CellRecord:
     current = session(job, model_spec)
     count_attempt(current, cell)
     kill_once(job)
     result = current.attempt(cell, lambda: compute(current, cell, factorized))
-    current.runner.store.save(result)
+    current.env.store.save(result)
     return result
 
 
-def compute(current: ModelSession, cell: Cell, factorized: Factorized | None) -> dict:
+def compute(current: ModelSession, cell: Cell, factorized: Factorized | None) -> CellRecord:
     """The cell's result, from the stored factorizations: what the sequential runner computes for it."""
     if cell.is_baseline or factorized is None:  # only the baseline has no factorizations
         return current.compute_baseline(cell)
     if factorized.error is not None:
-        return current.failed_with(cell, factorized.error)
+        return current.failed(cell, factorized.error)
     if factorized.path is None:
         factorizations, seconds = current.factorize(cell.method)
     else:
-        factorizations, seconds = factstore.load(Path(factorized.path), factstore.plugin_roots(current.plugins))
+        factorizations, seconds = factstore.load(Path(factorized.path), factstore.plugin_roots(current.env.plugins))
     return current.compute_cell(cell, factorizations, seconds)
 
 
@@ -190,7 +193,7 @@ def check_shared(job: Job) -> None:
 
 def count_attempt(current: ModelSession, cell: Cell) -> None:
     """Count the cell's attempts in its work directory (removed once its result is saved); say so on a retry."""
-    counter = current.runner.store.work_dir(cell.id) / "ray-attempts"
+    counter = current.env.store.work_dir(cell.id) / "ray-attempts"
     earlier = int(counter.read_text() or 0) if counter.exists() else 0
     if earlier:
         log(f"cell {cell.label}: attempt {earlier + 1} (an earlier attempt's worker died)")

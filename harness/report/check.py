@@ -40,6 +40,7 @@ from harness.errors import HarnessError
 from harness.options import parse_options
 from harness.provenance import hardware_label
 from harness.report import leaderboard
+from harness.run.record import CellRecord, row_label
 from harness.store import atomic_write_text, read_results
 
 FORMAT = "harness-baseline/1"
@@ -102,36 +103,31 @@ class CheckReport:
 
 
 # ---------------------------------------------------------------- rows of a results directory
-def row_label(key: tuple) -> str:
-    return " ".join(str(part) for part in key if part not in (None, "—"))
-
-
-def higher_is_better(results: list[dict]) -> dict[str, bool]:
+def higher_is_better(results: list[CellRecord]) -> dict[str, bool]:
     higher: dict[str, bool] = {}
     for result in results:
-        higher.update(result.get("higher_is_better") or {})
+        higher.update(result.higher_is_better)
     return higher
 
 
-def latest_by_row(results: list[dict]) -> tuple[dict[tuple, dict], list[str]]:
+def latest_by_row(results: list[CellRecord]) -> tuple[dict[tuple, CellRecord], list[str]]:
     """One result per leaderboard row (the newest where a directory holds several), and notes saying so."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[CellRecord]] = {}
     for result in results:
-        row = leaderboard.row_of(result, [])
-        groups.setdefault(tuple(row[k] for k in KEY), []).append(result)
+        groups.setdefault(result.row_key, []).append(result)
     chosen, notes = {}, []
     for key, group in groups.items():
-        group.sort(key=lambda r: ((r.get("provenance") or {}).get("created") or "", r.get("status") == "ok"))
+        group.sort(key=lambda r: (r.created, r.ok))
         chosen[key] = group[-1]
         if len(group) > 1:
             notes.append(f"{row_label(key)}: {len(group)} cells in the directory, the newest is used")
     return chosen, notes
 
 
-def numbers(result: dict) -> dict[str, float]:
+def numbers(result: CellRecord) -> dict[str, float]:
     """The row's numbers as the leaderboard's main table shows them (hardware-bound metrics excluded)."""
-    hardware = set(result.get("hardware_metrics") or ())
-    names = leaderboard.metric_order(set(result.get("metrics") or {}) - hardware)
+    hardware = set(result.hardware_metrics)
+    names = leaderboard.metric_order(set(result.metrics) - hardware)
     row = leaderboard.row_of(result, names)
     return {
         k: float(v)
@@ -147,17 +143,17 @@ def make_baseline(results_dir: Path, command: str, tolerances: list[dict] | None
     if not results:
         raise HarnessError(f"{results_dir}: expected cell results to make a baseline from, got none")
     chosen, notes = latest_by_row(results)
-    failed = [row_label(k) for k, r in chosen.items() if r.get("status") != "ok"]
+    failed = [row_label(k) for k, r in chosen.items() if not r.ok]
     if failed:
         raise HarnessError(
             f"{results_dir}: expected every cell ok for a baseline, got failed cells: {'; '.join(failed)}"
         )
-    provs = [r.get("provenance") or {} for r in chosen.values()]
+    provs = [r.provenance for r in chosen.values()]
     last = max(provs, key=lambda p: p.get("created") or "")
     header = {
         "made_by": command,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "suite": sorted({r.get("suite") for r in chosen.values()}),
+        "suite": sorted({r.suite for r in chosen.values()}),
         "suite_file": sorted({p.get("suite_file") for p in provs if p.get("suite_file")}),
         "run_commands": sorted({p.get("command") for p in provs if p.get("command")}),
         "seed": sorted({p.get("seed") for p in provs}, key=str),
@@ -173,7 +169,7 @@ def make_baseline(results_dir: Path, command: str, tolerances: list[dict] | None
     }
     rows = []
     for key, result in sorted(chosen.items(), key=lambda item: leaderboard.order_key(item[1])):
-        rows.append({**dict(zip(KEY, key, strict=True)), "cell_id": result["cell_id"], "metrics": numbers(result)})
+        rows.append({**dict(zip(KEY, key, strict=True)), "cell_id": result.cell_id, "metrics": numbers(result)})
     return {"format": FORMAT, "header": header, "tolerances": tolerances or DEFAULT_TOLERANCES, "rows": rows}
 
 
@@ -275,7 +271,7 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
     results = read_results(Path(results_dir))
     document = load_baseline(baseline_file)
     report = CheckReport(Path(baseline_file), Path(results_dir))
-    suites = {r.get("suite") for r in results}
+    suites = {r.suite for r in results}
     expected = set(document.get("header", {}).get("suite") or [])
     if expected and suites and not suites & expected:
         raise HarnessError(
@@ -284,7 +280,7 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
         )
     chosen, report.notes = latest_by_row(results)
     higher = higher_is_better(results)
-    current = {key: numbers(r) if r.get("status") == "ok" else None for key, r in chosen.items()}
+    current = {key: numbers(r) if r.ok else None for key, r in chosen.items()}
     references = {key[0]: current.get(key) for key in chosen if key[1] == "baseline"}
     seen = set()
     for row in document["rows"]:

@@ -19,22 +19,17 @@ from tabulate import tabulate
 
 from harness.errors import HarnessError
 from harness.report.leaderboard import fmt, hardware_of, metric_order, order_key
+from harness.run.record import CellRecord, row_label
 from harness.store import read_results
 
 Key = tuple[str, str, str, str]
 
 
-def key_of(result: dict) -> Key:
-    method, allocator, target = (result.get(k) or {} for k in ("method", "allocator", "target"))
-    return (
-        (result.get("model") or {}).get("id", "?"),
-        method.get("label", "baseline"),
-        allocator.get("label", "—"),
-        target.get("label", "—"),
-    )
+def key_of(result: CellRecord) -> Key:
+    return result.row_key
 
 
-def load(directory: Path) -> dict[Key, dict]:
+def load(directory: Path) -> dict[Key, CellRecord]:
     results = read_results(Path(directory))
     if not results:
         raise HarnessError(f"{directory}: no cell results")
@@ -42,7 +37,7 @@ def load(directory: Path) -> dict[Key, dict]:
 
 
 def label_of(key: Key) -> str:
-    return " ".join(part for part in key if part != "—")
+    return row_label(key)
 
 
 def delta(a: Any, b: Any) -> tuple[float | None, float | None]:

@@ -125,13 +125,13 @@ def significance_html(board: dict) -> str:
 def provenance_html(results: Sequence[dict]) -> str:
     rows = []
     for result in sorted(results, key=leaderboard.order_key):
-        prov = result.get("provenance") or {}
+        prov = result.provenance
         rows.append(
             {
                 "cell": leaderboard.row_label(result),
-                "model": (result.get("model") or {}).get("id"),
-                "cell id": result.get("cell_id"),
-                "status": result.get("status"),
+                "model": result.model_id,
+                "cell id": result.cell_id,
+                "status": result.status,
                 "created": prov.get("created"),
                 "git": prov.get("git"),
                 "hardware": hardware_label(prov["hardware"]) if prov.get("hardware") else "—",

@@ -24,6 +24,7 @@ from tabulate import tabulate
 
 from harness.provenance import hardware_label
 from harness.report import significance
+from harness.run.record import CellRecord
 from harness.store import atomic_write_json, atomic_write_text
 
 SIZE_METRICS = ("kept_fraction", "params_kept", "bytes_kept", "model_params", "model_bytes")
@@ -53,43 +54,33 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def row_of(result: dict, metrics: list[str]) -> dict[str, Any]:
-    method = result.get("method") or {}
-    allocator = result.get("allocator") or {}
-    target = result.get("target") or {}
-    values = result.get("metrics", {})
-    sizes = result.get("sizes", {})
+def row_of(result: CellRecord, metrics: list[str]) -> dict[str, Any]:
+    values = result.metrics
+    sizes = result.sizes
+    model, method, allocator, target = result.row_key
     row = {
-        "model": result["model"]["id"],
-        "method": method.get("label", "baseline"),
-        "allocator": allocator.get("label", "—"),
-        "target": target.get("label", "—"),
+        "model": model,
+        "method": method,
+        "allocator": allocator,
+        "target": target,
         "kept": values.get("kept_fraction"),
         "params (M)": None if "model_params" not in sizes else sizes["model_params"] / 1e6,
         "MB": None if "model_bytes" not in sizes else sizes["model_bytes"] / 1e6,
     }
     for name in metrics:
         row[name] = values.get(name)
-    if result.get("status") != "ok":
-        error = result.get("error") or {}
+    if not result.ok:
+        error = result.error or {}
         row["status"] = f"FAILED: {error.get('type', '')}: {error.get('message', '')}"[:120]
     return row
 
 
-def order_key(result: dict) -> tuple:
+def order_key(result: CellRecord) -> tuple:
     """Baseline first per model, then method, allocator, target kind, larger targets first."""
-    method, allocator, target = (result.get(k) or {} for k in ("method", "allocator", "target"))
-    return (
-        result.get("model", {}).get("id", ""),
-        bool(method),
-        method.get("label", ""),
-        allocator.get("label", ""),
-        target.get("kind", ""),
-        -float(target.get("value", 0)),
-    )
+    return result.order_key()
 
 
-def build(results: list[dict], alpha: float = significance.ALPHA) -> dict[str, Any]:
+def build(results: list[CellRecord], alpha: float = significance.ALPHA) -> dict[str, Any]:
     """Rows and footer for ``results`` (baseline first per model, then suite order).
 
     ``significance`` holds, per row, the paired tests of each accuracy against
@@ -99,7 +90,7 @@ def build(results: list[dict], alpha: float = significance.ALPHA) -> dict[str, A
     ordered = sorted(results, key=order_key)
     names = set()
     for result in ordered:
-        names |= set(result.get("metrics", {}))
+        names |= set(result.metrics)
     hardware_names = hardware_metric_names(ordered)
     metrics = metric_order(names - hardware_names)
     rows = [row_of(r, metrics) for r in ordered]
@@ -120,46 +111,46 @@ def build(results: list[dict], alpha: float = significance.ALPHA) -> dict[str, A
     }
 
 
-def hardware_metric_names(results: list[dict]) -> set[str]:
+def hardware_metric_names(results: list[CellRecord]) -> set[str]:
     """Metrics that any result says come from a hardware-bound profiler."""
-    return {name for result in results for name in result.get("hardware_metrics") or ()}
+    return {name for result in results for name in result.hardware_metrics}
 
 
-def hardware_of(result: dict) -> str:
-    hw = (result.get("provenance") or {}).get("hardware")
+def hardware_of(result: CellRecord) -> str:
+    hw = result.hardware
     return hardware_label(hw) if hw else "unknown hardware"
 
 
-def hardware_tables(ordered: list[dict], names: set[str]) -> list[dict[str, Any]]:
+def hardware_tables(ordered: list[CellRecord], names: set[str]) -> list[dict[str, Any]]:
     """One table per hardware label holding the hardware-bound metrics of the cells measured there."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[CellRecord]] = {}
     for result in ordered:
-        if names & set(result.get("metrics", {})):
+        if names & set(result.metrics):
             groups.setdefault(hardware_of(result), []).append(result)
     tables = []
     for label, group in sorted(groups.items()):
-        metrics = metric_order({n for r in group for n in r["metrics"] if n in names})
+        metrics = metric_order({n for r in group for n in r.metrics if n in names})
         rows = []
         for result in group:
             row = row_of(result, [])
-            rows.append({**{c: row[c] for c in ID_COLUMNS}, **{n: result["metrics"].get(n) for n in metrics}})
+            rows.append({**{c: row[c] for c in ID_COLUMNS}, **{n: result.metrics.get(n) for n in metrics}})
         tables.append({"hardware": label, "columns": [*ID_COLUMNS, *metrics], "metrics": metrics, "rows": rows})
     return tables
 
 
-def footer(results: list[dict]) -> list[str]:
+def footer(results: list[CellRecord]) -> list[str]:
     if not results:
         return []
     lines = []
-    for note in sorted({r["model"].get("note", "") for r in results if r.get("model")}):
+    for note in sorted({r.model.get("note", "") for r in results if r.model}):
         lines.append(f"Model: {note}")
     data_lines = set()
     for result in results:
-        for label, info in result.get("evaluations", {}).items():
+        for label, info in result.evaluations.items():
             if isinstance(info, dict) and info.get("data"):
                 data_lines.add(f"Data ({label}): {info['data']}")
     lines.extend(sorted(data_lines))
-    provenance = [r.get("provenance", {}) for r in results]
+    provenance = [r.provenance for r in results]
     limits = {p.get("limit") for p in provenance}
     seeds = {p.get("seed") for p in provenance}
     hardware = {hardware_label(p["hardware"]) for p in provenance if p.get("hardware")}
@@ -177,7 +168,7 @@ def footer(results: list[dict]) -> list[str]:
     flagged = [
         f"{row_label(r)}: {name}"
         for r in results
-        for name, value in r.get("metrics", {}).items()
+        for name, value in r.metrics.items()
         if isinstance(value, float) and not math.isfinite(value)
     ]
     if flagged:
@@ -185,10 +176,8 @@ def footer(results: list[dict]) -> list[str]:
     return lines
 
 
-def row_label(result: dict) -> str:
-    method = (result.get("method") or {}).get("label", "baseline")
-    target = (result.get("target") or {}).get("label", "")
-    return f"{method} {target}".strip()
+def row_label(result: CellRecord) -> str:
+    return f"{result.method_label} {(result.target or {}).get('label', '')}".strip()
 
 
 def render(board: dict[str, Any], tablefmt: str = "github") -> str:
@@ -207,7 +196,7 @@ def marked(value: Any, mark: str | None) -> str:
     return fmt(value) if not mark else f"{fmt(value)} {mark}"
 
 
-def write(results: list[dict], directory: Path, title: str, board: dict[str, Any] | None = None) -> str:
+def write(results: list[CellRecord], directory: Path, title: str, board: dict[str, Any] | None = None) -> str:
     """Write leaderboard.md and leaderboard.json under ``directory``; return the markdown.
     ``board``: ``build(results)`` where the caller has it already."""
     board = build(results) if board is None else board

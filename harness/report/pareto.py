@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.report.leaderboard import SIZE_METRICS, hardware_of, metric_order
+from harness.run.record import CellRecord
 
 AXES = {
     # axis -> (metric with the decomposable layers' size, whole-model size key, scale, label, file)
@@ -34,15 +35,15 @@ def plotted_metrics(results: Sequence[dict]) -> list[str]:
     names = {
         name
         for r in results
-        for name, value in r.get("metrics", {}).items()
+        for name, value in r.metrics.items()
         if isinstance(value, (int, float)) and math.isfinite(value)
     }
     return [n for n in metric_order(names) if not any(part in n for part in SKIP) and n not in SIZE_METRICS]
 
 
-def size_of(result: dict, axis: str, use_kept: bool) -> float | None:
+def size_of(result: CellRecord, axis: str, use_kept: bool) -> float | None:
     kept, whole, scale, _, _ = AXES[axis]
-    value = result.get("metrics", {}).get(kept) if use_kept else result.get("sizes", {}).get(whole)
+    value = result.metrics.get(kept) if use_kept else result.sizes.get(whole)
     return None if value is None else value / scale
 
 
@@ -65,12 +66,10 @@ def pareto_front(points: Sequence[tuple[float, float]], higher: bool) -> list[tu
     return front
 
 
-def line_key(result: dict, metric: str, split_hardware: bool, many_models: bool) -> tuple[str, ...]:
-    method = (result.get("method") or {}).get("label", "baseline")
-    allocator = (result.get("allocator") or {}).get("label", "")
-    key = [method, allocator]
-    key.append(result["model"]["id"] if many_models else "")
-    key.append(hardware_of(result) if split_hardware and metric in (result.get("hardware_metrics") or ()) else "")
+def line_key(result: CellRecord, metric: str, split_hardware: bool, many_models: bool) -> tuple[str, ...]:
+    key = [result.method_label, (result.allocator or {}).get("label", "")]
+    key.append(result.model_id if many_models else "")
+    key.append(hardware_of(result) if split_hardware and metric in (result.hardware_metrics) else "")
     return tuple(key)
 
 
@@ -83,20 +82,20 @@ def key_label(key: tuple[str, ...]) -> str:
 
 def write_pareto(results: Sequence[dict], directory: Path, title: str = "") -> list[Path]:
     """Draw both PNGs under ``directory``; returns the paths written (none without plottable metrics)."""
-    ok = [r for r in results if r.get("status") == "ok"]
+    ok = [r for r in results if r.ok]
     metrics = plotted_metrics(ok)
     if not ok or not metrics:
         return []
     paths = []
     for axis in AXES:
-        use_kept = all(AXES[axis][0] in r.get("metrics", {}) for r in ok)
+        use_kept = all(AXES[axis][0] in r.metrics for r in ok)
         path = Path(directory) / AXES[axis][4]
         draw(ok, metrics, axis, use_kept, path, title)
         paths.append(path)
     return paths
 
 
-def draw(results: list[dict], metrics: list[str], axis: str, use_kept: bool, path: Path, title: str) -> None:
+def draw(results: list[CellRecord], metrics: list[str], axis: str, use_kept: bool, path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -106,13 +105,11 @@ def draw(results: list[dict], metrics: list[str], axis: str, use_kept: bool, pat
     FigureCanvasAgg(fig)
     styles = Styles(results)
     many_hardware = len({hardware_of(r) for r in results}) > 1
-    many_models = len({r["model"]["id"] for r in results}) > 1
+    many_models = len({r.model_id for r in results}) > 1
     handles: dict[str, Any] = {}
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(rows, cols, i + 1)
-        higher = next(
-            (r["higher_is_better"][metric] for r in results if metric in r.get("higher_is_better", {})), False
-        )
+        higher = next((r.higher_is_better[metric] for r in results if metric in r.higher_is_better), False)
         panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_hardware, many_models)
         ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xlabel(axis_label(axis, use_kept), fontsize=8)
@@ -128,31 +125,30 @@ def draw(results: list[dict], metrics: list[str], axis: str, use_kept: bool, pat
 class Styles:
     """Colour per method, marker per allocator, line style per model."""
 
-    def __init__(self, results: list[dict]) -> None:
+    def __init__(self, results: list[CellRecord]) -> None:
         from matplotlib import colormaps
 
-        methods = sorted({(r.get("method") or {}).get("label", "baseline") for r in results} - {"baseline"})
-        allocators = sorted({(r.get("allocator") or {}).get("label", "") for r in results})
-        models = sorted({r["model"]["id"] for r in results})
+        methods = sorted({r.method_label for r in results} - {"baseline"})
+        allocators = sorted({(r.allocator or {}).get("label", "") for r in results})
+        models = sorted({r.model_id for r in results})
         palette = colormaps["tab10" if len(methods) <= 10 else "tab20"]
         self.color = {m: palette(i % palette.N) for i, m in enumerate(methods)} | {"baseline": "black"}
         self.marker = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(allocators)}
         self.style = {m: STYLES[i % len(STYLES)] for i, m in enumerate(models)}
 
-    def of(self, result: dict) -> dict[str, Any]:
-        method = (result.get("method") or {}).get("label", "baseline")
-        allocator = (result.get("allocator") or {}).get("label", "")
+    def of(self, result: CellRecord) -> dict[str, Any]:
+        method, allocator = result.method_label, (result.allocator or {}).get("label", "")
         return {
             "color": self.color[method],
             "marker": self.marker.get(allocator, "o"),
-            "linestyle": self.style[result["model"]["id"]],
+            "linestyle": self.style[result.model_id],
         }
 
 
 def panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_hardware, many_models) -> None:
     lines: dict[tuple[str, ...], list[tuple[float, float, dict]]] = {}
     for result in results:
-        value, size = result.get("metrics", {}).get(metric), size_of(result, axis, use_kept)
+        value, size = result.metrics.get(metric), size_of(result, axis, use_kept)
         if value is None or size is None or not math.isfinite(value):
             continue
         lines.setdefault(line_key(result, metric, many_hardware, many_models), []).append((size, value, result))

@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.provenance import hardware_label
+from harness.run.record import CellRecord
 
 CELL_ID = re.compile(r"^[0-9a-f]{1,64}$")
 
@@ -38,11 +39,13 @@ def find_cell(prefix: str, results: Path) -> Path:
     return matches[0]
 
 
-def load_cell(path: Path) -> dict[str, Any]:
+def load_cell(path: Path) -> CellRecord:
+    """The cell record at ``path``; HarnessError naming the file where it is not one (or of another schema)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise HarnessError(f"{path}: expected a cell result (JSON), cannot read it: {exc}") from None
+    return CellRecord.from_json(data, str(path))
 
 
 def _line(key: str, value: Any) -> str:
@@ -56,14 +59,13 @@ def _options(component: dict | None) -> str:
     return f"{component.get('label', component.get('name'))}" + (f" ({options})" if options else "")
 
 
-def describe(result: dict[str, Any], path: Path) -> str:
+def describe(result: CellRecord, path: Path) -> str:
     """Human-readable text of a cell's settings, metrics and provenance."""
-    prov = result.get("provenance") or {}
-    model = result.get("model") or {}
-    target = result.get("target") or {}
+    prov = result.provenance
+    model = result.model or {}
     lines = [
-        _line("cell", f"{result.get('cell_id')}  ({path})"),
-        _line("suite", f"{result.get('suite')}  status {result.get('status')}  created {prov.get('created')}"),
+        _line("cell", f"{result.cell_id}  ({path})"),
+        _line("suite", f"{result.suite}  status {result.status}  created {prov.get('created')}"),
         _line("model", f"{model.get('id')}  dtype {model.get('dtype')}  fingerprint {model.get('fingerprint')}"),
     ]
     if model.get("note"):
@@ -71,15 +73,15 @@ def describe(result: dict[str, Any], path: Path) -> str:
     for name, sha in (model.get("files") or prov.get("model_files") or {}).items():
         lines.append(_line("", f"file {name}  sha256 {sha}"))
     lines += [
-        _line("method", _options(result.get("method")) if result.get("method") else "baseline (uncompressed)"),
-        _line("allocator", _options(result.get("allocator"))),
-        _line("target", target.get("label", "—")),
+        _line("method", _options(result.method) if result.method else "baseline (uncompressed)"),
+        _line("allocator", _options(result.allocator)),
+        _line("target", result.target_label),
     ]
-    if result.get("error"):
-        lines.append(_line("error", f"{result['error'].get('type')}: {result['error'].get('message')}"))
-    metrics = result.get("metrics") or {}
+    if result.error:
+        lines.append(_line("error", f"{result.error.get('type')}: {result.error.get('message')}"))
+    metrics = result.metrics
     lines.append(_line("metrics", "; ".join(f"{k} {v:.6g}" for k, v in metrics.items()) or "—"))
-    lines += data_lines(prov.get("data") or {}, result.get("calibration"))
+    lines += data_lines(prov.get("data") or {}, result.calibration)
     lines += [
         _line("seed", f"{prov.get('seed')}  (torch deterministic algorithms: {prov.get('torch_deterministic')})"),
         _line("limit", prov.get("limit")),

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import comb
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from harness.run.record import CellRecord
 
 ALPHA = 0.05
 MARK = "≈"
@@ -71,11 +74,11 @@ def paired_outcomes(base: dict[str, dict], other: dict[str, dict], metric: str) 
     return [float(base[d][metric]) for d in docs], [float(other[d][metric]) for d in docs]
 
 
-def per_example_metrics(result: dict) -> dict[str, dict[str, dict]]:
-    """Metric name in ``result["metrics"]`` -> (task's per-example outcomes, its per-example key)."""
+def per_example_metrics(result: CellRecord) -> dict[str, dict[str, dict]]:
+    """Metric name in ``result.metrics`` -> (task's per-example outcomes, its per-example key)."""
     found: dict[str, dict] = {}
-    metrics = result.get("metrics", {})
-    for label, info in (result.get("evaluations") or {}).items():
+    metrics = result.metrics
+    for label, info in result.evaluations.items():
         if not isinstance(info, dict):
             continue
         for task, task_info in (info.get("tasks") or {}).items():
@@ -96,7 +99,7 @@ def _binary(value: Any) -> bool:
 
 
 def compare(
-    base: dict, other: dict, alpha: float = ALPHA, resamples: int = RESAMPLES, seed: int = SEED
+    base: CellRecord, other: dict, alpha: float = ALPHA, resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, dict[str, Any]]:
     """Per accuracy metric both cells have per-example outcomes for: both tests and ``significant``."""
     base_metrics, other_metrics = per_example_metrics(base), per_example_metrics(other)
@@ -124,13 +127,11 @@ def compare(
 
 def against_baseline(results: Sequence[dict], alpha: float = ALPHA) -> list[dict[str, dict[str, Any]]]:
     """For each result (in order): ``compare`` with its model's baseline ({} for baselines and failures)."""
-    baselines = {
-        r["model"]["id"]: r for r in results if r.get("method") is None and r.get("status") == "ok" and r.get("model")
-    }
+    baselines = {r.model_id: r for r in results if r.is_baseline and r.ok and r.model}
     out = []
     for result in results:
-        base = baselines.get((result.get("model") or {}).get("id"))
-        if base is None or result is base or result.get("method") is None or result.get("status") != "ok":
+        base = baselines.get(result.model_id)
+        if base is None or result is base or result.get("method") is None or not result.ok:
             out.append({})
             continue
         out.append(compare(base, result, alpha))

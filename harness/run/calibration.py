@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +40,7 @@ from torch import nn
 
 from harness.api import STAT_KINDS, LayerInfo, LayerStats
 from harness.errors import HarnessError
+from harness.store import atomic_write, canonical_json
 
 FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov"})
 INPUT_KINDS = frozenset({"gram", "abs_mean"})
@@ -282,20 +281,7 @@ def _no_hooks() -> Iterator[None]:
 def cache_digest(key: dict, layers: Sequence[LayerInfo]) -> str:
     """sha256 of the canonical JSON of ``key`` plus the layer names (and the cache format)."""
     identity = {"format": CACHE_FORMAT, "key": key, "layers": [layer.name for layer in layers]}
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
 def _payload(stats: dict[str, LayerStats], kind: str) -> dict[str, dict[str, Any]]:
@@ -363,9 +349,9 @@ def load_or_collect(
         log(f"calibration: collecting {', '.join(sorted(missing))} on {windows}")
         fresh = collect_stats(model, layers, batches, set(missing), device, batch_size, progress)
         meta = {"format": CACHE_FORMAT, "key": key, "layers": names}
-        _atomic_write(folder / "key.json", lambda s: s.write(json.dumps(meta, indent=1, default=str).encode()))
+        atomic_write(folder / "key.json", lambda s: s.write(json.dumps(meta, indent=1, default=str).encode()))
         for kind in sorted(missing):
             payloads[kind] = _payload(fresh, kind)
-            _atomic_write(folder / f"{kind}.pt", lambda s, p=payloads[kind]: torch.save(p, s))
+            atomic_write(folder / f"{kind}.pt", lambda s, p=payloads[kind]: torch.save(p, s))
         log(f"calibration: saved {', '.join(sorted(missing))} to {folder}")
     return _merge(names, payloads)

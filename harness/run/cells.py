@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harness.store import canonical_json
 from harness.suite import Component, Method, Suite
 from harness.targets import Target
 
@@ -43,8 +43,7 @@ class Cell:
 
 
 def content_hash(config: dict[str, Any], length: int = 16) -> str:
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:length]
 
 
 def common_config(suite: Suite, model: str, fingerprints: dict[str, Any], versions: dict[str, str], limit: int | None):

@@ -1,8 +1,10 @@
-"""The written schema of a cell result (``results/<suite>/cells/<id>.json``).
+"""The cell record: one typed result per cell (``results/<suite>/cells/<id>.json``).
 
-Every key, what it holds and its unit::
+Every report, ``harness check``, ``compare``, ``show`` and the trackers read a
+``CellRecord``; its JSON form (``to_json``) is what the store writes. Fields,
+what they hold and their unit::
 
-    schema            int   version of this schema
+    schema            int   version of this schema (SCHEMA_VERSION)
     cell_id           str   content hash of ``config`` (harness/run/cells.py)
     suite             str   suite name
     status            str   "ok" or "failed"
@@ -35,6 +37,153 @@ Every key, what it holds and its unit::
                             files {path: sha256}}}, command, limit, harness and plugin
                             versions, libraries, hardware, git revision, created (UTC)
     config            dict  the resolved cell config that ``cell_id`` hashes
+
+A row of the leaderboard is identified by ``row_key``: (model id, method label,
+allocator label, target label), with ``"baseline"`` and ``"—"`` for the
+baseline cell; every report uses that one key.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import HarnessError
+
 SCHEMA_VERSION = 1
+NONE_LABEL = "—"
+RowKey = tuple[str, str, str, str]
+
+
+@dataclass
+class CellRecord:
+    cell_id: str
+    suite: str
+    status: str
+    model: dict[str, Any]
+    error: dict[str, Any] | None = None
+    method: dict[str, Any] | None = None
+    allocator: dict[str, Any] | None = None
+    target: dict[str, Any] | None = None
+    surgery: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    ranks: dict[str, int | None] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    hardware_metrics: list[str] = field(default_factory=list)
+    evaluations: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    factorization_info: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    schema: int = SCHEMA_VERSION
+
+    # ------------------------------------------------------------ identity
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method is None
+
+    @property
+    def model_id(self) -> str:
+        return (self.model or {}).get("id", "?")
+
+    @property
+    def method_label(self) -> str:
+        return (self.method or {}).get("label", "baseline")
+
+    @property
+    def allocator_label(self) -> str:
+        return (self.allocator or {}).get("label", NONE_LABEL)
+
+    @property
+    def target_label(self) -> str:
+        return (self.target or {}).get("label", NONE_LABEL)
+
+    @property
+    def row_key(self) -> RowKey:
+        """(model, method, allocator, target) labels: what a leaderboard row, a baseline row and a compare
+        row are matched by."""
+        return (self.model_id, self.method_label, self.allocator_label, self.target_label)
+
+    @property
+    def label(self) -> str:
+        """The row key as one line, e.g. ``embedded svd uniform keep=0.95`` (``embedded baseline``)."""
+        return row_label(self.row_key)
+
+    @property
+    def created(self) -> str:
+        return self.provenance.get("created") or ""
+
+    @property
+    def hardware(self) -> dict[str, Any] | None:
+        return self.provenance.get("hardware")
+
+    def order_key(self) -> tuple:
+        """Baseline first per model, then method, allocator, target kind, larger targets first."""
+        target = self.target or {}
+        return (
+            self.model_id,
+            not self.is_baseline,
+            (self.method or {}).get("label", ""),
+            (self.allocator or {}).get("label", ""),
+            target.get("kind", ""),
+            -float(target.get("value", 0)),
+        )
+
+    # ------------------------------------------------------------ JSON
+    def to_json(self) -> dict[str, Any]:
+        """The stored form: a plain dict with every field (the keys of the schema above)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "cell result") -> CellRecord:
+        """A record from its stored form; HarnessError naming ``source`` where it is not one."""
+        if not isinstance(data, dict):
+            raise HarnessError(f"{source}: expected a JSON object (a cell result), got {type(data).__name__}")
+        version = data.get("schema")
+        if version != SCHEMA_VERSION:
+            raise HarnessError(
+                f"{source}: schema: expected cell result schema version {SCHEMA_VERSION}, got {version!r} "
+                f"(written by another harness version; rerun the suite to recompute it)"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in ("cell_id", "suite", "status", "model") if n not in data)
+        if missing:
+            raise HarnessError(f"{source}: expected the keys {', '.join(missing)} of a cell result, got none")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    # ------------------------------------------------------------ compatibility
+    def __getitem__(self, key: str) -> Any:
+        """Read access by the stored keys (``record["metrics"]``), as hooks written for the dict form do."""
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._names() else default
+
+    @classmethod
+    def _names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def row_label(key: tuple) -> str:
+    """A row key as one line, leaving out the parts a baseline row has none of."""
+    return " ".join(str(part) for part in key if part not in (None, NONE_LABEL))
+
+
+def error_record(exc: BaseException) -> dict:
+    """How a record holds an exception: type, message and traceback lines."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+    }

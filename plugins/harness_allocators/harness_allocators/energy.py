@@ -50,7 +50,6 @@ class EnergyOptions(limits.LimitOptions):
 class Energy(harness.RankAllocator):
     name = "energy"
     Options = EnergyOptions
-    target_kinds = limits.KINDS
     description = "smallest rank keeping a common fraction of each matrix's energy, solved for the target"
 
     def allocate(self, factorizations, target, options, ctx):

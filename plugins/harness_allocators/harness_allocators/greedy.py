@@ -179,7 +179,6 @@ class GreedyOptions(limits.LimitOptions):
 class GlobalGreedy(harness.RankAllocator):
     name = "global-greedy"
     Options = GreedyOptions
-    target_kinds = limits.KINDS
     description = "singular directions across all matrices by error reduction per parameter (or byte, or rank)"
 
     def allocate(self, factorizations, target, options, ctx):

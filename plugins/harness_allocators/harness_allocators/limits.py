@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from harness import Assignment, Factorization, Target
 
 EPS = 1e-9
-KINDS = ("params", "bytes", "bits", "rank")
-"""The target kinds these allocators take: any kind with a cost and a budget."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def bands(facts: Sequence[Factorization], options: LimitOptions) -> list[Band]:
 
 
 def check_kind(allocator: harness.RankAllocator, target: Target) -> None:
-    if target.kind not in allocator.target_kinds:
+    if not allocator.takes(target.kind):
         raise harness.HarnessError(
             f"allocator {allocator.name!r} takes {', '.join(allocator.target_kinds)} targets, "
             f"got a {target.kind} target ({target.label})"

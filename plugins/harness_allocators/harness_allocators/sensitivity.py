@@ -106,7 +106,6 @@ class MeasurementCache:
 class Sensitivity(harness.RankAllocator):
     name = "sensitivity"
     Options = SensitivityOptions
-    target_kinds = limits.KINDS
     uses_calibration = True
     description = "ASVD: per-layer calibration loss at each kept fraction, then one global threshold"
 

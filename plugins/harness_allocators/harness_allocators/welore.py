@@ -104,7 +104,6 @@ def solve_tau(facts, target, options, dtype_bytes: int) -> tuple[harness.Assignm
 class WeLore(harness.RankAllocator):
     name = "welore"
     Options = WeLoreOptions
-    target_kinds = limits.KINDS
     description = "WeLore: drop min-max normalized singular values below one global threshold, solved for the target"
 
     def allocate(self, factorizations, target, options, ctx):

@@ -120,7 +120,7 @@ class BitStackOrder(harness.RankAllocator):
         n_blocks = [block_count(f) for f in facts]
         order = self.order(facts, options, ctx)
         base = [min(options.min_blocks, n) for n in n_blocks]
-        if target.kind not in self.target_kinds:
+        if not self.takes(target.kind):
             raise harness.HarnessError(f"bitstack-order takes bytes, bits or params targets, not {target.kind}")
         limit = target.budget(facts, ctx.dtype_bytes)
 

@@ -1,0 +1,99 @@
+"""A cell's compressed model: its allocator's rank per group, checked against the
+target, materialized into replacement layers, and the per-matrix rank report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from harness.api import AllocationContext
+from harness.errors import HarnessError
+from harness.provenance import seed_everything
+from harness.run.env import log
+from harness.run.prepare import materialize
+
+if TYPE_CHECKING:
+    from harness.factorization import Factorization
+    from harness.run.cells import Cell
+    from harness.run.env import RunEnv
+    from harness.run.prepare import Prepared
+
+
+@dataclass
+class Compressed:
+    """What a cell replaces and what it records about the choice."""
+
+    replacements: dict
+    ranks: dict[str, int | None]
+    timing: dict[str, float] = field(default_factory=dict)
+    factorization_info: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+
+
+def compress(
+    env: RunEnv, prepared: Prepared, cell: Cell, factorizations: list[Factorization], factorize_s: float
+) -> Compressed:
+    dtype_bytes = prepared.loaded.model.dtype.itemsize
+    check_reachable(env, prepared, cell, factorizations, dtype_bytes)
+    plugins, suite = env.plugins, env.suite
+    allocator = plugins.get("allocator", cell.allocator.name)
+    uses_data = bool(plugins.get("decomposer", cell.method.name).needs) or allocator.uses_calibration
+    ctx = AllocationContext(
+        seed=suite.seed,
+        layers={layer.name: layer for layer in prepared.layers},
+        calibration_loss=prepared.calibration_loss(factorizations) if uses_data else None,
+        dtype_bytes=dtype_bytes,
+        log=log,
+    )
+    seed_everything(suite.seed)
+    started = time.perf_counter()
+    assignment = allocator.allocate(factorizations, cell.target, cell.allocator.options, ctx)
+    allocate_s = time.perf_counter() - started
+    if len(assignment) != len(factorizations):
+        raise RuntimeError(f"allocator returned {len(assignment)} ranks for {len(factorizations)} groups")
+    ranks = layer_ranks(factorizations, assignment)
+    return Compressed(
+        materialize(factorizations, assignment),
+        ranks,
+        timing={"factorize_s": factorize_s, "allocate_s": allocate_s},
+        factorization_info={f"{'+'.join(f.names)}": f.info for f in factorizations if f.info},
+        artifacts=rank_report(env, prepared, cell, ranks),
+    )
+
+
+def layer_ranks(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict[str, int | None]:
+    return {name: rank for fact, rank in zip(factorizations, assignment, strict=True) for name in fact.names}
+
+
+def target_key(env: RunEnv, cell: Cell) -> str:
+    index = env.suite.methods.index(cell.method)
+    return f"{env.suite.file}: methods[{index}].targets[{cell.method.targets.index(cell.target)}]"
+
+
+def check_reachable(
+    env: RunEnv, prepared: Prepared, cell: Cell, factorizations: Sequence[Factorization], dtype_bytes: int
+) -> None:
+    """A params, bytes or bits target below the smallest model (every matrix at rank 1, or at its smallest
+    positive rank) is bad input: only removing whole matrices (rank 0) could meet it."""
+    target = cell.target
+    short = target.unreachable(factorizations, dtype_bytes)
+    if short is not None:
+        least, allowed = short
+        raise HarnessError(
+            f"{target_key(env, cell)}: expected a target of at least {least:,} {target.unit} of decomposable "
+            f"weights (every matrix of {prepared.loaded.model_id} at its smallest rank under {cell.method.label}), "
+            f"got {target.label} ({allowed:,.0f} {target.unit})"
+        )
+
+
+def rank_report(env: RunEnv, prepared: Prepared, cell: Cell, ranks: dict[str, int | None]) -> list[str]:
+    """The rank chosen for every matrix: CSV and heat map under ranks/, paths relative to the results dir."""
+    from harness.report.ranks import rank_heatmap, rank_rows, write_rank_csv
+
+    root = env.store.root
+    rows = rank_rows({layer.name: layer for layer in prepared.layers}, ranks)
+    csv_path = write_rank_csv(rows, root / "ranks" / f"{cell.id}.csv")
+    png_path = rank_heatmap(rows, root / "ranks" / f"{cell.id}.png", f"{cell.label}: kept rank fraction")
+    return [str(p.relative_to(root)) for p in (csv_path, png_path)]

@@ -1,0 +1,76 @@
+"""What identifies a model's cells: data and model fingerprints, plugin versions,
+and which cells use calibration data (harness/run/cells.py hashes them into ids)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import harness
+from harness import data as data_mod
+from harness.run.cells import Cell, expand
+
+if TYPE_CHECKING:
+    from harness.models import LoadedModel
+    from harness.plugins import Plugins
+    from harness.run.env import RunEnv
+    from harness.suite import Component, Method, Suite
+
+
+def calibration_identity(suite: Suite) -> dict[str, Any]:
+    """The suite's calibration settings with the sha256 of the calibration text."""
+    config = dataclasses.asdict(suite.calibration)
+    text = data_mod.text_source(suite.calibration.source, "calibration")
+    config["data"] = data_mod.sha256_texts(text.texts)
+    return config
+
+
+def needs_calibration(plugins: Plugins, method: Method, allocator: Component) -> bool:
+    decomposer = plugins.get("decomposer", method.name)
+    return bool(decomposer.needs) or plugins.get("allocator", allocator.name).uses_calibration
+
+
+def data_fingerprints(suite: Suite, plugins: Plugins) -> dict[str, Any]:
+    """Evaluator label -> what its data fingerprint says (``harness.Evaluator.data_fingerprint``)."""
+    prints = {}
+    for component in suite.evaluators:
+        fingerprint = plugins.get("evaluator", component.name).data_fingerprint(component.options)
+        if fingerprint is not None:
+            prints[component.label] = fingerprint
+    return prints
+
+
+def used_versions(suite: Suite, plugins: Plugins) -> dict[str, str]:
+    """Versions of the harness and of every plugin the suite uses (part of each cell's id)."""
+    used = {
+        plugins.plugin_of(kind, c.name)
+        for kind, items in (
+            ("decomposer", suite.methods),
+            ("evaluator", suite.evaluators),
+            ("profiler", suite.profilers),
+        )
+        for c in items
+    }
+    used |= {plugins.plugin_of("allocator", a.name) for m in suite.methods for a in m.allocators}
+    all_versions = plugins.versions()
+    return {"harness": harness.__version__, **{name: all_versions[name] for name in sorted(used)}}
+
+
+def model_cells(env: RunEnv, loaded: LoadedModel) -> list[Cell]:
+    """The model's grid: baseline first, then every method x allocator x target in suite order."""
+    suite, plugins = env.suite, env.plugins
+
+    def calibrated(method: Method, allocator: Component) -> bool:
+        return needs_calibration(plugins, method, allocator)
+
+    needs_any = any(calibrated(m, a) for m in suite.methods for a in m.allocators)
+    fingerprints = {"model": loaded.fingerprint, "data": data_fingerprints(suite, plugins)}
+    return expand(
+        suite,
+        loaded.model_id,
+        fingerprints,
+        used_versions(suite, plugins),
+        env.options.limit,
+        calibrated=calibrated,
+        calibration=calibration_identity(suite) if needs_any else None,
+    )

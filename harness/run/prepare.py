@@ -1,0 +1,117 @@
+"""What a model computes once for all its cells: calibration batches and statistics
+(cached on disk), and each method's factorization of every group."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from harness import data as data_mod
+from harness.api import FactorizeContext, LayerInfo
+from harness.errors import first_line
+from harness.models import LoadedModel, cache_dir
+from harness.provenance import seed_everything
+from harness.run import calibration
+from harness.run.env import RunEnv, log
+from harness.run.identity import calibration_identity
+from harness.run.memory import out_of_memory_as
+from harness.surgery import replaced, weights_of
+
+if TYPE_CHECKING:
+    from harness.factorization import Factorization
+    from harness.suite import Method
+
+
+class Prepared:
+    """One model's calibration data and statistics, and its methods' factorizations."""
+
+    def __init__(self, env: RunEnv, loaded: LoadedModel, layers: list[LayerInfo]) -> None:
+        self.env = env
+        self.loaded = loaded
+        self.layers = layers
+        self._batches: torch.Tensor | None = None
+
+    def batches(self) -> torch.Tensor:
+        if self._batches is None:
+            config = self.env.suite.calibration
+            text = data_mod.text_source(config.source, "calibration")
+            self._batches = data_mod.calibration_batches(
+                self.loaded.tokenizer, text, config.samples, config.seqlen, self.env.suite.seed
+            )
+        return self._batches
+
+    def stats(self, needs: set[str]) -> dict:
+        suite, options = self.env.suite, self.env.options
+        key = {
+            "model": self.loaded.fingerprint,
+            "calibration": calibration_identity(suite),
+            "dtype": suite.dtype,
+            "seed": suite.seed,
+        }
+        with out_of_memory_as(lambda exc: self.calibration_oom(needs, exc)):
+            return calibration.load_or_collect(
+                self.loaded.model,
+                self.layers,
+                self.batches(),
+                needs,
+                key=key,
+                cache_dir=options.calibration_cache or cache_dir() / "calibration",
+                device=self.env.device,
+                batch_size=suite.calibration.batch_size,
+                progress=options.progress,
+                log=log,
+            )
+
+    def calibration_oom(self, needs: set[str], exc: BaseException) -> str:
+        config, file = self.env.suite.calibration, self.env.suite.file
+        return (
+            f"calibration ({', '.join(sorted(needs))}) ran out of memory on {self.env.device}: "
+            f"lower calibration.batch_size (now {config.batch_size}), calibration.samples ({config.samples}) "
+            f"or calibration.seqlen ({config.seqlen}) in {file} [{first_line(exc)}]"
+        )
+
+    def factorize(self, method: Method) -> tuple[list[Factorization], float]:
+        """Every group's factorization under ``method`` and the seconds it took (statistics not counted)."""
+        suite = self.env.suite
+        decomposer = self.env.plugins.get("decomposer", method.name)
+        stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
+        groups = decomposer.groups(self.layers, method.options)
+        ctx = FactorizeContext(seed=suite.seed, device=self.env.device, log=log)
+        seed_everything(suite.seed)
+        started = time.perf_counter()
+        factorizations = []
+        for group in tqdm(groups, desc=f"factorize {method.label}", disable=not self.env.options.progress):
+            weights = weights_of(self.loaded.model, group)
+            group_stats = {name: stats[name] for name in group if name in stats}
+            factorizations.append(decomposer.factorize(weights, group_stats, method.options, ctx))
+        return factorizations, time.perf_counter() - started
+
+    def calibration_loss(self, factorizations: Sequence[Factorization]) -> Callable[[Sequence[int | None]], float]:
+        """Loss on the first ``calibration.loss_samples`` windows with an assignment of ranks applied."""
+        suite = self.env.suite
+
+        def loss(assignment: Sequence[int | None]) -> float:
+            replacements = materialize(factorizations, assignment)
+            with replaced(self.loaded.model, replacements, suite.surgery.mode == "dense"):
+                return lm_loss(self.loaded.model, self.batches()[: suite.calibration.loss_samples], self.env.device)
+
+        return loss
+
+
+def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:
+    replacements = {}
+    for fact, rank in zip(factorizations, assignment, strict=True):
+        if rank is not None:
+            replacements.update(fact.materialize(rank))
+    return replacements
+
+
+@torch.no_grad()
+def lm_loss(model: torch.nn.Module, batches: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token loss over ``batches`` (samples, seqlen)."""
+    losses = [model(input_ids=row[None].to(device), labels=row[None].to(device)).loss.item() for row in batches]
+    return sum(losses) / len(losses)

@@ -1,0 +1,171 @@
+"""One model's part of a run: its grid of cells, computed method by method.
+
+The session loads nothing itself (``open_session`` does) and reaches the runner
+only through the narrow ``RunEnv`` (suite, options, plugins, store, device) and
+a ``CellSink`` (skip, collect). A plugin's exception fails the cell it happened
+in (recorded with its error); a ``HarnessError`` (bad input) stops the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from harness.errors import HarnessError
+from harness.models import LoadedModel, load_model
+from harness.run.allocate import compress
+from harness.run.env import CellSink, RunEnv, log
+from harness.run.identity import model_cells, used_versions
+from harness.run.measure import Measured, measure
+from harness.run.prepare import Prepared
+from harness.run.provenance import cell_provenance
+from harness.run.record import CellRecord, error_record
+from harness.surgery import count_layers, find_linears
+
+if TYPE_CHECKING:
+    from harness.api import LayerInfo
+    from harness.factorization import Factorization
+    from harness.run.cells import Cell
+    from harness.suite import Method
+
+
+def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> ModelSession:
+    """Load ``model_spec`` and find its decomposable layers; bad input is a HarnessError naming ``key``."""
+    suite = env.suite
+    log(f"loading model {model_spec}")
+    try:
+        loaded = load_model(model_spec, suite.dtype, str(env.device), suite.trust_remote_code)
+    except HarnessError as exc:
+        raise HarnessError(f"{key}: {str(exc).removeprefix('model: ')}") from None
+    layers = find_linears(loaded.model, suite.surgery.kinds, suite.surgery.lm_head)
+    if not layers:
+        kinds = "surgery.kinds " + ", ".join(suite.surgery.kinds) if suite.surgery.kinds else "surgery"
+        raise HarnessError(
+            f"{key}: expected a model with torch.nn.Linear layers in its transformer blocks to decompose "
+            f"({kinds}), got {model_spec!r} with none ({type(loaded.model).__name__})"
+        )
+    return ModelSession(env, sink, loaded, layers)
+
+
+class ModelSession:
+    """Everything computed once per model (calibration, factorizations) and its cells."""
+
+    def __init__(self, env: RunEnv, sink: CellSink, loaded: LoadedModel, layers: list[LayerInfo]) -> None:
+        self.env = env
+        self.sink = sink
+        self.loaded = loaded
+        self.layers = layers
+        self.prepared = Prepared(env, loaded, layers)
+        self.dense = count_layers(loaded.model, [layer.name for layer in layers])
+
+    # ------------------------------------------------------------ grid
+    def cells(self) -> list[Cell]:
+        return model_cells(self.env, self.loaded)
+
+    def versions(self) -> dict[str, str]:
+        return used_versions(self.env.suite, self.env.plugins)
+
+    def run(self) -> None:
+        baseline, *method_cells = self.cells()
+        if self.env.pending(baseline):
+            self.record(baseline, lambda: self.compute_baseline(baseline))
+        else:
+            self.sink.skip(baseline)
+        for method in self.env.suite.methods:
+            mine = [c for c in method_cells if c.method is method]
+            pending = [c for c in mine if self.env.pending(c)]
+            for cell in mine:
+                if cell not in pending:
+                    self.sink.skip(cell)
+            if pending:
+                self.run_method(method, pending)
+
+    def run_method(self, method: Method, cells: Sequence[Cell]) -> None:
+        try:
+            factorizations, seconds = self.factorize(method)
+        except HarnessError:
+            raise
+        except Exception as exc:  # every cell of the method fails with the factorization's error
+            for cell in cells:
+                self.record(cell, lambda cell=cell, exc=exc: self.failed(cell, error_record(exc)))
+            return
+        for cell in cells:
+            self.record(cell, lambda cell=cell: self.compute_cell(cell, factorizations, seconds))
+
+    def record(self, cell: Cell, compute: Callable[[], CellRecord]) -> CellRecord:
+        self.env.plugins.pm.hook.harness_cell_start(cell=cell)
+        record = self.attempt(cell, compute)
+        path = self.env.store.save(record)
+        self.sink.collect(cell, record, path)
+        return record
+
+    def attempt(self, cell: Cell, compute: Callable[[], CellRecord]) -> CellRecord:
+        """``compute()``'s record, or the cell's failed record where a plugin raised; timed in ``cell_s``."""
+        log(f"cell {cell.label} [{cell.id}]")
+        started = time.perf_counter()
+        try:
+            record = compute()
+        except HarnessError:
+            raise
+        except Exception as exc:  # a plugin's failure costs one cell, not the suite
+            record = self.failed(cell, error_record(exc))
+            log(f"cell {cell.label} FAILED: {type(exc).__name__}: {exc}")
+        record.timing["cell_s"] = time.perf_counter() - started
+        return record
+
+    # ------------------------------------------------------------ stages
+    def stats(self, needs: set[str]) -> dict:
+        return self.prepared.stats(needs)
+
+    def factorize(self, method: Method) -> tuple[list[Factorization], float]:
+        return self.prepared.factorize(method)
+
+    def compute_baseline(self, cell: Cell) -> CellRecord:
+        return self.finished(cell, measure(self.env, self.prepared, cell, {}, self.dense), ranks={})
+
+    def compute_cell(self, cell: Cell, factorizations: list[Factorization], factorize_s: float) -> CellRecord:
+        compressed = compress(self.env, self.prepared, cell, factorizations, factorize_s)
+        measured = measure(self.env, self.prepared, cell, compressed.replacements, self.dense)
+        measured.timing = {**compressed.timing, **measured.timing}
+        record = self.finished(cell, measured, compressed.ranks)
+        record.factorization_info, record.artifacts = compressed.factorization_info, compressed.artifacts
+        return record
+
+    # ------------------------------------------------------------ records
+    def finished(self, cell: Cell, measured: Measured, ranks: dict[str, int | None]) -> CellRecord:
+        record = self.failed(cell, None)
+        record.status, record.ranks = "ok", ranks
+        record.metrics, record.higher_is_better = measured.metrics, measured.higher_is_better
+        record.evaluations, record.hardware_metrics = measured.evaluations, measured.hardware_metrics
+        record.timing = measured.timing
+        record.sizes.update(model_params=measured.model_params, model_bytes=measured.model_bytes)
+        return record
+
+    def failed(self, cell: Cell, error: dict | None) -> CellRecord:
+        """The cell's record without results: failed with ``error`` (type, message, traceback), or None."""
+        loaded, suite = self.loaded, self.env.suite
+        method = cell.method
+        needs = None if method is None else sorted(self.env.plugins.get("decomposer", method.name).needs)
+        return CellRecord(
+            cell_id=cell.id,
+            suite=cell.suite,
+            status="failed",
+            error=error,
+            model={
+                "id": loaded.model_id,
+                "fingerprint": loaded.fingerprint,
+                "files": loaded.files,
+                "note": loaded.note,
+                "dtype": suite.dtype,
+            },
+            method=None if method is None else {**method.to_dict(), "needs": needs},
+            allocator=None if cell.allocator is None else cell.allocator.to_dict(),
+            target=None if cell.target is None else {**cell.target.to_dict(), "label": cell.target.label},
+            surgery=dataclasses.asdict(suite.surgery),
+            calibration=cell.config.get("calibration"),
+            sizes={"dense_decomposable_params": self.dense[0], "dense_decomposable_bytes": self.dense[1]},
+            provenance=cell_provenance(self.env, loaded, cell),
+            config=cell.config,
+        )
