@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Profiler": "harness.api",
     "RankAllocator": "harness.api",
     "RunContext": "harness.api",
+    "SingleMatrixDecomposer": "harness.api",
     "Tracker": "harness.api",
     # errors
     "HarnessError": "harness.errors",
@@ -43,11 +44,18 @@ _EXPORTS: dict[str, str] = {
     "SVDLikeFactorization": "harness.factorization",
     "break_even_rank": "harness.factorization",
     "lowrank_params": "harness.factorization",
+    # linear algebra
+    "CHOLESKY_EPS": "harness.linalg",
+    "cholesky_with_jitter": "harness.linalg",
+    "float_dtype": "harness.linalg",
+    "lower_triangular_inverse": "harness.linalg",
+    "thin_svd": "harness.linalg",
     # targets
     "Target": "harness.targets",
 }
 
 __all__ = [
+    "CHOLESKY_EPS",
     "STAT_KINDS",
     "AllocationContext",
     "Decomposer",
@@ -67,13 +75,18 @@ __all__ = [
     "Replacement",
     "RunContext",
     "SVDLikeFactorization",
+    "SingleMatrixDecomposer",
     "Target",
     "Tracker",
     "__version__",
     "break_even_rank",
+    "cholesky_with_jitter",
     "first_line",
+    "float_dtype",
     "hookimpl",
+    "lower_triangular_inverse",
     "lowrank_params",
+    "thin_svd",
 ]
 
 
@@ -104,6 +117,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         Profiler,
         RankAllocator,
         RunContext,
+        SingleMatrixDecomposer,
         Tracker,
     )
     from harness.errors import HarnessError, first_line
@@ -118,4 +132,11 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         lowrank_params,
     )
     from harness.hookspecs import hookimpl
+    from harness.linalg import (
+        CHOLESKY_EPS,
+        cholesky_with_jitter,
+        float_dtype,
+        lower_triangular_inverse,
+        thin_svd,
+    )
     from harness.targets import Target
