@@ -104,13 +104,7 @@ class SingleMatrixDecomposer(Decomposer):
     the layer has none).
     """
 
-    def factorize(
-        self,
-        weights: dict[str, torch.Tensor],
-        stats: dict[str, LayerStats],
-        options: Any,
-        ctx: FactorizeContext,
-    ) -> Factorization:
+    def factorize(self, weights, stats, options, ctx) -> Factorization:  # Decomposer.factorize's signature
         ((name, weight),) = weights.items()
         return self.factorize_matrix(name, weight.to(ctx.device), stats.get(name), options, ctx)
 
