@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Profiler": "harness.api",
     "RankAllocator": "harness.api",
     "RunContext": "harness.api",
+    "SingleMatrixDecomposer": "harness.api",
     "Tracker": "harness.api",
     # errors
     "HarnessError": "harness.errors",
@@ -51,10 +52,18 @@ _EXPORTS: dict[str, str] = {
     "largest_fitting": "harness.budget",
     "saves": "harness.budget",
     "top_up": "harness.budget",
+    # linear algebra
+    "CHOLESKY_EPS": "harness.linalg",
+    "cholesky_with_jitter": "harness.linalg",
+    "float_dtype": "harness.linalg",
+    "lower_triangular_inverse": "harness.linalg",
+    "thin_svd": "harness.linalg",
+    # targets
     "Target": "harness.targets",
 }
 
 __all__ = [
+    "CHOLESKY_EPS",
     "STAT_KINDS",
     "AllocationContext",
     "Assignment",
@@ -76,17 +85,22 @@ __all__ = [
     "Replacement",
     "RunContext",
     "SVDLikeFactorization",
+    "SingleMatrixDecomposer",
     "Target",
     "Tracker",
     "__version__",
     "break_even_rank",
+    "cholesky_with_jitter",
     "first_line",
+    "float_dtype",
     "hookimpl",
     "keep_fraction",
     "kept_rank_fraction",
     "largest_fitting",
+    "lower_triangular_inverse",
     "lowrank_params",
     "saves",
+    "thin_svd",
     "top_up",
 ]
 
@@ -118,6 +132,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         Profiler,
         RankAllocator,
         RunContext,
+        SingleMatrixDecomposer,
         Tracker,
     )
     from harness.budget import Assignment, Fitting, keep_fraction, kept_rank_fraction, largest_fitting, saves, top_up
@@ -133,4 +148,11 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         lowrank_params,
     )
     from harness.hookspecs import hookimpl
+    from harness.linalg import (
+        CHOLESKY_EPS,
+        cholesky_with_jitter,
+        float_dtype,
+        lower_triangular_inverse,
+        thin_svd,
+    )
     from harness.targets import Target

@@ -95,6 +95,30 @@ class Decomposer:
         raise NotImplementedError
 
 
+class SingleMatrixDecomposer(Decomposer):
+    """A Decomposer of one weight matrix at a time (the default ``groups``).
+
+    Implement ``factorize_matrix`` instead of ``factorize``: it receives the
+    layer's name, its weight already on ``ctx.device`` (in the model's dtype,
+    the dtype factors should come back in) and its ``LayerStats`` (None where
+    the layer has none).
+    """
+
+    def factorize(self, weights, stats, options, ctx) -> Factorization:  # Decomposer.factorize's signature
+        ((name, weight),) = weights.items()
+        return self.factorize_matrix(name, weight.to(ctx.device), stats.get(name), options, ctx)
+
+    def factorize_matrix(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        stats: LayerStats | None,
+        options: Any,
+        ctx: FactorizeContext,
+    ) -> Factorization:
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------- allocation
 @dataclass
 class AllocationContext:

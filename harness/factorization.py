@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.linalg import eigh_descending, tail_sums
+
 FP16_BYTES = 2
 
 
@@ -106,7 +108,29 @@ class Factorization(ABC):
         return True
 
 
-class SVDLikeFactorization(Factorization):
+class _SingleLowRank(Factorization):
+    """One (m, n) weight as W ~ A_k B_k at every rank k (nested): subclasses set
+    ``_tail`` (the error at each rank) and implement ``ranks`` and ``factors``."""
+
+    _tail: list[float]
+
+    def params(self, rank: int) -> int:
+        m, n = self.shapes[0]
+        return lowrank_params(m, n, rank)
+
+    def error(self, rank: int) -> float:
+        return self._tail[rank]
+
+    @abstractmethod
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (m, rank) and B (rank, n), contiguous, in ``out_dtype``."""
+
+    def materialize(self, rank: int) -> dict[str, Replacement]:
+        A, B = self.factors(rank)
+        return {self.names[0]: LowRank(A, B)}
+
+
+class SVDLikeFactorization(_SingleLowRank):
     """W ~ (U_k diag(s_k)^1/2)(diag(s_k)^1/2 Vt_k) Q, the shape of the SVD family.
 
     ``U`` (m, r), ``s`` (r,), ``Vt`` (r, n) come from the SVD of a transformed
@@ -135,19 +159,11 @@ class SVDLikeFactorization(Factorization):
         self.right, self.left = right, left
         self.out_dtype = out_dtype
         self.info = dict(info or {})
-        tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])
-        self._tail = torch.cat([tail, tail.new_zeros(1)]).tolist()
+        self._tail = tail_sums(s.double() ** 2)
 
     @property
     def ranks(self) -> Sequence[int]:
         return range(0, len(self.s) + 1)
-
-    def params(self, rank: int) -> int:
-        m, n = self.shapes[0]
-        return lowrank_params(m, n, rank)
-
-    def error(self, rank: int) -> float:
-        return self._tail[rank]
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         root = self.s[:rank].sqrt()
@@ -159,12 +175,8 @@ class SVDLikeFactorization(Factorization):
             B = B @ self.right
         return A.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous()
 
-    def materialize(self, rank: int) -> dict[str, Replacement]:
-        A, B = self.factors(rank)
-        return {self.names[0]: LowRank(A, B)}
 
-
-class ProjectionFactorization(Factorization):
+class ProjectionFactorization(_SingleLowRank):
     """W ~ U_k (U_k^T W): the outputs projected onto the top-k eigenvectors of their covariance.
 
     ``U`` (m, r) holds eigenvectors of an output covariance C = Y^T Y, largest
@@ -172,6 +184,7 @@ class ProjectionFactorization(Factorization):
     A = U_k and B = U_k^T W; the error is the sum of the discarded eigenvalues,
     ||(I - U_k U_k^T) Y^T||_F^2 (exact for the output objective). Ranks stop at
     r = min(m, n): W has rank at most n, so further directions add nothing.
+    ``from_output_covariance`` builds one from W and C.
     """
 
     def __init__(
@@ -192,25 +205,28 @@ class ProjectionFactorization(Factorization):
         self.UtW = self.U.T @ weight.to(U.dtype)
         self.out_dtype = out_dtype
         self.info = dict(info or {})
-        values = eigvals.double().clamp_min(0)
-        tail = torch.flip(torch.cumsum(torch.flip(values, [0]), 0), [0])
-        self._tail = torch.cat([tail, tail.new_zeros(1)]).tolist()[: r + 1]
+        self._tail = tail_sums(eigvals.double().clamp_min(0))[: r + 1]
+
+    @classmethod
+    def from_output_covariance(
+        cls, name: str, weight: torch.Tensor, out_cov: torch.Tensor, *, dtype: torch.dtype = torch.float64
+    ) -> ProjectionFactorization:
+        """Project ``weight`` (m, n) onto the eigenvectors of its output covariance ``out_cov`` = Y^T Y (m, m).
+
+        The eigendecomposition is float64 on ``weight``'s device
+        (``eigh_descending``); U and W are kept in ``dtype`` until truncation,
+        and factors come back in ``weight``'s dtype. At rank k, A = U_k and
+        B = U_k^T W minimize the output error among projections of the output
+        space, ||(W - U_k U_k^T W) X^T||_F^2 = sum_{i>k} lambda_i(Y^T Y).
+        """
+        eigvals, U = eigh_descending(out_cov.to(weight.device))
+        W = weight.to(dtype)
+        return cls(name, W, U.to(dtype), eigvals, out_dtype=weight.dtype)
 
     @property
     def ranks(self) -> Sequence[int]:
         return range(0, self.U.shape[1] + 1)
 
-    def params(self, rank: int) -> int:
-        m, n = self.shapes[0]
-        return lowrank_params(m, n, rank)
-
-    def error(self, rank: int) -> float:
-        return self._tail[rank]
-
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = self.U[:, :rank], self.UtW[:rank]
         return A.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous()
-
-    def materialize(self, rank: int) -> dict[str, Replacement]:
-        A, B = self.factors(rank)
-        return {self.names[0]: LowRank(A, B)}

@@ -15,6 +15,16 @@ SVDMethod = Literal["gram", "lapack"]
 CHOLESKY_EPS = 1e-6
 """Added to the diagonal on top of -lambda_min when a Cholesky fails (SVD-LLM's constant)."""
 
+FloatName = Literal["float32", "float64"]
+
+
+def float_dtype(name: FloatName) -> torch.dtype:
+    """``torch.float32`` or ``torch.float64`` by name (what a decomposer's ``dtype`` option holds)."""
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {name!r}")
+    return dtypes[name]
+
 
 def symmetrize(matrix: torch.Tensor) -> torch.Tensor:
     """(M + M^T) / 2: removes the asymmetry that accumulated round-off leaves in a Gram."""

@@ -7,12 +7,15 @@ import itertools
 
 import pytest
 import torch
-from harness_asvd import ASVD, activation_aware_svd, activation_scales
-from harness_fwsvd import FWSVD, fisher_channel_weights
+from harness_asvd import ASVD
+from harness_asvd.decompose import activation_aware_svd, activation_scales
+from harness_fwsvd import FWSVD
+from harness_fwsvd.decompose import fisher_channel_weights
 from harness_lord import LoRD
 from harness_sfsd import SFSD
 from harness_svd import SVD
-from harness_svdllm import SVDLLM, whitened_svd
+from harness_svdllm import SVDLLM
+from harness_svdllm.decompose import whitened_svd
 
 import harness
 from harness import linalg

@@ -18,55 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 import harness
-from harness import linalg
 
 __version__ = "0.1.0"
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def activation_scales(magnitude: torch.Tensor, alpha: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
-    """s = (magnitude + eps)^alpha per input channel, float64 (``eps`` guards dead channels)."""
-    return (magnitude.to(torch.float64) + eps).pow(alpha)
-
-
-def activation_aware_svd(
-    weight: torch.Tensor,
-    scales: torch.Tensor,
-    *,
-    dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of ``weight`` (m, n) with its input channels scaled by ``scales`` (n,).
-
-    Minimizes the activation-scaled reconstruction error
-
-    .. math:: \\|(W - AB) S\\|_F^2, \\qquad S = \\operatorname{diag}(s),
-
-    whose minimum at rank k is the sum of the discarded squared singular values
-    of W S.
-
-    Parameters
-    ----------
-    weight : (m, n) tensor
-    scales : (n,) tensor of positive channel scales (``activation_scales``).
-    dtype : torch.dtype
-        Precision of the SVD.
-
-    Returns
-    -------
-    U (m, r), s (r,), Vt (r, n)
-        SVD of W S, r = min(m, n).
-
-    References
-    ----------
-    Z. Yuan, Y. Shang, Y. Song, Q. Wu, Y. Yan, G. Sun. ASVD: Activation-aware
-    Singular Value Decomposition for Compressing Large Language Models.
-    arXiv:2312.05821, 2023.
-    """
-    return linalg.thin_svd(weight.to(torch.float64) * scales.to(weight.device, torch.float64), dtype)
 
 
 @dataclass(frozen=True)
@@ -87,19 +41,21 @@ class ASVDOptions:
             raise ValueError(f"eps must be positive, got {self.eps}")
 
 
-class ASVD(harness.Decomposer):
+class ASVD(harness.SingleMatrixDecomposer):
     name = "asvd"
     needs = frozenset({"abs_mean"})
     Options = ASVDOptions
     description = "SVD of W diag(mean|x|^alpha) (activation-aware SVD)"
 
-    def factorize(self, weights, stats, options, ctx):
-        ((name, weight),) = weights.items()
-        layer = stats[name]
-        magnitude = layer.abs_mean if options.scaling == "abs_mean" else layer.sq_mean.sqrt()
+    def factorize_matrix(self, name, weight, stats, options, ctx):
+        import torch
+
+        from harness_asvd.decompose import activation_aware_svd, activation_scales
+
+        magnitude = stats.abs_mean if options.scaling == "abs_mean" else stats.sq_mean.sqrt()
         scales = activation_scales(magnitude.to(ctx.device), options.alpha, options.eps)
-        dtype = DTYPES[options.dtype]
-        U, s, Vt = activation_aware_svd(weight.to(ctx.device), scales, dtype=dtype)
+        dtype = harness.float_dtype(options.dtype)
+        U, s, Vt = activation_aware_svd(weight, scales, dtype=dtype)
         right = torch.diag(1 / scales).to(dtype)
         return harness.SVDLikeFactorization(name, U, s, Vt, right=right, out_dtype=weight.dtype)
 

@@ -15,14 +15,11 @@ one order serve every size.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import harness
-from harness_bitstack.decompose import activation_scales, bitstack_decompose
-from harness_bitstack.factorization import BitStackFactorization, BitStackLinear, bitstack_bytes
-from harness_bitstack.order import BitStackOrder
-from harness_bitstack.packing import pack_signs, unpack_signs
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,6 +31,21 @@ __all__ = [
     "pack_signs",
     "unpack_signs",
 ]
+
+_SUBMODULE = {  # resolved on first use (PEP 562), so that importing the plugin loads no torch
+    "BitStackFactorization": "factorization",
+    "BitStackLinear": "factorization",
+    "bitstack_bytes": "factorization",
+    "BitStackOrder": "order",
+    "pack_signs": "packing",
+    "unpack_signs": "packing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module 'harness_bitstack' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"harness_bitstack.{_SUBMODULE[name]}"), name)
 
 
 @dataclass(frozen=True)
@@ -60,19 +72,21 @@ class BitStackOptions:
                 raise ValueError(f"{key}: expected a positive integer, got {getattr(self, key)}")
 
 
-class BitStack(harness.Decomposer):
+class BitStack(harness.SingleMatrixDecomposer):
     name = "bitstack"
     needs = frozenset({"abs_mean"})
     Options = BitStackOptions
     description = "BitStack: residual blocks of packed signs x rank-k magnitudes; rank = blocks kept"
 
-    def factorize(self, weights, stats, options, ctx):
-        ((name, weight),) = weights.items()
+    def factorize_matrix(self, name, weight, stats, options, ctx):
+        from harness_bitstack.decompose import activation_scales, bitstack_decompose
+        from harness_bitstack.factorization import BitStackFactorization
+
         info = {"niter": options.niter, "k": options.k}
         scales = None
         if options.scale:
-            scales, info["scales"] = activation_scales(stats.get(name), options.statistic, options.seqlen)
-        blocks = bitstack_decompose(weight.to(ctx.device), scales, options.niter, options.k, options.svd)
+            scales, info["scales"] = activation_scales(stats, options.statistic, options.seqlen)
+        blocks = bitstack_decompose(weight, scales, options.niter, options.k, options.svd)
         info["rel_error"] = [
             round((e / blocks.errors[0]) ** 0.5, 6) if blocks.errors[0] else 0.0 for e in blocks.errors
         ]
@@ -86,4 +100,6 @@ def register_decomposers(register):
 
 @harness.hookimpl
 def register_rank_allocators(register):
+    from harness_bitstack.order import BitStackOrder
+
     register(BitStackOrder())

@@ -18,66 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 import harness
-from harness import linalg
 
 __version__ = "0.1.0"
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def fisher_channel_weights(fisher_in: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """sqrt(f), f floored at ``eps * mean(f)`` (ones where f is all zero), float64."""
-    f = fisher_in.to(torch.float64)
-    mean = f.mean()
-    if not torch.isfinite(mean) or mean <= 0:
-        return torch.ones_like(f)
-    return f.clamp_min(eps * mean).sqrt()
-
-
-def fisher_weighted_svd(
-    weight: torch.Tensor,
-    fisher_in: torch.Tensor,
-    *,
-    eps: float = 1e-6,
-    dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fisher-weighted SVD of ``weight`` (m, n) given per-input-channel Fisher ``fisher_in`` (n,).
-
-    Minimizes the Fisher-weighted reconstruction error
-
-    .. math:: \\|(W - AB) D\\|_F^2, \\qquad D = \\operatorname{diag}(\\sqrt{f}),\\;
-              f_j = \\textstyle\\sum_i F_{ij},
-
-    whose minimum at rank k is the sum of the discarded squared singular values
-    of W D.
-
-    Parameters
-    ----------
-    weight : (m, n) tensor
-    fisher_in : (n,) tensor, the empirical Fisher summed over output rows.
-    eps : float
-        Floor of f relative to its mean (guards channels with zero Fisher).
-    dtype : torch.dtype
-        Precision of the SVD.
-
-    Returns
-    -------
-    U (m, r), s (r,), Vt (r, n)
-        SVD of W D, r = min(m, n).
-    d : (n,) tensor
-        The diagonal of D (float64).
-
-    References
-    ----------
-    Y.-C. Hsu, T. Hua, S. Chang, Q. Lou, Y. Shen, H. Jin. Language Model
-    Compression with Weighted Low-Rank Factorization. ICLR 2022.
-    """
-    d = fisher_channel_weights(fisher_in.to(weight.device), eps)
-    U, s, Vt = linalg.thin_svd(weight.to(torch.float64) * d, dtype)
-    return U, s, Vt, d
 
 
 @dataclass(frozen=True)
@@ -92,16 +35,19 @@ class FWSVDOptions:
             raise ValueError(f"eps must lie in (0, 1), got {self.eps}")
 
 
-class FWSVD(harness.Decomposer):
+class FWSVD(harness.SingleMatrixDecomposer):
     name = "fwsvd"
     needs = frozenset({"fisher"})
     Options = FWSVDOptions
     description = "SVD of W diag(sqrt(Fisher per input channel)) (Fisher-weighted SVD)"
 
-    def factorize(self, weights, stats, options, ctx):
-        ((name, weight),) = weights.items()
-        dtype = DTYPES[options.dtype]
-        U, s, Vt, d = fisher_weighted_svd(weight.to(ctx.device), stats[name].fisher_in, eps=options.eps, dtype=dtype)
+    def factorize_matrix(self, name, weight, stats, options, ctx):
+        import torch
+
+        from harness_fwsvd.decompose import fisher_weighted_svd
+
+        dtype = harness.float_dtype(options.dtype)
+        U, s, Vt, d = fisher_weighted_svd(weight, stats.fisher_in, eps=options.eps, dtype=dtype)
         right = torch.diag(1 / d).to(dtype)
         return harness.SVDLikeFactorization(name, U, s, Vt, right=right, out_dtype=weight.dtype)
 

@@ -19,7 +19,8 @@ Chen et al. (2021) and Yu & Wu (2023) as *feature-based* decomposition that
 outputs and compensates the bias, (I - U_k U_k^T) E[Y]; Llama-style layers
 have no bias and the harness's ``LowRank`` replacement carries none, so the
 uncentered covariance is used here, which makes the factors the same as
-``sfsd``'s. What distinguishes the papers is how ranks are chosen per layer,
+``sfsd``'s (both are ``harness.ProjectionFactorization.from_output_covariance``).
+What distinguishes the papers is how ranks are chosen per layer,
 which is an allocator's job here (LoRD's own rank policy could not be
 checked from its text). One eigendecomposition serves every rank.
 """
@@ -29,44 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 import harness
-from harness import linalg
 
 __version__ = "0.1.0"
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def output_pca(out_cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Principal components of a layer's outputs: eigenvectors of ``out_cov`` = Y^T Y (m, m).
-
-    Rank-k factors A = U_k, B = U_k^T W minimize the feature reconstruction
-    error over projections of the output space,
-
-    .. math:: \\|W X^\\top - U_k U_k^\\top W X^\\top\\|_F^2 = \\sum_{i>k} \\lambda_i,
-
-    the sum of the discarded eigenvalues of Y^T Y.
-
-    Parameters
-    ----------
-    out_cov : (m, m) tensor, Y^T Y of the layer's calibration outputs.
-
-    Returns
-    -------
-    U : (m, m) tensor, eigenvectors (columns), largest eigenvalue first, float64.
-    eigvals : (m,) tensor, descending, clamped at 0, float64.
-
-    References
-    ----------
-    A. Kaushal, T. Vaidhya, I. Rish. LoRD: Low Rank Decomposition of
-    Monolingual Code LLMs for One-Shot Compression. arXiv:2309.14021, 2023.
-    H. Yu, J. Wu. Compressing Transformers: Features Are Low-Rank, but Weights
-    Are Not! AAAI 2023.
-    """
-    eigvals, U = linalg.eigh_descending(out_cov)
-    return U, eigvals
 
 
 @dataclass(frozen=True)
@@ -75,17 +41,15 @@ class LoRDOptions:
     """Precision the factors are kept in until truncation (the eigendecomposition is float64)."""
 
 
-class LoRD(harness.Decomposer):
+class LoRD(harness.SingleMatrixDecomposer):
     name = "lord"
     needs = frozenset({"out_cov"})
     Options = LoRDOptions
     description = "feature-based decomposition: PCA of the layer's outputs (LoRD / atomic feature mimicking)"
 
-    def factorize(self, weights, stats, options, ctx):
-        ((name, weight),) = weights.items()
-        U, eigvals = output_pca(stats[name].out_cov.to(ctx.device))
-        W = weight.to(ctx.device, DTYPES[options.dtype])
-        return harness.ProjectionFactorization(name, W, U.to(W.dtype), eigvals, out_dtype=weight.dtype)
+    def factorize_matrix(self, name, weight, stats, options, ctx):
+        dtype = harness.float_dtype(options.dtype)
+        return harness.ProjectionFactorization.from_output_covariance(name, weight, stats.out_cov, dtype=dtype)
 
 
 @harness.hookimpl

@@ -12,14 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 import harness
-from harness.linalg import thin_svd
 
 __version__ = "0.1.0"
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -27,17 +22,16 @@ class SVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the decomposition (factors are cast to the model's dtype)."""
     algorithm: Literal["gram", "lapack"] = "gram"
-    """gram: eigh of the smaller Gram (fast; see harness.linalg.thin_svd); lapack: torch.linalg.svd."""
+    """gram: eigh of the smaller Gram (fast; see harness.thin_svd); lapack: torch.linalg.svd."""
 
 
-class SVD(harness.Decomposer):
+class SVD(harness.SingleMatrixDecomposer):
     name = "svd"
     Options = SVDOptions
     description = "truncated SVD of each weight (Eckart-Young); no calibration data"
 
-    def factorize(self, weights, stats, options, ctx):
-        ((name, weight),) = weights.items()
-        U, s, Vt = thin_svd(weight.to(ctx.device), DTYPES[options.dtype], options.algorithm)
+    def factorize_matrix(self, name, weight, stats, options, ctx):
+        U, s, Vt = harness.thin_svd(weight, harness.float_dtype(options.dtype), options.algorithm)
         return harness.SVDLikeFactorization(name, U, s, Vt, out_dtype=weight.dtype)
 
 

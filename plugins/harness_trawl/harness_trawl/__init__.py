@@ -18,16 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-import torch
-
 import harness
-from harness_trawl.factorization import StackSliceLinear, TrawlFactorization
 from harness_trawl.stacking import check_layers_spec, trawl_groups
 
 __version__ = "0.1.0"
-__all__ = ["StackSliceLinear", "TrawlCP", "TrawlFactorization", "TrawlTucker"]
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+__all__ = ["TrawlCP", "TrawlTucker"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,8 @@ class _Trawl(harness.Decomposer):
         return trawl_groups(layers, options.by, options.layers, options.kinds)
 
     def factorize(self, weights, stats, options, ctx):
+        from harness_trawl.factorization import TrawlFactorization
+
         return TrawlFactorization(
             weights,
             method=self.method,
@@ -78,7 +75,7 @@ class _Trawl(harness.Decomposer):
             mode=options.mode,
             seed=ctx.seed,
             device=ctx.device,
-            dtype=DTYPES[options.dtype],
+            dtype=harness.float_dtype(options.dtype),
             stack_rank=getattr(options, "stack_rank", None),
             n_iter_max=options.n_iter_max,
             tol=options.tol,

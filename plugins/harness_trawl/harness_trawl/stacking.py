@@ -25,10 +25,12 @@ Matrices of different shapes are never padded.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from harness import HarnessError, LayerInfo
+
+if TYPE_CHECKING:  # the tensor functions import torch when called: the plugin's import loads none
+    import torch
 
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj", "fc_in", "fc_out")
@@ -145,9 +147,12 @@ def stack_shape(weights: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return len(shapes), m, n
 
 
-def stack(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The group's weights as one (S, m, n) tensor in ``dtype``, MLP outputs transposed."""
+def stack(weights: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The group's weights as one (S, m, n) tensor in ``dtype`` (default float32), MLP outputs transposed."""
+    import torch
+
     stack_shape(weights)
+    dtype = torch.float32 if dtype is None else dtype
     return torch.stack([(w.T if is_transposed(name) else w).to(dtype) for name, w in weights.items()])
 
 
