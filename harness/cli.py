@@ -115,7 +115,10 @@ def plugin_commands() -> tuple[dict[str, Command], list[str]]:
 
     plugins = command_plugins()
     table = plugins.registry["command"]
-    problems = [f"command plugin {name!r} failed to load: {error}" for name, error in plugins.failures.items()]
+    problems = [
+        f"command plugin {name!r} failed to load: {(error.splitlines() or [''])[0]}"
+        for name, error in plugins.failures.items()
+    ]
     commands = {}
     for name, entry in sorted(table.items()):
         if name in COMMANDS:
