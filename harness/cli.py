@@ -227,10 +227,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     import json
 
-    from harness.plugins import PLURAL, get_plugins
+    from harness.plugins import PLURAL, command_plugins, get_plugins
 
     plugins = get_plugins()
     infos = plugins.infos()
+    by_name = {info.name: info for info in infos}
+    commands = command_plugins()  # the same entry-point names, in the group harness.commands
+    for name, entry in commands.registry["command"].items():
+        if entry.plugin in by_name:
+            by_name[entry.plugin].registered.setdefault("command", []).append(name)
     if args.json:
         print(json.dumps([info.__dict__ for info in infos] + [{"failed": plugins.failures}], indent=2))
         return 0
@@ -249,6 +254,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=["plugin", "version", "distribution", "registers", "hooks"]))
     for name, error in plugins.failures.items():
         print(f"FAILED to load plugin {name!r}: {error}")
+    for name, error in commands.failures.items():
+        print(f"FAILED to load command plugin {name!r}: {error}")
     return 0
 
 
