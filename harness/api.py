@@ -230,9 +230,13 @@ class Profiler:
 class Tracker:
     """Receives the suite's results besides the results store (e.g. MLflow).
 
-    The runner calls ``start`` once, ``log_cell`` after each computed cell and
-    ``end`` once. A tracker must not raise for an unreachable backend: it warns
-    and the results stay in the local store.
+    The registered instance is the tracker, shared by every suite run of the
+    process that names it. In each run the runner calls ``start`` once (with
+    the suite's options for this tracker), ``log_cell`` after each computed
+    cell (reused cells are not logged again) and ``end`` once, in a
+    ``finally``, also when the run failed. An exception from any of them
+    costs no result: the runner warns once, calls that tracker no more in this
+    run, and the results stay in the local store.
     """
 
     name: ClassVar[str]
@@ -240,10 +244,12 @@ class Tracker:
     description: ClassVar[str] = ""
 
     def start(self, suite: Any, options: Any, results_dir: Path) -> None:
-        pass
+        """A run of ``suite`` (``harness.Suite``) begins; reset any state of an earlier run here."""
 
-    def log_cell(self, cell: Any, result: dict, cell_file: Path) -> None:
-        pass
+    def log_cell(self, cell: Any, result: Any, cell_file: Path) -> None:
+        """A computed ``cell`` (``harness.Cell``) finished: ``result`` is its ``harness.CellRecord``,
+        saved at ``cell_file``."""
 
-    def end(self, suite: Any, results: list[dict], results_dir: Path) -> None:
-        pass
+    def end(self, suite: Any, results: list[Any], results_dir: Path) -> None:
+        """The run ends: ``results`` holds every cell's ``harness.CellRecord``, reused ones included;
+        the leaderboard and report files are in ``results_dir``."""

@@ -3,8 +3,11 @@
 Exit status: 0 success; 1 a cell failed (its error is in its result); 2 bad
 input (one line on stderr naming the file, the key, what was expected and
 what was received). Any other exception is a bug and keeps its traceback.
-Heavy libraries are imported inside the commands, so ``--help`` and
-``plugins`` answer at once.
+Heavy libraries are imported inside the commands, so ``--help``,
+``validate`` and ``plugins`` load no torch. Plugins add commands
+(``harness.Command``) through the ``register_commands`` hook of the light
+entry-point group ``harness.commands`` (e.g. ``harness sync``, from the MLflow
+plugin).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from harness.commands import Command
 from harness.errors import HarnessError
 
 
@@ -36,7 +40,8 @@ def count(text: str) -> int:
     return positive_int(text, 0, "a non-negative integer")
 
 
-def build_parser() -> Parser:
+def build_parser(commands: dict[str, Command] | None = None) -> Parser:
+    """The core commands, then ``commands`` (plugin commands; default: those of ``plugin_commands()``)."""
     parser = Parser(prog="harness", description="Compare weight-decomposition methods for LLM compression.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -94,11 +99,32 @@ def build_parser() -> Parser:
     baseline.add_argument("results_dir", help="e.g. results/smoke")
     baseline.add_argument("-o", "--output", required=True, help="baseline file to write (its tolerances are kept)")
 
-    sync = sub.add_parser("sync", help="log to MLflow the cells of a results directory that it does not have yet")
-    sync.add_argument("results_dir", help="e.g. results/smoke")
-    sync.add_argument("--tracking-uri", help="default: the suite's mlflow options, else $MLFLOW_TRACKING_URI")
-    sync.add_argument("--experiment", help="default: the suite's mlflow options, else the suite's name")
+    for name, command in (plugin_commands()[0] if commands is None else commands).items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
+
+
+def plugin_commands() -> tuple[dict[str, Command], list[str]]:
+    """(name -> command, one-line problems) of the plugins in the entry-point group ``harness.commands``.
+
+    A plugin that fails to load is a problem line, not an error: the core
+    commands keep working. A name used twice (by two plugins, or by a plugin
+    and the core) raises HarnessError naming both.
+    """
+    from harness.plugins import command_plugins
+
+    plugins = command_plugins()
+    table = plugins.registry["command"]
+    problems = [
+        f"command plugin {name!r} failed to load: {(error.splitlines() or [''])[0]}"
+        for name, error in plugins.failures.items()
+    ]
+    commands = {}
+    for name, entry in sorted(table.items()):
+        if name in COMMANDS:
+            raise HarnessError(f"plugin {entry.plugin!r} registers command {name!r}, a core command of harness")
+        commands[name] = entry.component
+    return commands, problems
 
 
 def add_ray_arguments(group: argparse._ArgumentGroup) -> None:
@@ -131,10 +157,19 @@ def add_ray_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        commands, problems = plugin_commands()
+    except HarnessError as exc:  # a command name registered twice
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"harness: warning: {problem}", file=sys.stderr)
+    args = build_parser(commands).parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return COMMANDS[args.command](args)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
+        return commands[args.command].run(args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
@@ -192,10 +227,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     import json
 
-    from harness.plugins import PLURAL, get_plugins
+    from harness.plugins import PLURAL, command_plugins, get_plugins
 
     plugins = get_plugins()
     infos = plugins.infos()
+    by_name = {info.name: info for info in infos}
+    commands = command_plugins()  # the same entry-point names, in the group harness.commands
+    for name, entry in commands.registry["command"].items():
+        if entry.plugin in by_name:
+            by_name[entry.plugin].registered.setdefault("command", []).append(name)
     if args.json:
         print(json.dumps([info.__dict__ for info in infos] + [{"failed": plugins.failures}], indent=2))
         return 0
@@ -214,6 +254,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=["plugin", "version", "distribution", "registers", "hooks"]))
     for name, error in plugins.failures.items():
         print(f"FAILED to load plugin {name!r}: {error}")
+    for name, error in commands.failures.items():
+        print(f"FAILED to load command plugin {name!r}: {error}")
     return 0
 
 
@@ -279,17 +321,6 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
-    from harness import sync
-
-    summary = sync.sync(Path(args.results_dir), args.tracking_uri, args.experiment)
-    print(
-        f"{summary.logged} cell(s) logged, {summary.present} already present in experiment "
-        f"{summary.experiment!r} at {summary.tracking_uri or 'the default tracking store'}"
-    )
-    return 0
-
-
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -300,7 +331,6 @@ COMMANDS = {
     "show": cmd_show,
     "check": cmd_check,
     "baseline": cmd_baseline,
-    "sync": cmd_sync,
 }
 
 if __name__ == "__main__":

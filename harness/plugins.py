@@ -1,7 +1,9 @@
 """Plugin manager and component registry.
 
 Plugins are found through entry points in the group ``harness`` (built-ins
-under ``plugins/`` are installed the same way as a third party's). Switches:
+under ``plugins/`` are installed the same way as a third party's); the CLI
+finds the commands plugins add in a second, light group ``harness.commands``
+(``command_plugins``). Switches (for both groups, by entry-point name):
 
 - ``HARNESS_LOAD_PLUGINS=a,b``: load only these entry points (allow-list;
   an empty value loads none).
@@ -14,7 +16,7 @@ by ``harness plugins`` and at run start; the others keep working.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -22,15 +24,17 @@ from typing import Any
 import pluggy
 
 from harness import hookspecs
-from harness.errors import HarnessError, did_you_mean
+from harness.errors import HarnessError, did_you_mean, first_line
 
 GROUP = "harness"
+COMMAND_GROUP = "harness.commands"
 KINDS = {
     "decomposer": "register_decomposers",
     "allocator": "register_rank_allocators",
     "evaluator": "register_evaluators",
     "profiler": "register_profilers",
     "tracker": "register_trackers",
+    "command": "register_commands",
 }
 PLURAL = {
     "decomposer": "methods",
@@ -38,6 +42,7 @@ PLURAL = {
     "evaluator": "evaluators",
     "profiler": "profilers",
     "tracker": "trackers",
+    "command": "commands",
 }
 
 
@@ -66,7 +71,8 @@ def _split_env(name: str) -> set[str] | None:
 class Plugins:
     """The pluggy manager plus the registry of named components it yields."""
 
-    def __init__(self, load_entry_points: bool = True) -> None:
+    def __init__(self, load_entry_points: bool = True, group: str = GROUP) -> None:
+        self.group = group
         self.pm = pluggy.PluginManager("harness")
         self.pm.add_hookspecs(hookspecs)
         self.failures: dict[str, str] = {}
@@ -81,7 +87,7 @@ class Plugins:
         allow = _split_env("HARNESS_LOAD_PLUGINS")
         block = _split_env("HARNESS_DISABLE_PLUGINS") or set()
         seen: set[str] = set()
-        for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
+        for ep in sorted(metadata.entry_points(group=self.group), key=lambda e: e.name):
             if ep.name in seen or ep.name in block or (allow is not None and ep.name not in allow):
                 continue
             seen.add(ep.name)
@@ -116,7 +122,16 @@ class Plugins:
         for kind, hook_name in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
-                impl.function(**{"register": self._registrar(registry[kind], kind, impl.plugin_name)})
+                register = self._registrar(registry[kind], kind, impl.plugin_name)
+                if kind != "command":
+                    impl.function(register=register)
+                    continue
+                try:  # a broken command plugin must not cost the core commands
+                    impl.function(register=register)
+                except HarnessError:
+                    raise
+                except Exception as exc:
+                    self.failures[impl.plugin_name] = first_line(exc)
         return registry
 
     @staticmethod
@@ -180,9 +195,6 @@ class Plugins:
         """Plugin name -> version, for every loaded plugin (recorded in cell ids)."""
         return {info.name: info.version for info in self.infos()}
 
-    def hook_callers(self) -> Iterator[str]:
-        yield from (name for name in dir(self.pm.hook) if not name.startswith("_"))
-
 
 _PLUGINS: Plugins | None = None
 
@@ -199,3 +211,18 @@ def set_plugins(plugins: Plugins | None) -> None:
     """Replace the process-wide manager (tests; ``None`` reloads on next use)."""
     global _PLUGINS
     _PLUGINS = plugins
+
+
+_COMMAND_PLUGINS: Plugins | None = None
+
+
+def command_plugins() -> Plugins:
+    """The plugins of the group ``harness.commands`` (the CLI's commands), loaded afresh on each call
+    unless ``set_command_plugins`` fixed them."""
+    return _COMMAND_PLUGINS if _COMMAND_PLUGINS is not None else Plugins(group=COMMAND_GROUP)
+
+
+def set_command_plugins(plugins: Plugins | None) -> None:
+    """Fix the command plugins the CLI uses (tests, embedding applications); ``None``: entry points again."""
+    global _COMMAND_PLUGINS
+    _COMMAND_PLUGINS = plugins

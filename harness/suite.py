@@ -101,6 +101,13 @@ class SurgeryConfig:
 
 @dataclass(frozen=True)
 class Suite:
+    """A validated suite (``harness.Suite``): what ``harness_suite_start`` and the trackers receive.
+
+    ``models`` are model specs as written (HF ids, local paths, ``embedded``);
+    ``methods`` each carry their targets and allocators; evaluators,
+    profilers and trackers are ``Component`` (name, parsed options, label).
+    """
+
     name: str
     file: str
     description: str = ""
@@ -115,10 +122,6 @@ class Suite:
     trackers: tuple[Component, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
-
-    def needs(self) -> set[str]:
-        plugins = get_plugins()
-        return {need for m in self.methods for need in plugins.get("decomposer", m.name).needs}
 
     def with_models(self, models: list[str]) -> Suite:
         return replace(self, models=tuple(models))

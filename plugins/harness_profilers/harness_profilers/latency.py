@@ -13,53 +13,14 @@ timed with events (synchronized before reading), CPU with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 
 import harness
+from harness_profilers.options import LatencyOptions
 from harness_profilers.timing import UNIT, Timer, generate, model_device, prompt_ids, sample, summarize
 
 STATS = ("p50", "p90", "p99")
-
-
-@dataclass(frozen=True)
-class LatencyOptions:
-    prompt_len: int = 128
-    """Prompt length in tokens."""
-    new_tokens: int = 32
-    """Tokens generated per decode measurement (at least 2)."""
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    """Batch sizes measured; each gets its own metrics (suffix ``_b<size>``)."""
-    warmup: int = 2
-    """Untimed runs before each measurement."""
-    min_runs: int = 5
-    """Timed runs at least..."""
-    min_seconds: float = 1.0
-    """...and at least this long (both must be met)."""
-    max_runs: int = 1000
-    """Upper bound on timed runs per measurement."""
-    threads: int | None = None
-    """torch CPU threads while measuring (default: unchanged). On a shared, loaded CPU, 1 avoids
-    intra-op threads stalling at barriers (measured: a 30x slowdown of small kernels)."""
-
-    def __post_init__(self) -> None:
-        if self.prompt_len < 1:
-            raise ValueError(f"prompt_len: expected at least 1, got {self.prompt_len}")
-        if self.new_tokens < 2:
-            raise ValueError(
-                f"new_tokens: expected at least 2 (decode needs tokens after the first), got {self.new_tokens}"
-            )
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes: expected positive integers, got {self.batch_sizes}")
-        if self.min_runs < 1 or self.max_runs < self.min_runs:
-            raise ValueError(
-                f"min_runs/max_runs: expected 1 <= min_runs <= max_runs, got {self.min_runs}/{self.max_runs}"
-            )
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads: expected at least 1, got {self.threads}")
-        if self.warmup < 0 or self.min_seconds < 0:
-            raise ValueError("warmup and min_seconds: expected non-negative values")
 
 
 def metric_names(batch: int) -> dict[str, bool]:
@@ -70,47 +31,42 @@ def metric_names(batch: int) -> dict[str, bool]:
     return names
 
 
-class Latency(harness.Profiler):
-    name = "latency"
-    Options = LatencyOptions
-    description = "prefill and per-token decode latency (ms), p50/p90/p99"
-    hardware_bound = True
-
-    def profile(self, model, tokenizer, options: LatencyOptions, ctx):
-        device = model_device(model, ctx.device)
-        metrics: dict[str, float] = {}
-        higher: dict[str, bool] = {}
-        per_batch = {}
-        was_training, threads = model.training, torch.get_num_threads()
-        model.eval()
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        try:
-            used_threads = torch.get_num_threads()
-            for batch in options.batch_sizes:
-                outcome = measure_batch(model, batch, options, ctx.seed, device)
-                per_batch[str(batch)] = outcome
-                metrics |= batch_metrics(batch, outcome)
-                higher |= metric_names(batch)
-        finally:
-            model.train(was_training)
-            torch.set_num_threads(threads)
-        info = {
-            "units": {
-                "prefill": f"{UNIT} per prompt",
-                "decode": f"{UNIT} per generated token",
-                "spread": "(p90-p10)/p50",
-            },
-            "clock": Timer(device).clock,
-            "torch_threads": used_threads,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "device": str(device),
-            "prompt": f"{options.prompt_len} seeded random token ids",
-            "method": "prefill = forward(prompt, use_cache); decode = (generate(n) - p50 generate(1)) / (n - 1)",
-            "options": {"prompt_len": options.prompt_len, "new_tokens": options.new_tokens},
-            "batches": per_batch,
-        }
-        return harness.EvalResult(metrics, info, higher)
+def profile(model, tokenizer, options: LatencyOptions, ctx):
+    """``Latency.profile``: the measurement (this module imports torch)."""
+    device = model_device(model, ctx.device)
+    metrics: dict[str, float] = {}
+    higher: dict[str, bool] = {}
+    per_batch = {}
+    was_training, threads = model.training, torch.get_num_threads()
+    model.eval()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        used_threads = torch.get_num_threads()
+        for batch in options.batch_sizes:
+            outcome = measure_batch(model, batch, options, ctx.seed, device)
+            per_batch[str(batch)] = outcome
+            metrics |= batch_metrics(batch, outcome)
+            higher |= metric_names(batch)
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(threads)
+    info = {
+        "units": {
+            "prefill": f"{UNIT} per prompt",
+            "decode": f"{UNIT} per generated token",
+            "spread": "(p90-p10)/p50",
+        },
+        "clock": Timer(device).clock,
+        "torch_threads": used_threads,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+        "prompt": f"{options.prompt_len} seeded random token ids",
+        "method": "prefill = forward(prompt, use_cache); decode = (generate(n) - p50 generate(1)) / (n - 1)",
+        "options": {"prompt_len": options.prompt_len, "new_tokens": options.new_tokens},
+        "batches": per_batch,
+    }
+    return harness.EvalResult(metrics, info, higher)
 
 
 @torch.inference_mode()

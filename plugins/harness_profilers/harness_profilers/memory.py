@@ -23,33 +23,17 @@ import functools
 import gc
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import harness
+from harness_profilers.options import MemoryOptions
 from harness_profilers.timing import generate, is_cuda, model_device, prompt_ids, synchronize
 
 MB = 1e6
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-@dataclass(frozen=True)
-class MemoryOptions:
-    prompt_len: int = 128
-    """Prompt length in tokens."""
-    batch_size: int = 1
-    new_tokens: int = 0
-    """0: one forward pass of the prompt; more: greedy generation of that many tokens (KV cache included)."""
-
-    def __post_init__(self) -> None:
-        if self.prompt_len < 1 or self.batch_size < 1 or self.new_tokens < 0:
-            raise ValueError(
-                "prompt_len, batch_size: expected at least 1, new_tokens: at least 0; "
-                f"got {self.prompt_len}, {self.batch_size}, {self.new_tokens}"
-            )
 
 
 def weight_bytes(model: torch.nn.Module, device: torch.device) -> int:
@@ -140,33 +124,28 @@ class RSSSampler:
         self.peak = max(self.peak, current_rss() or 0)
 
 
-class Memory(harness.Profiler):
-    name = "memory"
-    Options = MemoryOptions
-    description = "peak memory of a forward pass (CUDA allocator or process RSS) and weight bytes"
-    hardware_bound = True
+def profile(model, tokenizer, options: MemoryOptions, ctx):
+    """``Memory.profile``: the measurement (this module imports torch)."""
+    device = model_device(model, ctx.device)
+    ids = prompt_ids(model, options.batch_size, options.prompt_len, ctx.seed, device)
 
-    def profile(self, model, tokenizer, options: MemoryOptions, ctx):
-        device = model_device(model, ctx.device)
-        ids = prompt_ids(model, options.batch_size, options.prompt_len, ctx.seed, device)
+    @torch.inference_mode()
+    def work() -> None:
+        if options.new_tokens:
+            generate(model, ids, options.new_tokens)
+        else:
+            model(input_ids=ids, use_cache=options.new_tokens > 0)
 
-        @torch.inference_mode()
-        def work() -> None:
-            if options.new_tokens:
-                generate(model, ids, options.new_tokens)
-            else:
-                model(input_ids=ids, use_cache=options.new_tokens > 0)
-
-        measure = cuda_peak if is_cuda(device) and torch.cuda.is_available() else cpu_peak
-        metrics, info = measure(work, device)
-        metrics["weights_mb"] = weight_bytes(model, device) / MB
-        info |= {
-            "units": {name: "MB (1e6 bytes)" for name in metrics},
-            "device": str(device),
-            "workload": (f"generate {options.new_tokens} tokens" if options.new_tokens else "one forward pass")
-            + f" of {options.batch_size} x {options.prompt_len} seeded random token ids",
-        }
-        return harness.EvalResult(metrics, info, {name: False for name in metrics})
+    measure = cuda_peak if is_cuda(device) and torch.cuda.is_available() else cpu_peak
+    metrics, info = measure(work, device)
+    metrics["weights_mb"] = weight_bytes(model, device) / MB
+    info |= {
+        "units": {name: "MB (1e6 bytes)" for name in metrics},
+        "device": str(device),
+        "workload": (f"generate {options.new_tokens} tokens" if options.new_tokens else "one forward pass")
+        + f" of {options.batch_size} x {options.prompt_len} seeded random token ids",
+    }
+    return harness.EvalResult(metrics, info, {name: False for name in metrics})
 
 
 def cuda_peak(work, device: torch.device) -> tuple[dict[str, float], dict]:

@@ -1,4 +1,4 @@
-"""``harness sync RESULTS_DIR``: log to MLflow the cells it does not have yet.
+"""``harness sync RESULTS_DIR`` (a command of this plugin): log to MLflow the cells it does not have yet.
 
 The results store is the record; MLflow is a view of it. When the tracking
 server was unreachable during a run (the runner warns and carries on), or a
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
-from harness.store import read_results
+import harness
+from harness import HarnessError, read_results
 
 
 @dataclass
@@ -45,11 +45,6 @@ def tracker_defaults(results: list[dict]) -> tuple[str | None, str | None]:
                 options = tracker.get("options") or {}
                 return options.get("tracking_uri"), options.get("experiment")
     return None, None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def logged_runs(client: Any, experiment_id: str) -> list[Any]:
@@ -80,10 +75,11 @@ def sync(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        from harness_mlflow import log_result
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
-        raise HarnessError(f"harness sync needs the mlflow tracker plugin (harness-mlflow): {exc}") from None
+        raise HarnessError(f"harness sync needs mlflow (pip install mlflow): {exc}") from None
+
+    from harness_mlflow import log_result
 
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -91,8 +87,9 @@ def sync(
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         runs = logged_runs(client, experiment_id)
     except Exception as exc:  # unreachable server, bad URI: nothing was logged
+        reason = harness.first_line(exc, 300)
         raise HarnessError(
-            f"--tracking-uri: expected a reachable MLflow store, got {uri or 'the default'}: {_first_line(exc)}"
+            f"--tracking-uri: expected a reachable MLflow store, got {uri or 'the default'}: {reason}"
         ) from None
     present = {
         (run.data.tags["harness.cell_id"], run.data.tags.get("harness.status"))
@@ -122,7 +119,7 @@ def sync(
     except Exception as exc:
         raise HarnessError(
             f"--tracking-uri: the MLflow store {uri or 'default'} failed after {summary.logged} of {len(missing)} "
-            f"cells ({_first_line(exc)}); run harness sync again to log the rest"
+            f"cells ({harness.first_line(exc, 300)}); run harness sync again to log the rest"
         ) from None
     client.set_terminated(parent, "FINISHED")
     return summary
