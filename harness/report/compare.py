@@ -60,7 +60,7 @@ def compare(a_dir: Path, b_dir: Path, only_changed: bool = False) -> dict[str, A
             notes.append(
                 f"{label}: cell id {ra.get('cell_id')} -> {rb.get('cell_id')} (config, versions or data changed)"
             )
-        if ra.get("status") != rb.get("status"):
+        if ra.status != rb.status:
             notes.append(f"{label}: status {ra.get('status')} -> {rb.get('status')}")
         hardware = set(ra.get("hardware_metrics") or ()) | set(rb.get("hardware_metrics") or ())
         other_hardware = hardware_of(ra) != hardware_of(rb)

@@ -131,7 +131,7 @@ def against_baseline(results: Sequence[dict], alpha: float = ALPHA) -> list[dict
     out = []
     for result in results:
         base = baselines.get(result.model_id)
-        if base is None or result is base or result.get("method") is None or not result.ok:
+        if base is None or result is base or result.is_baseline or not result.ok:
             out.append({})
             continue
         out.append(compare(base, result, alpha))

@@ -44,17 +44,17 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def cell_params(result: dict) -> dict[str, str]:
+def cell_params(result: harness.CellRecord) -> dict[str, str]:
     # the baseline has no method, allocator or target: logged as name "none"
-    parts = {k: result.get(k) or {"name": "none"} for k in ("method", "allocator", "target", "surgery")}
+    parts = {k: getattr(result, k) or {"name": "none"} for k in ("method", "allocator", "target", "surgery")}
     params = flatten("", parts, {})
     params.update(
         {
-            "cell_id": result["cell_id"],
-            "model": result["model"]["id"],
-            "model_fingerprint": result["model"]["fingerprint"][:16],
-            "seed": str(result["provenance"].get("seed")),
-            "limit": str(result["provenance"].get("limit")),
+            "cell_id": result.cell_id,
+            "model": result.model_id,
+            "model_fingerprint": result.model["fingerprint"][:16],
+            "seed": str(result.provenance.get("seed")),
+            "limit": str(result.provenance.get("limit")),
         }
     )
     return params
@@ -95,7 +95,7 @@ class MLflowTracker(harness.Tracker):
         self.client.log_param(self.parent_id, "suite_file", suite.file)
         self.client.log_param(self.parent_id, "models", ",".join(suite.models))
 
-    def log_cell(self, cell, result: dict, cell_file: Path) -> None:
+    def log_cell(self, cell, result: harness.CellRecord, cell_file: Path) -> None:
         if self.client is None:
             return
         log_result(self.client, self.experiment_id, self.parent_id, result, cell_file)
@@ -108,38 +108,36 @@ class MLflowTracker(harness.Tracker):
         for path in [directory / "leaderboard.md", directory / "report.html", *sorted(directory.glob("*.png"))]:
             if path.exists():
                 self.client.log_artifact(self.parent_id, str(path))
-        self.client.set_terminated(
-            self.parent_id, "FAILED" if any(r.get("status") != "ok" for r in results) else "FINISHED"
-        )
+        self.client.set_terminated(self.parent_id, "FAILED" if any(not r.ok for r in results) else "FINISHED")
 
 
-def log_result(client, experiment_id: str, parent_id: str | None, result: dict, cell_file: Path) -> str:
+def log_result(client, experiment_id: str, parent_id: str | None, result: harness.CellRecord, cell_file: Path) -> str:
     """One nested run for ``result``; returns its run id."""
     from mlflow.entities import Metric, Param, RunTag
 
-    label = f"{(result.get('method') or {}).get('label', 'baseline')} {(result.get('target') or {}).get('label', '')}"
-    tags = {"harness.cell_id": result["cell_id"], "harness.status": result["status"], "mlflow.runName": label.strip()}
+    label = f"{result.method_label} {(result.target or {}).get('label', '')}"
+    tags = {"harness.cell_id": result.cell_id, "harness.status": result.status, "mlflow.runName": label.strip()}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
     metrics, flagged = [], []
-    for name, value in result.get("metrics", {}).items():
+    for name, value in result.metrics.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
             metrics.append(Metric(metric_key(name), float(value), 0, 0))
         else:
             flagged.append(name)
     tag_list = [RunTag("harness.flagged_metrics", ",".join(flagged))] if flagged else []
-    if result.get("error"):
-        tag_list.append(RunTag("harness.error", f"{result['error']['type']}: {result['error']['message']}"[:5000]))
+    if result.error:
+        tag_list.append(RunTag("harness.error", f"{result.error['type']}: {result.error['message']}"[:5000]))
     params = [Param(k, v) for k, v in cell_params(result).items()]
     client.log_batch(run_id, metrics=metrics, params=params, tags=tag_list)
     client.log_artifact(run_id, str(cell_file))
     results_dir = Path(cell_file).parent.parent
-    for artifact in result.get("artifacts", []):
+    for artifact in result.artifacts:
         if (results_dir / artifact).exists():
             client.log_artifact(run_id, str(results_dir / artifact), artifact_path=str(Path(artifact).parent))
-    client.set_terminated(run_id, "FINISHED" if result["status"] == "ok" else "FAILED")
+    client.set_terminated(run_id, "FINISHED" if result.ok else "FAILED")
     return run_id
 
 

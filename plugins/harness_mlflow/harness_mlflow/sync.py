@@ -39,7 +39,7 @@ class SyncSummary:
 def tracker_defaults(results: list[dict]) -> tuple[str | None, str | None]:
     """(tracking_uri, experiment) of the mlflow tracker in the suite the cells were run with."""
     for result in results:
-        suite = (result.get("provenance") or {}).get("suite") or {}
+        suite = result.provenance.get("suite") or {}
         for tracker in suite.get("trackers") or []:
             if tracker.get("name") == "mlflow":
                 options = tracker.get("options") or {}
@@ -97,12 +97,12 @@ def sync(
         if run.info.status != "RUNNING"
     }
     half_logged = [run for run in runs if run.info.status == "RUNNING"]
-    missing = [r for r in results if (r["cell_id"], r.get("status")) not in present]
+    missing = [r for r in results if (r.cell_id, r.status) not in present]
     summary = SyncSummary(uri, experiment, 0, len(results) - len(missing))
     if not missing:
         return summary
     for run in half_logged:
-        if any(run.data.tags["harness.cell_id"] == r["cell_id"] for r in missing):
+        if any(run.data.tags["harness.cell_id"] == r.cell_id for r in missing):
             client.delete_run(run.info.run_id)
             summary.replaced += 1
     parent = client.create_run(
@@ -110,9 +110,9 @@ def sync(
     ).info.run_id
     try:
         for result in missing:
-            log_result(client, experiment_id, parent, result, results_dir / "cells" / f"{result['cell_id']}.json")
+            log_result(client, experiment_id, parent, result, results_dir / "cells" / f"{result.cell_id}.json")
             summary.logged += 1
-            log(f"logged {result['cell_id']} ({result.get('status')})")
+            log(f"logged {result.cell_id} ({result.status})")
         board = results_dir / "leaderboard.md"
         if board.exists():
             client.log_artifact(parent, str(board))

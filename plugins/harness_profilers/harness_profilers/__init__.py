@@ -3,7 +3,7 @@
 (joules per generated token from NVML, GPU only).
 
 All three set ``hardware_bound = True``: their numbers depend on the machine,
-so the runner records their metric names in ``result["hardware_metrics"]`` and
+so the runner records their metric names in ``CellRecord.hardware_metrics`` and
 the leaderboard never puts rows from different hardware in one such table.
 """
 
