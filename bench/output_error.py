@@ -48,8 +48,9 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor)
 def method_errors(session, method, cells, grams: dict) -> dict[str, float]:
     """Relative output error of ``method`` at each of its uniform-allocator cells' targets."""
     factorizations, _ = session.factorize(method)
-    allocator = session.plugins.get("allocator", "uniform")
-    ctx = AllocationContext(seed=session.suite.seed, layers=session.layer_by_name, log=lambda _: None)
+    allocator = session.env.plugins.get("allocator", "uniform")
+    layers = {layer.name: layer for layer in session.layers}
+    ctx = AllocationContext(seed=session.env.suite.seed, layers=layers, log=lambda _: None)
     out = {}
     for cell in cells:
         assignment = allocator.allocate(factorizations, cell.target, cell.allocator.options, ctx)

@@ -253,3 +253,8 @@ class Tracker:
     def end(self, suite: Any, results: list[Any], results_dir: Path) -> None:
         """The run ends: ``results`` holds every cell's ``harness.CellRecord``, reused ones included;
         the leaderboard and report files are in ``results_dir``."""
+
+    def catch_up_hint(self, results_dir: Path) -> str:
+        """How a user logs later what this tracker missed after it failed (e.g. a command), or ''.
+        The runner appends it to its one-line warning."""
+        return ""

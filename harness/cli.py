@@ -259,26 +259,29 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.report import leaderboard
+def stored_results(results_dir: str) -> tuple[Path, list]:
+    """The cell records of a results directory; HarnessError where it holds none."""
     from harness.store import read_results
 
-    directory = Path(args.results_dir)
+    directory = Path(results_dir)
     results = read_results(directory)
     if not results:
         raise HarnessError(f"{directory}: no cell results")
+    return directory, results
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from harness.report import leaderboard
+
+    directory, results = stored_results(args.results_dir)
     print(leaderboard.write(results, directory, f"Leaderboard: {directory.name}"))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import html as report
-    from harness.store import read_results
 
-    directory = Path(args.results_dir)
-    results = read_results(directory)
-    if not results:
-        raise HarnessError(f"{directory}: no cell results")
+    directory, results = stored_results(args.results_dir)
     report.write_all(results, directory, f"Leaderboard: {directory.name}")
     print(f"{directory / 'report.html'} (with leaderboard.md, leaderboard.json and Pareto plots beside it)")
     return 0

@@ -138,10 +138,12 @@ class Trackers:
                 log(
                     f"warning: tracker {component.label!r} failed in {method}: {first_line(exc, 300)}; it is off "
                     f"for the rest of this run, results stay in the local store {self.results_dir / 'cells'}"
-                    f"{tracker_hint(component.name, self.results_dir)}"
+                    f"{hint(tracker, self.results_dir)}"
                 )
 
 
-def tracker_hint(name: str, results_dir: Path) -> str:
-    """How to log the results later, where the tracker's plugin has a command for it."""
-    return f"; log them later with: harness sync {results_dir}" if name == "mlflow" else ""
+def hint(tracker: Any, results_dir: Path) -> str:
+    """The tracker's own word on how to log its results later (``harness.Tracker.catch_up_hint``)."""
+    method = getattr(tracker, "catch_up_hint", None)
+    text = method(results_dir) if method is not None else ""
+    return f"; {text}" if text else ""

@@ -95,6 +95,9 @@ class MLflowTracker(harness.Tracker):
         self.client.log_param(self.parent_id, "suite_file", suite.file)
         self.client.log_param(self.parent_id, "models", ",".join(suite.models))
 
+    def catch_up_hint(self, results_dir: Path) -> str:
+        return f"log them later with: harness sync {results_dir}"
+
     def log_cell(self, cell, result: harness.CellRecord, cell_file: Path) -> None:
         if self.client is None:
             return

@@ -9,6 +9,10 @@ the leaderboard never puts rows from different hardware in one such table.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 import harness
 from harness_profilers.options import EnergyOptions, LatencyOptions, MemoryOptions
 
@@ -18,16 +22,22 @@ __version__ = "0.1.0"
 # this module is what ``harness validate`` loads.
 
 
+def measured_in(module: str) -> Callable[..., harness.EvalResult]:
+    """A profiler's ``profile``: ``harness_profilers.<module>.profile``, imported on the first call."""
+
+    def profile(self: harness.Profiler, model: Any, tokenizer: Any, options: Any, ctx: Any) -> harness.EvalResult:
+        return importlib.import_module(f"harness_profilers.{module}").profile(model, tokenizer, options, ctx)
+
+    return profile
+
+
 class Latency(harness.Profiler):
     name = "latency"
     Options = LatencyOptions
     description = "prefill and per-token decode latency (ms), p50/p90/p99"
     hardware_bound = True
 
-    def profile(self, model, tokenizer, options: LatencyOptions, ctx):
-        from harness_profilers import latency
-
-        return latency.profile(model, tokenizer, options, ctx)
+    profile = measured_in("latency")
 
 
 class Memory(harness.Profiler):
@@ -36,10 +46,7 @@ class Memory(harness.Profiler):
     description = "peak memory of a forward pass (CUDA allocator or process RSS) and weight bytes"
     hardware_bound = True
 
-    def profile(self, model, tokenizer, options: MemoryOptions, ctx):
-        from harness_profilers import memory
-
-        return memory.profile(model, tokenizer, options, ctx)
+    profile = measured_in("memory")
 
 
 class Energy(harness.Profiler):
@@ -48,10 +55,7 @@ class Energy(harness.Profiler):
     description = "joules per generated token from NVML's energy counter (GPU only)"
     hardware_bound = True
 
-    def profile(self, model, tokenizer, options: EnergyOptions, ctx):
-        from harness_profilers import energy
-
-        return energy.profile(model, tokenizer, options, ctx)
+    profile = measured_in("energy")
 
 
 @harness.hookimpl
