@@ -303,5 +303,5 @@ def test_mlflow_parent_run_gets_the_reports(tmp_path):
         (tmp_path / name).write_text("x")
     tracker = MLflowTracker()
     tracker.client, tracker.parent_id = Client(), "parent"
-    tracker.end(None, [{"status": "ok"}], tmp_path)
+    tracker.end(None, [CellRecord(cell_id="a1", suite="t", status="ok", model={})], tmp_path)
     assert tracker.client.logged == ["leaderboard.md", "report.html", "pareto_bytes.png", "pareto_params.png"]
