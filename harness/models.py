@@ -11,7 +11,7 @@ later loads read that. ``trust_remote_code`` stays off unless a suite asks.
 ``random:<shape>[?layers=N][&seed=S]`` builds the shape's architecture on the
 meta device (no weights allocated, no HF init) and materializes every
 parameter in place with seeded random values; its tokenizer is the embedded
-model's, with token ids mapped into the shape's vocabulary (``MappedTokenizer``).
+model's, with token ids mapped into the shape's vocabulary (``map_tokenizer``).
 """
 
 from __future__ import annotations
@@ -220,49 +220,59 @@ def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bo
 
 
 # ---------------------------------------------------------------- shape-only random models
-class MappedTokenizer:
-    """The embedded model's tokenizer with every token id mapped into a smaller vocabulary.
-
-    An id ``i`` becomes ``i % vocab_size`` (ids below ``vocab_size`` are kept),
-    in what ``__call__`` and ``encode`` return and in the special-token ids;
-    ``decode`` maps nothing back (a random model's text has no meaning). Every
-    other attribute is the wrapped tokenizer's.
-    """
-
-    def __init__(self, tokenizer, vocab_size: int) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-
-    def __getattr__(self, name: str):
-        value = getattr(self.tokenizer, name)
-        if name.endswith("_token_id") and isinstance(value, int):
-            return value % self.vocab_size
-        return value
-
-    def map(self, ids):
-        if isinstance(ids, torch.Tensor):
-            return ids.remainder(self.vocab_size)
-        if isinstance(ids, int):
-            return ids % self.vocab_size
-        if isinstance(ids, list | tuple):
-            return type(ids)(self.map(i) for i in ids)
-        import numpy as np
-
-        if isinstance(ids, np.ndarray):
-            return ids % self.vocab_size
+def map_ids(ids, vocab_size: int):
+    """Token ids (an int, nested lists/tuples, a tensor or an array) taken modulo ``vocab_size``."""
+    if isinstance(ids, bool):
         return ids
+    if isinstance(ids, int):
+        return ids % vocab_size
+    if isinstance(ids, torch.Tensor):
+        return ids.remainder(vocab_size)
+    if isinstance(ids, list | tuple):
+        return type(ids)(map_ids(i, vocab_size) for i in ids)
+    if type(ids).__module__ == "numpy" and hasattr(ids, "dtype") and ids.dtype.kind in "iu":
+        return ids % vocab_size
+    return ids
+
+
+def map_tokenizer(tokenizer, vocab_size: int):
+    """``tokenizer`` (in place) with every token id it produces mapped into ``vocab_size`` ids.
+
+    An id ``i`` becomes ``i % vocab_size`` (ids below ``vocab_size`` are kept)
+    in what ``__call__``, ``encode`` and ``convert_tokens_to_ids`` return, and
+    so in the special-token ids (``eos_token_id``, ``pad_token_id``, ...).
+    ``decode`` maps nothing back (a random model's text has no meaning). The
+    tokenizer stays an instance of its class (a subclass is made for it), so
+    code that checks for a transformers tokenizer (lm-eval) takes it. The
+    mapping is idempotent: where one method calls another, ids map once.
+    """
+    base = type(tokenizer)
 
     def __call__(self, *args, **kwargs):
-        encoded = self.tokenizer(*args, **kwargs)
+        encoded = base.__call__(self, *args, **kwargs)
         if "input_ids" in encoded:
-            encoded["input_ids"] = self.map(encoded["input_ids"])
+            encoded["input_ids"] = map_ids(encoded["input_ids"], vocab_size)
         return encoded
 
     def encode(self, *args, **kwargs):
-        return self.map(self.tokenizer.encode(*args, **kwargs))
+        return map_ids(base.encode(self, *args, **kwargs), vocab_size)
 
-    def __len__(self) -> int:
-        return min(len(self.tokenizer), self.vocab_size)
+    def convert_tokens_to_ids(self, tokens):
+        return map_ids(base.convert_tokens_to_ids(self, tokens), vocab_size)
+
+    def __len__(self):
+        return min(base.__len__(self), vocab_size)
+
+    methods = {
+        "__call__": __call__,
+        "encode": encode,
+        "convert_tokens_to_ids": convert_tokens_to_ids,
+        "__len__": __len__,
+        "mapped_vocab_size": vocab_size,
+        "__module__": __name__,
+    }
+    tokenizer.__class__ = type(f"Mapped{base.__name__}", (base,), methods)
+    return tokenizer
 
 
 def embedded_tokenizer():
@@ -340,7 +350,7 @@ def _load_random(spec, dtype: str, device: str) -> LoadedModel:
     )
     tokenizer = embedded_tokenizer()
     if len(tokenizer) > config.vocab_size:
-        tokenizer = MappedTokenizer(tokenizer, config.vocab_size)
+        tokenizer = map_tokenizer(tokenizer, config.vocab_size)
     return LoadedModel(model, tokenizer, spec.canonical, fingerprint, files, note)
 
 

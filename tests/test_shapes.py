@@ -117,13 +117,20 @@ def test_random_weights_have_the_stated_distribution(tiny):
 
 def test_the_tokenizer_maps_ids_into_the_shape_vocabulary(tiny):
     import torch
+    from transformers import PreTrainedTokenizerBase
 
-    ids = tiny.tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
-    raw = tiny.tokenizer.tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    from harness.models import embedded_tokenizer
+
+    text = "The quick brown fox jumps over the lazy dog"
+    plain = embedded_tokenizer()
+    ids = tiny.tokenizer(text, return_tensors="pt")["input_ids"]
+    raw = plain(text, return_tensors="pt")["input_ids"]
     assert raw.max() >= 4096  # the embedded vocabulary (49152) is larger: ids wrap
     assert torch.equal(ids, raw % 4096)
-    assert tiny.tokenizer.encode("fox jumps") == [i % 4096 for i in tiny.tokenizer.tokenizer.encode("fox jumps")]
-    assert tiny.tokenizer.eos_token_id == tiny.tokenizer.tokenizer.eos_token_id % 4096
+    assert tiny.tokenizer(text)["input_ids"] == [i % 4096 for i in plain(text)["input_ids"]]
+    assert tiny.tokenizer.encode(text) == [i % 4096 for i in plain.encode(text)]
+    assert tiny.tokenizer.eos_token_id == plain.eos_token_id % 4096 and len(tiny.tokenizer) == 4096
+    assert isinstance(tiny.tokenizer, PreTrainedTokenizerBase)  # lm-eval's HFLM asserts a transformers tokenizer
     assert tiny.model(ids).logits.shape == (1, ids.shape[1], 4096)
 
 
@@ -284,3 +291,18 @@ def test_random_tiny_llama_runs_end_to_end(tmp_path, capsys):
     baseline = next(r for r in cells if r["method"] is None)
     compressed = next(r for r in cells if r["method"] is not None)
     assert compressed["sizes"]["model_params"] < baseline["sizes"]["model_params"]
+
+
+def test_device_map_is_ignored_on_cpu(tiny_model_dir):
+    import torch
+
+    from harness.models import load_model
+
+    placed = load_model(str(tiny_model_dir), "auto", "cpu", device_map="auto")
+    plain = load_model(str(tiny_model_dir), "float32", "cpu")
+    assert getattr(placed.model, "hf_device_map", None) is None
+    assert placed.fingerprint == plain.fingerprint
+    ours, theirs = placed.model.state_dict(), plain.model.state_dict()
+    assert all(value.dtype == torch.float32 and torch.equal(value, theirs[name]) for name, value in ours.items())
+    with pytest.raises(HarnessError, match="device_map: expected 'auto'"):
+        load_model(str(tiny_model_dir), "float32", "cpu", device_map="balanced")
