@@ -306,3 +306,16 @@ def test_device_map_is_ignored_on_cpu(tiny_model_dir):
     assert all(value.dtype == torch.float32 and torch.equal(value, theirs[name]) for name, value in ours.items())
     with pytest.raises(HarnessError, match="device_map: expected 'auto'"):
         load_model(str(tiny_model_dir), "float32", "cpu", device_map="balanced")
+
+
+def test_validate_with_random_models_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    suite = write_suite(tmp_path / "r.toml", 'models = ["random:llama-2-70b", "random:qwen2.5-7b?seed=2"]')
+    code = (
+        "import sys; from harness.cli import main; "
+        f"code = main(['validate', {str(suite)!r}, '--layers', '2']); print(code, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
