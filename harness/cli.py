@@ -50,8 +50,9 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     run.add_argument(
         "--model",
         action="append",
-        help="HF model id, local path or 'embedded' (repeatable); replaces the suite's models",
+        help="HF model id, local path, 'embedded' or 'random:<shape>' (repeatable); replaces the suite's models",
     )
+    add_layers_argument(run)
     run.add_argument("--limit", type=positive_int, help="cap examples per evaluation task")
     run.add_argument("--results", default="results", help="results root directory (default: results)")
     run.add_argument("--force", action="store_true", help="recompute cells that are already done")
@@ -67,6 +68,7 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
 
     validate = sub.add_parser("validate", help="check a suite without running it")
     validate.add_argument("suite")
+    add_layers_argument(validate)
 
     plugins = sub.add_parser("plugins", help="list plugins with their versions and what they register")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -102,6 +104,22 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     for name, command in (plugin_commands()[0] if commands is None else commands).items():
         command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
+
+
+def add_layers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layers",
+        type=positive_int,
+        metavar="N",
+        help="keep the first N transformer blocks of every random:<shape> model (shape-only models only)",
+    )
+
+
+def apply_layers(suite, layers: int | None):
+    """``suite`` with its random models cut to ``layers`` blocks (``--layers``); unchanged without the flag."""
+    from harness.suite import with_layers
+
+    return suite if layers is None else suite.with_models(list(with_layers(suite.models, layers)))
 
 
 def plugin_commands() -> tuple[dict[str, Command], list[str]]:
@@ -190,6 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.model:
         suite = suite.with_models(args.model)
+    suite = apply_layers(suite, args.layers)
     if args.device:
         suite = replace(suite, device=check_device(args.device, "--device"))
     options = RunOptions(
@@ -215,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from harness.suite import load_suite
 
-    suite = load_suite(args.suite)
+    suite = apply_layers(load_suite(args.suite), args.layers)
     cells = 1 + sum(len(m.targets) * len(m.allocators) for m in suite.methods)
     print(
         f"{args.suite}: ok — suite {suite.name!r}, {len(suite.models)} model(s), {len(suite.methods)} method(s), "

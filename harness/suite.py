@@ -25,6 +25,7 @@ TOP_KEYS = {
     "seed": int,
     "device": str,
     "dtype": str,
+    "device_map": str,
     "models": list[str],
     "trust_remote_code": bool,
     "targets": list,
@@ -38,6 +39,44 @@ TOP_KEYS = {
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICE_MAPS = ("auto",)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``dtype`` as a run uses it: ``auto`` is bfloat16 on CUDA, float32 on the CPU (and MPS).
+
+    Torch-free unless both are ``auto`` (then whether CUDA is available decides,
+    as it decides the device: ``harness.models.resolve_device``).
+    """
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    if device in ("cpu", "mps"):
+        return "float32"
+    from harness.models import resolve_dtype as resolve_on_device
+
+    return resolve_on_device("auto", device)
+
+
+def with_layers(models: tuple[str, ...], layers: int, key: str = "--layers") -> tuple[str, ...]:
+    """``models`` with every ``random:`` spec cut to ``layers`` blocks (the ``--layers`` flag).
+
+    HarnessError (naming ``key``) where a model is not a ``random:<shape>`` spec
+    or ``layers`` is outside 1..the shape's blocks.
+    """
+    from harness import shapes
+
+    cut = []
+    for model in models:
+        if not shapes.is_random(model):
+            raise HarnessError(f"{key}: applies to random:<shape> models only, got {model!r}")
+        try:
+            cut.append(shapes.with_layers(model, layers))
+        except HarnessError as exc:
+            raise HarnessError(f"{key}: {str(exc).removeprefix('model: ')}") from None
+    return tuple(cut)
 
 
 def check_device(value: str, key: str) -> str:
@@ -103,7 +142,9 @@ class SurgeryConfig:
 class Suite:
     """A validated suite (``harness.Suite``): what ``harness_suite_start`` and the trackers receive.
 
-    ``models`` are model specs as written (HF ids, local paths, ``embedded``);
+    ``models`` are model specs as written (HF ids, local paths, ``embedded``,
+    ``random:<shape>``); ``dtype`` is the dtype the run uses (``dtype_setting``,
+    as written, with ``auto`` resolved against the device: ``resolve_dtype``);
     ``methods`` each carry their targets and allocators; evaluators,
     profilers and trackers are ``Component`` (name, parsed options, label).
     """
@@ -113,7 +154,8 @@ class Suite:
     description: str = ""
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype_setting: str = "auto"
+    """The suite's ``dtype`` as written (``auto``, ``float32``, ``float16``, ``bfloat16``)."""
     models: tuple[str, ...] = ("embedded",)
     trust_remote_code: bool = False
     methods: tuple[Method, ...] = ()
@@ -122,6 +164,13 @@ class Suite:
     trackers: tuple[Component, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    device_map: str | None = None
+    """``auto``: accelerate places a local/hub model across the GPUs where it does not fit one (CUDA only)."""
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the run loads, hashes and records: ``dtype_setting`` with ``auto`` resolved."""
+        return resolve_dtype(self.dtype_setting, self.device)
 
     def with_models(self, models: list[str]) -> Suite:
         return replace(self, models=tuple(models))
@@ -150,6 +199,7 @@ class Suite:
             "trackers": [c.to_dict() for c in self.trackers],
             "calibration": asdict(self.calibration),
             "surgery": asdict(self.surgery),
+            **({"device_map": self.device_map} if self.device_map else {}),
         }
 
 
@@ -190,13 +240,19 @@ class SuiteParser:
         name = values.get("name", Path(self.file).stem)
         if not SAFE_NAME.match(name):
             raise self.fail("name", f"expected letters, digits, '.', '_' or '-' (no path), got {name!r}")
-        if values.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
-            raise self.fail("dtype", f"expected 'float32', 'float16' or 'bfloat16', got {values['dtype']!r}")
+        if values.get("dtype", "auto") not in DTYPES:
+            expected = ", ".join(repr(d) for d in DTYPES)
+            raise self.fail("dtype", f"expected one of {expected}, got {values['dtype']!r}")
+        if values.get("device_map", "auto") not in DEVICE_MAPS:
+            raise self.fail("device_map", f"expected 'auto' (or no key: one device), got {values['device_map']!r}")
         if not values.get("models", ["embedded"]):
             raise self.fail("models", "expected at least one model, got an empty list")
         for i, model in enumerate(values.get("models", [])):
             if not model.strip():
-                raise self.fail(f"models[{i}]", f"expected a hub id, a local path or 'embedded', got {model!r}")
+                raise self.fail(
+                    f"models[{i}]", f"expected a hub id, a local path, 'embedded' or 'random:<shape>', got {model!r}"
+                )
+            self.check_random(model, f"models[{i}]")
         check_device(values.get("device", "auto"), f"{self.file}: device")
         if not 0 <= values.get("seed", 0) < 2**32:
             raise self.fail("seed", f"expected an integer from 0 to 2**32 - 1, got {values['seed']}")
@@ -213,7 +269,8 @@ class SuiteParser:
             description=values.get("description", ""),
             seed=values.get("seed", 0),
             device=values.get("device", "auto"),
-            dtype=values.get("dtype", "float32"),
+            dtype_setting=values.get("dtype", "auto"),
+            device_map=values.get("device_map"),
             models=tuple(values.get("models", ["embedded"])),
             trust_remote_code=values.get("trust_remote_code", False),
             methods=methods,
@@ -225,6 +282,16 @@ class SuiteParser:
         )
         self.check_targets(suite)
         return suite
+
+    def check_random(self, model: str, key: str) -> None:
+        """A ``random:`` spec must name a known shape with valid keys (torch-free)."""
+        from harness import shapes
+
+        if shapes.is_random(model):
+            try:
+                shapes.parse_random_spec(model)
+            except HarnessError as exc:
+                raise self.fail(key, str(exc).removeprefix("model: ")) from None
 
     def targets(self, raw: list, key: str) -> tuple[Target, ...]:
         return tuple(parse_target(value, f"{self.file}: {key}[{i}]") for i, value in enumerate(raw))
