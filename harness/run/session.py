@@ -36,7 +36,9 @@ def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> Mode
     suite = env.suite
     log(f"loading model {model_spec}")
     try:
-        loaded = load_model(model_spec, suite.dtype, str(env.device), suite.trust_remote_code)
+        loaded = load_model(
+            model_spec, suite.dtype, str(env.device), suite.trust_remote_code, device_map=suite.device_map
+        )
     except HarnessError as exc:
         raise HarnessError(f"{key}: {str(exc).removeprefix('model: ')}") from None
     layers = find_linears(loaded.model, suite.surgery.kinds, suite.surgery.lm_head)
