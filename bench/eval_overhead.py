@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import add_common_arguments, machine, new_parser, script_main  # noqa: E402
-from harness.models import cache_dir, cached_sha256, embedded_gguf, load_model  # noqa: E402
+from harness.files import cache_dir, cached_sha256  # noqa: E402
+from harness.models import embedded_gguf, load_model  # noqa: E402
 
 SUITE = """
 name = "eval_overhead"

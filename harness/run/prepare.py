@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from harness import data as data_mod
 from harness.api import FactorizeContext, LayerInfo
 from harness.errors import first_line
-from harness.models import LoadedModel, cache_dir
+from harness.files import cache_dir
+from harness.models import LoadedModel
 from harness.provenance import seed_everything
 from harness.run import calibration
 from harness.run.env import RunEnv, log

@@ -10,6 +10,7 @@ import torch
 
 import harness
 from harness import data as data_mod
+from harness.files import sha256_file
 from harness.provenance import git_revision, hardware, library_versions
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ SEEDING = (
 def suite_sha256(suite: Suite) -> str | None:
     """sha256 of the suite file as read (None where it is gone)."""
     try:
-        return data_mod.sha256_file(suite.file)
+        return sha256_file(suite.file)
     except OSError:
         return None
 
