@@ -77,9 +77,10 @@ class CalibrationConfig:
     batch_size: int = 4
     loss_samples: int = 8
     """Windows used to score a calibration loss for allocators (sensitivity, BitStack order)."""
-    pipeline: str = "whole"
-    """"whole": every layer's statistics for the whole model, then factorize; "blocks": block by block
-    (harness/run/pipeline.py), the same numbers with one block's statistics alive at a time."""
+    pipeline: str = "blocks"
+    """"blocks": statistics and factorizations block by block (harness/run/pipeline.py), one block's
+    statistics alive at a time; "whole": every layer's statistics at once (disk-cached), then factorize.
+    The same numbers either way, so not part of any cell's identity."""
 
     def __post_init__(self) -> None:
         from harness.data import TEXT_SOURCES

@@ -391,6 +391,7 @@ def run_blocks(
     progress: bool = True,
     log: Callable[[str], None] = print,
     tracker: LiveStats | None = None,
+    desc: str = "calibration (blocks)",
 ) -> None:
     """Collect the jobs' forward statistics block by block and factorize each job's groups as soon as they
     are complete (see the module docstring); results land in each ``Job``.
@@ -450,7 +451,7 @@ def run_blocks(
     factorize_ready(-1)
     with _eval_mode(model), torch.no_grad():
         inputs = capture_inputs(model, plan.blocks[0], batches, batch_size, device) if steps else []
-        for b in tqdm(range(steps), desc="calibration (blocks)", unit="block", disable=not progress):
+        for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
             is_head = b == len(plan.blocks)
             names = plan.head if is_head else plan.members[b]
             collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker)

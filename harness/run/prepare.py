@@ -84,8 +84,8 @@ class Prepared:
 
         With ``calibration.pipeline = "blocks"``, a method that needs forward
         statistics is served by the layer-sequential pass (``harness.run.pipeline``),
-        run once for every such method this session expects (``expect``; all of
-        the suite's by default), which keeps their factorizations for the later calls.
+        run once for every such method the session expects (``expect``; else for
+        ``method`` alone), which keeps their factorizations for the later calls.
         """
         decomposer = self.env.plugins.get("decomposer", method.name)
         if self.blockwise(decomposer):
@@ -123,7 +123,7 @@ class Prepared:
 
     def factorize_blocks(self, method: Method) -> tuple[list[Factorization], float]:
         if method.label not in self._jobs:
-            candidates = self._expected if self._expected is not None else list(self.env.suite.methods)
+            candidates = self._expected or []  # without ``expect``: the asked method alone (Ray's tasks ask one each)
             todo = [m for m in candidates if m.label not in self._jobs and m.label != method.label]
             todo = [method, *(m for m in todo if self.blockwise(self.env.plugins.get("decomposer", m.name)))]
             self.run_blocks(todo)
@@ -170,6 +170,7 @@ class Prepared:
                     progress=self.env.options.progress,
                     log=log,
                     tracker=self.tracker,
+                    desc=f"calibration (blocks), factorize {labels}",
                 )
         except HarnessError:
             raise
