@@ -116,9 +116,16 @@ class CalibrationConfig:
     batch_size: int = 4
     loss_samples: int = 8
     """Windows used to score a calibration loss for allocators (sensitivity, BitStack order)."""
+    pipeline: str = "blocks"
+    """"blocks": statistics and factorizations block by block (harness/run/pipeline.py), one block's
+    statistics alive at a time; "whole": every layer's statistics at once (disk-cached), then factorize.
+    The same numbers either way, so not part of any cell's identity."""
 
     def __post_init__(self) -> None:
         from harness.data import TEXT_SOURCES
+
+        if self.pipeline not in ("whole", "blocks"):
+            raise ValueError(f"pipeline: expected 'whole' or 'blocks', got {self.pipeline!r}")
 
         if self.source not in TEXT_SOURCES:
             raise ValueError(f"source: expected one of {', '.join(TEXT_SOURCES)}, got {self.source!r}")

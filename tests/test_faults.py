@@ -183,6 +183,7 @@ def test_out_of_memory_in_calibration_names_the_settings_to_lower(tiny_model_dir
         samples = 4
         seqlen = 32
         batch_size = 2
+        pipeline = "whole"
     """,
     )
     summary = run_suite(load_suite(suite), RunOptions(results_root=tmp_path / "r", progress=False))

@@ -101,5 +101,5 @@ def test_no_progress_reaches_calibration_and_factorization(progress, tiny_model_
     summary = run_suite(calibrated_suite(tmp_path, tiny_model_dir), options)
     assert not summary.failed
     err = capfd.readouterr().err
-    drawn = [bar for bar in ("calibration (forward)", "factorize svd-llm") if bar in err]
-    assert drawn == ([] if not progress else ["calibration (forward)", "factorize svd-llm"])
+    drawn = [bar for bar in ("calibration (blocks)", "factorize svd-llm") if bar in err]
+    assert drawn == ([] if not progress else ["calibration (blocks)", "factorize svd-llm"])

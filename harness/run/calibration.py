@@ -21,6 +21,10 @@
 Memory: one n x n (and m x m) float64 accumulator per layer and kind, on the
 collection device; results are returned on the CPU.
 
+This is the ``calibration.pipeline = "whole"`` path, and the one of every
+``fisher`` method; ``harness.run.pipeline`` collects the same forward
+statistics (bitwise) one decoder block at a time.
+
 ``load_or_collect`` caches the statistics under ``cache_dir/<sha256 of the key
 and layer names>/<kind>.pt``, one file per kind, so that asking later for one
 more kind collects only that kind.

@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 
 from harness import data as data_mod
 from harness.api import FactorizeContext, LayerInfo
-from harness.errors import first_line
+from harness.errors import HarnessError, first_line
 from harness.files import cache_dir
 from harness.models import LoadedModel
 from harness.provenance import seed_everything
-from harness.run import calibration
+from harness.run import calibration, pipeline
 from harness.run.env import RunEnv, log
 from harness.run.identity import calibration_identity
 from harness.run.memory import out_of_memory_as
@@ -35,6 +35,11 @@ class Prepared:
         self.loaded = loaded
         self.layers = layers
         self._batches: torch.Tensor | None = None
+        self._expected: list[Method] | None = None
+        self._plan: pipeline.BlockPlan | str | None = None
+        self._jobs: dict[str, pipeline.Job] = {}
+        self.tracker: pipeline.LiveStats | None = None
+        """Tests and benchmarks: counts the pipeline's statistics alive (``harness.run.pipeline.LiveStats``)."""
 
     def batches(self) -> torch.Tensor:
         if self._batches is None:
@@ -76,9 +81,17 @@ class Prepared:
         )
 
     def factorize(self, method: Method) -> tuple[list[Factorization], float]:
-        """Every group's factorization under ``method`` and the seconds it took (statistics not counted)."""
-        suite = self.env.suite
+        """Every group's factorization under ``method`` and the seconds it took (statistics not counted).
+
+        With ``calibration.pipeline = "blocks"``, a method that needs forward
+        statistics is served by the layer-sequential pass (``harness.run.pipeline``),
+        run once for every such method the session expects (``expect``; else for
+        ``method`` alone), which keeps their factorizations for the later calls.
+        """
         decomposer = self.env.plugins.get("decomposer", method.name)
+        if self.blockwise(decomposer):
+            return self.factorize_blocks(method)
+        suite = self.env.suite
         stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
         groups = decomposer.groups(self.layers, method.options)
         ctx = FactorizeContext(seed=suite.seed, device=self.env.device, log=log)
@@ -86,10 +99,86 @@ class Prepared:
         started = time.perf_counter()
         factorizations = []
         for group in tqdm(groups, desc=f"factorize {method.label}", disable=not self.env.options.progress):
-            weights = weights_of(self.loaded.model, group)
-            group_stats = {name: stats[name] for name in group if name in stats}
-            factorizations.append(decomposer.factorize(weights, group_stats, method.options, ctx))
+            factorizations.append(factorize_group(decomposer, self.loaded.model, group, stats, method.options, ctx))
         return factorizations, time.perf_counter() - started
+
+    # ------------------------------------------------------------ the layer-sequential pipeline
+    def expect(self, methods: Sequence[Method]) -> None:
+        """The methods the session will ask ``factorize`` for: the pipeline's one pass serves them all."""
+        self._expected = list(methods)
+
+    def block_plan(self) -> pipeline.BlockPlan | None:
+        """The model's blocks for the pipeline; None (logged once) where it cannot find them."""
+        if self._plan is None:
+            self._plan = pipeline.block_plan(self.loaded.model, self.layers)
+            if isinstance(self._plan, str):
+                log(f"calibration: pipeline 'blocks' unsupported for this model ({self._plan}); using 'whole'")
+        return None if isinstance(self._plan, str) else self._plan
+
+    def blockwise(self, decomposer) -> bool:
+        """True where ``decomposer`` is served by the pipeline: forward statistics only, under 'blocks'."""
+        needs = set(decomposer.needs)
+        if self.env.suite.calibration.pipeline != "blocks" or not needs or not needs <= calibration.FORWARD_KINDS:
+            return False
+        return self.block_plan() is not None
+
+    def factorize_blocks(self, method: Method) -> tuple[list[Factorization], float]:
+        if method.label not in self._jobs:
+            candidates = self._expected or []  # without ``expect``: the asked method alone (Ray's tasks ask one each)
+            todo = [m for m in candidates if m.label not in self._jobs and m.label != method.label]
+            todo = [method, *(m for m in todo if self.blockwise(self.env.plugins.get("decomposer", m.name)))]
+            self.run_blocks(todo)
+        job = self._jobs[method.label]
+        if job.error is not None:
+            raise job.error
+        pipeline._set_rng_state(job.rng)  # the random state factorizing the method alone leaves
+        device = torch.device(self.env.device)
+        factorizations = job.factorizations
+        if device.type != "cpu":
+            factorizations = [pipeline.move_tensors(f, device) for f in factorizations]
+        return factorizations, job.seconds
+
+    def run_blocks(self, methods: Sequence[Method]) -> None:
+        """One layer-sequential pass factorizing every method of ``methods``; each one's result in ``_jobs``."""
+        suite, model = self.env.suite, self.loaded.model
+        host = torch.device("cpu")
+        offload = torch.device(self.env.device).type != "cpu"
+        jobs = []
+        for method in methods:
+            decomposer = self.env.plugins.get("decomposer", method.name)
+            ctx = FactorizeContext(seed=suite.seed, device=self.env.device, log=log)
+
+            def factorize(group, stats, decomposer=decomposer, options=method.options, ctx=ctx):
+                fact = factorize_group(decomposer, model, group, stats, options, ctx)
+                return pipeline.move_tensors(fact, host) if offload else fact
+
+            groups = decomposer.groups(self.layers, method.options)
+            jobs.append(pipeline.Job(method.label, frozenset(decomposer.needs), groups, factorize))
+        needs = set().union(*(job.needs for job in jobs))
+        labels = ", ".join(job.label for job in jobs)
+        log(f"calibration: {', '.join(sorted(needs))} block by block for {labels}")
+        try:
+            with out_of_memory_as(lambda exc: self.calibration_oom(needs, exc)):
+                pipeline.run_blocks(
+                    model,
+                    self.layers,
+                    self.batches(),
+                    jobs,
+                    device=self.env.device,
+                    batch_size=suite.calibration.batch_size,
+                    seed=lambda: seed_everything(suite.seed),
+                    plan=self.block_plan(),
+                    progress=self.env.options.progress,
+                    log=log,
+                    tracker=self.tracker,
+                    desc=f"calibration (blocks), factorize {labels}",
+                )
+        except HarnessError:
+            raise
+        except Exception as exc:  # the pass failed: so does every method it served, as a failed collection would
+            for job in jobs:
+                job.error = job.error or exc
+        self._jobs.update({job.label: job for job in jobs})
 
     def calibration_loss(self, factorizations: Sequence[Factorization]) -> Callable[[Sequence[int | None]], float]:
         """Loss on the first ``calibration.loss_samples`` windows with an assignment of ranks applied."""
@@ -101,6 +190,13 @@ class Prepared:
                 return lm_loss(self.loaded.model, self.batches()[: suite.calibration.loss_samples], self.env.device)
 
         return loss
+
+
+def factorize_group(decomposer, model: torch.nn.Module, group, stats: dict, options, ctx: FactorizeContext):
+    """One group's factorization from the model's weights and the members' statistics (both paths)."""
+    weights = weights_of(model, group)
+    group_stats = {name: stats[name] for name in group if name in stats}
+    return decomposer.factorize(weights, group_stats, options, ctx)
 
 
 def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:

@@ -75,6 +75,8 @@ class ModelSession:
             self.record(baseline, lambda: self.compute_baseline(baseline))
         else:
             self.sink.skip(baseline)
+        methods = self.env.suite.methods
+        self.prepared.expect([m for m in methods if any(c.method is m and self.env.pending(c) for c in method_cells)])
         for method in self.env.suite.methods:
             mine = [c for c in method_cells if c.method is method]
             pending = [c for c in mine if self.env.pending(c)]

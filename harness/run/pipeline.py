@@ -1,0 +1,486 @@
+"""Layer-sequential calibration and factorization: one decoder block at a time.
+
+``[calibration] pipeline = "blocks"`` (``original`` input mode, issue 16 point 1)
+replaces "collect every layer's statistics for the whole model, then factorize"
+by one pass through the model's decoder blocks:
+
+1. **Capture** the inputs of block 0: a forward pre-hook (with kwargs) on the
+   first block records, batch by batch (``calibration.batch_size``, the split
+   of ``collect_stats``), the hidden states and every keyword argument the
+   block receives (attention mask, position ids and embeddings, cache flags),
+   and stops the forward there.
+2. **For each block in order**: bring it to the collection device if it lives
+   elsewhere; run the captured batches through it with forward hooks on its
+   target Linears, collecting in ONE pass every forward statistic any job
+   needs (the union of ``gram``, ``abs_mean``, ``out_cov``), with one input
+   accumulator per distinct input tensor (q/k/v share one, gate/up share one:
+   they receive the very same tensor object) and one output accumulator per
+   layer; finish the block's statistics (on the CPU, as ``collect_stats``
+   returns them); factorize every job's groups whose members are now all
+   complete (a group that spans blocks waits for its last member's block; its
+   members' statistics are held until then), move the factors to host memory,
+   drop the block's statistics, and pass the block's outputs on as the next
+   block's inputs.
+3. **The LM head**, where it is a target, after the last block: its input is
+   the final norm's output.
+
+The numbers are those of the whole-model path: the same kernels on the same
+tensors, the same batch composition and, per layer, the same order of the
+float64 additions (batch after batch), so statistics and factorizations are
+bitwise identical (tests/test_pipeline.py). Layers fed the same input get the
+same statistics tensors (not copies): decomposers treat statistics as read-only.
+
+Memory: the statistics of one block (plus those of members of groups still
+waiting for a later block) are alive at a time, against every layer's at once
+on the whole-model path; the captured activations (samples x seqlen x hidden,
+in the model's dtype) are held for the whole pass. Nothing is cached on disk: a
+rerun whose factorizations are not all in the store collects again (a forward
+pass of the calibration data, block by block).
+
+``fisher`` is not block-local (it needs the gradient of the LM loss through the
+whole model): methods that need it keep the whole-model pass and the disk
+cache (``harness.run.calibration``); its accumulators are per-channel vectors,
+small. Methods without statistics never run a pass.
+
+Decoders whose blocks the pipeline cannot find (target layers outside one
+``nn.ModuleList`` of blocks, a head without a recognizable final norm, or
+blocks of differing attention types, whose keyword arguments differ per block)
+are served by the whole-model path: ``block_plan`` returns why.
+
+A ``propagated`` input mode (inputs through the already-compressed earlier
+blocks) would replace, after each block's factorizations, the block's outputs
+by those of the block with its layers replaced at each job's chosen ranks:
+one activation stream per (job, target), so factorizations then depend on the
+target and the cost of a pass multiplies by the number of targets. Not built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.api import LayerInfo, LayerStats
+from harness.run.calibration import FORWARD_KINDS, INPUT_KINDS, KIND_FIELDS, _eval_mode, _input_sums, _LayerSums
+from harness.surgery import _LAYER_INDEX
+
+FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f")
+"""Attribute names under which decoders keep the norm between the last block and the LM head."""
+
+Factorize = Callable[[Sequence[str], dict[str, LayerStats]], Any]
+
+
+# ---------------------------------------------------------------- what the pipeline serves
+@dataclass
+class Job:
+    """One method's part of the pass: its needs, its groups and how to factorize one group.
+
+    ``factorize(group, stats)`` gets the group's members' statistics restricted
+    to ``needs`` (the fields ``collect_stats`` would have returned for them).
+    Afterwards ``factorizations`` holds one result per group (in ``groups``
+    order), ``seconds`` the time spent factorizing and ``error`` the first
+    exception a factorization raised (the job's later groups are skipped).
+    """
+
+    label: str
+    needs: frozenset[str]
+    groups: Sequence[Sequence[str]]
+    factorize: Factorize
+    factorizations: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+    error: BaseException | None = None
+    rng: tuple | None = None
+
+
+class LiveStats:
+    """Bytes of statistics tensors (accumulators and finished statistics) alive, and their peak.
+
+    Tensors are counted once each, from ``track`` until they are garbage
+    collected (``weakref.finalize``), so what a caller keeps alive counts too.
+    Transient per-batch products (one batch's X^T X) are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self.count = 0
+        self._ids: set[int] = set()
+
+    def track(self, tensor: torch.Tensor | None) -> None:
+        if tensor is None or id(tensor) in self._ids:
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        self._ids.add(id(tensor))
+        self.live += nbytes
+        self.count += 1
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._release, id(tensor), nbytes)
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._ids.discard(key)
+        self.live -= nbytes
+        self.count -= 1
+
+
+# ---------------------------------------------------------------- the model's blocks
+@dataclass
+class BlockPlan:
+    blocks: list[nn.Module]
+    """The blocks to run, in order (up to the last with a target, or all where the head is one)."""
+    members: list[list[str]]
+    """Target layer names per block."""
+    head: list[str]
+    """Target layers after the blocks (the LM head)."""
+    final_norm: nn.Module | None
+
+
+def block_plan(model: nn.Module, layers: Sequence[LayerInfo]) -> BlockPlan | str:
+    """The blocks the pipeline runs and their target layers, or why the model is not supported."""
+    containers, head, by_index = set(), [], {}
+    for layer in layers:
+        match = _LAYER_INDEX.search(f".{layer.name}.")
+        if match is None:
+            head.append(layer.name)
+            continue
+        containers.add(layer.name[: match.start() - 1] if match.start() else "")
+        by_index.setdefault(int(match.group(1)), []).append(layer.name)
+    if len(containers) > 1:
+        return f"target layers lie in more than one list of blocks ({', '.join(sorted(containers))})"
+    if not containers:
+        return "no target layer inside a block"
+    (container_name,) = containers
+    container = model.get_submodule(container_name) if container_name else model
+    if not isinstance(container, nn.ModuleList):
+        return f"{container_name} is a {type(container).__name__}, not a torch.nn.ModuleList of blocks"
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        return f"its blocks differ in attention type ({', '.join(sorted(set(layer_types)))})"
+    final_norm = None
+    if head:
+        parent_name = container_name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        norms = [getattr(parent, a, None) for a in FINAL_NORMS]
+        final_norm = next((n for n in norms if isinstance(n, nn.Module)), None)
+        if final_norm is None:
+            return f"no final norm found beside {container_name} (looked for {', '.join(FINAL_NORMS)})"
+    last = len(container) - 1 if head else max(by_index)
+    if last >= len(container):
+        return f"layer index {last} beyond the {len(container)} blocks of {container_name}"
+    blocks = [container[i] for i in range(last + 1)]
+    return BlockPlan(blocks, [by_index.get(i, []) for i in range(last + 1)], head, final_norm)
+
+
+# ---------------------------------------------------------------- device moves
+def move_tensors(obj: Any, device: torch.device, _depth: int = 0) -> Any:
+    """``obj`` with its tensors on ``device``: tensors, modules, lists, tuples, dicts, dataclasses and
+    plain objects' attributes (moved in place), a few levels deep."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, nn.Module):
+        return obj.to(device)
+    if _depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+        return obj
+    if isinstance(obj, list):
+        return [move_tensors(v, device, _depth + 1) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(move_tensors(v, device, _depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return {k: move_tensors(v, device, _depth + 1) for k, v in obj.items()}
+    if hasattr(obj, "__dict__"):
+        for key, value in list(vars(obj).items()):
+            moved = move_tensors(value, device, _depth + 1)
+            if moved is not value:
+                vars(obj)[key] = moved
+    return obj
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    return next((p.device for p in module.parameters()), None)
+
+
+@contextmanager
+def _on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """``module`` on ``device`` inside (moved there and back where it lives elsewhere)."""
+    home = _device_of(module)
+    if home is None or home == device:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
+# ---------------------------------------------------------------- capture
+class _Captured(Exception):
+    """Raised by block 0's pre-hook: the rest of the forward is not needed."""
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def capture_inputs(
+    model: nn.Module, first_block: nn.Module, batches: torch.Tensor, batch_size: int, device: torch.device
+) -> list[_Batch]:
+    """What ``first_block`` receives for each batch of ``batches`` (samples, seqlen), on ``device``."""
+    captured: list[_Batch] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:] if args else ()
+        captured.append(_Batch(hidden.detach(), rest, kwargs))
+        raise _Captured
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    ids_device = (_device_of(embeddings) if embeddings is not None else None) or device
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for chunk in batches.split(max(1, batch_size)):
+                try:
+                    model(input_ids=chunk.to(ids_device), use_cache=False)
+                except _Captured:
+                    pass
+                else:
+                    raise RuntimeError(f"the forward never reached {type(first_block).__name__} 0")
+    finally:
+        handle.remove()
+    return [move_tensors(dataclasses.replace(b), device) if ids_device != device else b for b in captured]
+
+
+# ---------------------------------------------------------------- one block's statistics
+class _BlockCollector:
+    """Forward hooks on one block's target Linears: shared input sums, per-layer output covariances."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], kinds: frozenset[str], device, tracker) -> None:
+        self.shapes = shapes
+        self.input_kinds = kinds & INPUT_KINDS
+        self.out_cov = "out_cov" in kinds
+        self.device = device
+        self.tracker = tracker
+        self.inputs: dict[str, _LayerSums] = {}
+        self.outputs: dict[str, _LayerSums] = {}
+        self._seen: dict[int, tuple[torch.Tensor, _LayerSums]] = {}
+        self._added: set[int] = set()
+
+    def _new(self, kinds: frozenset[str], name: str) -> _LayerSums:
+        sums = _LayerSums(kinds, self.shapes[name], self.device)
+        if self.tracker is not None:
+            for value in vars(sums).values():
+                if isinstance(value, torch.Tensor):
+                    self.tracker.track(value)
+        return sums
+
+    def start_batch(self) -> None:
+        self._seen.clear()
+        self._added.clear()
+
+    def hook(self, name: str) -> Callable:
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.record(name, inputs[0], output)
+
+        return record
+
+    def record(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.input_kinds:
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:  # q/k/v (gate/up): the same tensor, one accumulator
+                if self.inputs.setdefault(name, seen[1]) is not seen[1]:
+                    raise RuntimeError(f"{name}: its input is shared with other layers in one batch, not in another")
+            else:
+                sums = self.inputs.get(name) or self.inputs.setdefault(name, self._new(self.input_kinds, name))
+                if id(sums) in self._added:
+                    raise RuntimeError(f"{name}: its input is shared with other layers in one batch, not in another")
+                sums.add_input(_input_sums(x, "gram" in self.input_kinds, "abs_mean" in self.input_kinds))
+                self._added.add(id(sums))
+                self._seen[id(x)] = (x, sums)
+        if self.out_cov:
+            if name not in self.outputs:
+                self.outputs[name] = self._new(frozenset({"out_cov"}), name)
+            self.outputs[name].add_output(y.detach().reshape(-1, y.shape[-1]).to(torch.float64))
+
+    def finish(self) -> dict[str, LayerStats]:
+        """Every layer's statistics (on the CPU); layers never called get zeros, as in ``collect_stats``."""
+        finished: dict[int, LayerStats] = {}
+        stats = {}
+        for name in self.shapes:
+            merged = LayerStats()
+            if self.input_kinds:
+                sums = self.inputs.get(name) or self.inputs.setdefault(name, self._new(self.input_kinds, name))
+                if id(sums) not in finished:
+                    finished[id(sums)] = sums.finish()
+                done = finished[id(sums)]
+                merged.tokens, merged.gram = done.tokens, done.gram
+                merged.abs_mean, merged.sq_mean = done.abs_mean, done.sq_mean
+            if self.out_cov:
+                sums = self.outputs.get(name) or self.outputs.setdefault(name, self._new(frozenset({"out_cov"}), name))
+                done = sums.finish()
+                merged.out_cov = done.out_cov
+                if not self.input_kinds:
+                    merged.tokens = done.tokens
+            if self.tracker is not None:
+                for f in ("gram", "abs_mean", "sq_mean", "out_cov"):
+                    self.tracker.track(getattr(merged, f))
+            stats[name] = merged
+        self.inputs.clear()
+        self.outputs.clear()
+        self._seen.clear()
+        return stats
+
+
+def restrict(stats: LayerStats, needs: frozenset[str]) -> LayerStats:
+    """``stats`` with only the fields ``collect_stats`` fills for ``needs`` (the others None)."""
+    fields = {f for kind in needs for f in KIND_FIELDS[kind]}
+    return LayerStats(**{f: getattr(stats, f) for f in fields})
+
+
+@contextmanager
+def _hooks(model: nn.Module, names: Sequence[str], collector: _BlockCollector) -> Iterator[None]:
+    handles = [model.get_submodule(n).register_forward_hook(collector.hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------- per-job random streams
+def _rng_state() -> tuple:
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    import numpy as np
+
+    python, numpy_state, cpu, cuda = state
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------- the pass
+def run_blocks(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: torch.Tensor,
+    jobs: Sequence[Job],
+    *,
+    device: torch.device,
+    batch_size: int = 4,
+    seed: Callable[[], None] = lambda: None,
+    plan: BlockPlan | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    tracker: LiveStats | None = None,
+    desc: str = "calibration (blocks)",
+) -> None:
+    """Collect the jobs' forward statistics block by block and factorize each job's groups as soon as they
+    are complete (see the module docstring); results land in each ``Job``.
+
+    ``seed()`` is called once; every job then draws from its own copy of the
+    random state it left (Python, NumPy, torch), as though it ran alone after
+    ``seed()``. A factorization's exception is the job's ``error`` (its other
+    groups are skipped); an exception of the pass itself propagates.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    plan = plan if plan is not None else block_plan(model, layers)
+    if isinstance(plan, str):
+        raise ValueError(f"layer-sequential pipeline: unsupported model: {plan}")
+    kinds = frozenset().union(*(job.needs for job in jobs)) & FORWARD_KINDS
+    shapes = {layer.name: tuple(layer.shape) for layer in layers}
+    steps = len(plan.blocks) + (1 if plan.head else 0)
+    done_at = {name: b for b, names in enumerate(plan.members) for name in names}
+    done_at.update({name: len(plan.blocks) for name in plan.head})
+
+    # when each group is complete: -1 for groups without any target member (no statistics)
+    schedule: dict[int, list[tuple[Job, int]]] = {}
+    for job in jobs:
+        job.factorizations = [None] * len(job.groups)
+        for index, group in enumerate(job.groups):
+            step = max((done_at[n] for n in group if n in done_at), default=-1)
+            schedule.setdefault(step, []).append((job, index))
+    seed()
+    initial = _rng_state()
+    for job in jobs:
+        job.rng = initial
+
+    held: dict[str, LayerStats] = {}
+
+    def factorize_ready(step: int) -> None:
+        for job, index in schedule.pop(step, []):
+            if job.error is not None:
+                continue
+            group = job.groups[index]
+            stats = {n: restrict(held[n], job.needs) for n in group if n in held}
+            _set_rng_state(job.rng)
+            started = time.perf_counter()
+            try:
+                job.factorizations[index] = job.factorize(group, stats)
+            except Exception as exc:  # the job's cells fail with it; the other jobs go on
+                job.error = exc
+                log(f"factorize {job.label}: {type(exc).__name__}: {exc}")
+            finally:
+                job.seconds += time.perf_counter() - started
+                job.rng = _rng_state()
+        waiting = {n for later in schedule.values() for job, i in later if job.error is None for n in job.groups[i]}
+        for name in list(held):
+            if name not in waiting:
+                del held[name]
+
+    factorize_ready(-1)
+    with _eval_mode(model), torch.no_grad():
+        inputs = capture_inputs(model, plan.blocks[0], batches, batch_size, device) if steps else []
+        for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
+            is_head = b == len(plan.blocks)
+            names = plan.head if is_head else plan.members[b]
+            collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker)
+            modules = [plan.final_norm, *(model.get_submodule(n) for n in names)] if is_head else [plan.blocks[b]]
+            last = b == steps - 1
+            with _hooks(model, names if kinds else [], collector), _on_all(modules, device):
+                for i, batch in enumerate(inputs):
+                    collector.start_batch()
+                    if is_head:
+                        x = plan.final_norm(batch.hidden)
+                        for name in names:
+                            model.get_submodule(name)(x)
+                        continue
+                    out = plan.blocks[b](batch.hidden, *batch.args, **batch.kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    inputs[i] = None if last else dataclasses.replace(batch, hidden=out)
+            if last:
+                inputs = []
+            held.update(collector.finish() if kinds else {})
+            del collector
+            factorize_ready(b)
+    for step in sorted(schedule):  # groups of layers the pipeline did not reach (none: every step ran)
+        factorize_ready(step)
+
+
+@contextmanager
+def _on_all(modules: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+    if not modules:
+        yield
+        return
+    with _on_device(modules[0], device), _on_all(modules[1:], device):
+        yield
