@@ -17,7 +17,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.plugins import get_plugins
-from harness.run import pipeline
+from harness.run import blocks, pipeline
 from harness.run.calibration import collect_stats
 from harness.run.runner import RunOptions, SuiteRunner, run_suite
 from harness.suite import load_suite
@@ -167,16 +167,16 @@ def test_moving_factorizations_reaches_nested_tensors():
             self.parts = [torch.zeros(1), {"s": torch.ones(3)}]
             self.info = {"tokens": 4}
 
-    moved = pipeline.move_tensors(Fact(), torch.device("meta"))
+    moved = blocks.move_tensors(Fact(), torch.device("meta"))
     assert moved.U.is_meta and moved.parts[0].is_meta and moved.parts[1]["s"].is_meta
     assert moved.info == {"tokens": 4}
 
 
 def test_unsupported_models_say_why(four_blocks):
     model, _ = four_blocks
-    assert isinstance(pipeline.block_plan(model, find_linears(model)), pipeline.BlockPlan)
+    assert isinstance(blocks.block_plan(model, find_linears(model)), blocks.BlockPlan)
     odd = [*find_linears(model)[:1], type(find_linears(model)[0])("extra.0.proj", "proj", 0, (4, 4))]
-    assert "more than one list of blocks" in pipeline.block_plan(model, odd)
+    assert "more than one list of blocks" in blocks.block_plan(model, odd)
 
 
 # ---------------------------------------------------------------- through the runner
@@ -221,23 +221,23 @@ def test_svdllm_asvd_lord_factorizations_are_bitwise_equal_and_one_pass_serves_t
     assert passes == [3]  # one pass for svd-llm, asvd and lord; svd needs no statistics
     for label in ("svd-llm", "asvd", "lord"):
         assert len(facts["blocks"][label]) == len(facts["whole"][label]) == 14
-        for whole, blocks in zip(facts["whole"][label], facts["blocks"][label], strict=True):
-            assert blocks.names == whole.names and list(blocks.ranks) == list(whole.ranks)
+        for whole, piped in zip(facts["whole"][label], facts["blocks"][label], strict=True):
+            assert piped.names == whole.names and list(piped.ranks) == list(whole.ranks)
             for rank in (1, whole.full_rank // 2, whole.full_rank):
-                assert blocks.error(rank) == whole.error(rank)
-                (a,) = blocks.materialize(rank).values()
+                assert piped.error(rank) == whole.error(rank)
+                (a,) = piped.materialize(rank).values()
                 (b,) = whole.materialize(rank).values()
                 assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), (label, whole.names, rank)
 
 
 def test_a_run_with_blocks_records_the_numbers_and_cell_ids_of_whole(tiny_model_dir, tmp_path):
     records = {}
-    for mode in ("whole", "blocks", None):
+    for mode in ("whole", "piped", None):
         suite = load_suite(write_suite(tmp_path / f"{mode}.toml", suite_text(tiny_model_dir, mode)))
         summary = run_suite(suite, RunOptions(tmp_path / str(mode), progress=False))
         assert not summary.failed and summary.computed == 5
         records[mode] = {r.cell_id: r for r in summary.results}
-    assert records["whole"].keys() == records["blocks"].keys() == records[None].keys()
+    assert records["whole"].keys() == records["piped"].keys() == records[None].keys()
     for cell_id, whole in records["whole"].items():
         for mode in ("blocks", None):  # None: the default is "blocks"
             assert records[mode][cell_id].metrics == whole.metrics

@@ -16,7 +16,7 @@ from harness.errors import HarnessError, first_line
 from harness.files import cache_dir
 from harness.models import LoadedModel
 from harness.provenance import seed_everything
-from harness.run import calibration, pipeline
+from harness.run import blocks, calibration, pipeline
 from harness.run.env import RunEnv, log
 from harness.run.identity import calibration_identity
 from harness.run.memory import out_of_memory_as
@@ -36,7 +36,7 @@ class Prepared:
         self.layers = layers
         self._batches: torch.Tensor | None = None
         self._expected: list[Method] | None = None
-        self._plan: pipeline.BlockPlan | str | None = None
+        self._plan: blocks.BlockPlan | str | None = None
         self._jobs: dict[str, pipeline.Job] = {}
         self.tracker: pipeline.LiveStats | None = None
         """Tests and benchmarks: counts the pipeline's statistics alive (``harness.run.pipeline.LiveStats``)."""
@@ -107,10 +107,10 @@ class Prepared:
         """The methods the session will ask ``factorize`` for: the pipeline's one pass serves them all."""
         self._expected = list(methods)
 
-    def block_plan(self) -> pipeline.BlockPlan | None:
+    def block_plan(self) -> blocks.BlockPlan | None:
         """The model's blocks for the pipeline; None (logged once) where it cannot find them."""
         if self._plan is None:
-            self._plan = pipeline.block_plan(self.loaded.model, self.layers)
+            self._plan = blocks.block_plan(self.loaded.model, self.layers)
             if isinstance(self._plan, str):
                 log(f"calibration: pipeline 'blocks' unsupported for this model ({self._plan}); using 'whole'")
         return None if isinstance(self._plan, str) else self._plan
@@ -135,7 +135,7 @@ class Prepared:
         device = torch.device(self.env.device)
         factorizations = job.factorizations
         if device.type != "cpu":
-            factorizations = [pipeline.move_tensors(f, device) for f in factorizations]
+            factorizations = [blocks.move_tensors(f, device) for f in factorizations]
         return factorizations, job.seconds
 
     def run_blocks(self, methods: Sequence[Method]) -> None:
@@ -150,7 +150,7 @@ class Prepared:
 
             def factorize(group, stats, decomposer=decomposer, options=method.options, ctx=ctx):
                 fact = factorize_group(decomposer, model, group, stats, options, ctx)
-                return pipeline.move_tensors(fact, host) if offload else fact
+                return blocks.move_tensors(fact, host) if offload else fact
 
             groups = decomposer.groups(self.layers, method.options)
             jobs.append(pipeline.Job(method.label, frozenset(decomposer.needs), groups, factorize))
