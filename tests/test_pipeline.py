@@ -232,12 +232,12 @@ def test_svdllm_asvd_lord_factorizations_are_bitwise_equal_and_one_pass_serves_t
 
 def test_a_run_with_blocks_records_the_numbers_and_cell_ids_of_whole(tiny_model_dir, tmp_path):
     records = {}
-    for mode in ("whole", "piped", None):
+    for mode in ("whole", "blocks", None):
         suite = load_suite(write_suite(tmp_path / f"{mode}.toml", suite_text(tiny_model_dir, mode)))
         summary = run_suite(suite, RunOptions(tmp_path / str(mode), progress=False))
         assert not summary.failed and summary.computed == 5
         records[mode] = {r.cell_id: r for r in summary.results}
-    assert records["whole"].keys() == records["piped"].keys() == records[None].keys()
+    assert records["whole"].keys() == records["blocks"].keys() == records[None].keys()
     for cell_id, whole in records["whole"].items():
         for mode in ("blocks", None):  # None: the default is "blocks"
             assert records[mode][cell_id].metrics == whole.metrics
