@@ -117,7 +117,10 @@ class Prepared:
 
     def blockwise(self, decomposer) -> bool:
         """True where ``decomposer`` is served by the pipeline: forward statistics only, under 'blocks'."""
-        needs = set(decomposer.needs)
+        return self.served_blockwise(set(decomposer.needs))
+
+    def served_blockwise(self, needs: set[str]) -> bool:
+        """True where a method needing ``needs`` is served by the pipeline (it needs no whole-model statistics)."""
         if self.env.suite.calibration.pipeline != "blocks" or not needs or not needs <= calibration.FORWARD_KINDS:
             return False
         return self.block_plan() is not None
