@@ -17,6 +17,7 @@ from harness.models import LoadedModel, cache_dir
 from harness.provenance import seed_everything
 from harness.run import calibration
 from harness.run.env import RunEnv, log
+from harness.run.factors import keep
 from harness.run.identity import calibration_identity
 from harness.run.memory import out_of_memory_as
 from harness.surgery import replaced, weights_of
@@ -80,6 +81,7 @@ class Prepared:
         decomposer = self.env.plugins.get("decomposer", method.name)
         stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
         groups = decomposer.groups(self.layers, method.options)
+        allocators = [self.env.plugins.get("allocator", a.name) for a in method.allocators]
         ctx = FactorizeContext(seed=suite.seed, device=self.env.device, log=log)
         seed_everything(suite.seed)
         started = time.perf_counter()
@@ -87,7 +89,9 @@ class Prepared:
         for group in tqdm(groups, desc=f"factorize {method.label}", disable=not self.env.options.progress):
             weights = weights_of(self.loaded.model, group)
             group_stats = {name: stats[name] for name in group if name in stats}
-            factorizations.append(decomposer.factorize(weights, group_stats, method.options, ctx))
+            fact = decomposer.factorize(weights, group_stats, method.options, ctx)
+            # only the ranks this method's cells can choose, in host memory (brought to the device per cell)
+            factorizations.append(keep(fact, method.targets, allocators, suite.factorization.storage_dtype))
         return factorizations, time.perf_counter() - started
 
     def calibration_loss(self, factorizations: Sequence[Factorization]) -> Callable[[Sequence[int | None]], float]:
