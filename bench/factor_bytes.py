@@ -14,13 +14,15 @@ targets; round(0.9 r) under a ``rank = 0.9`` target). The error curves (r + 1
 Python floats per matrix, about 32 bytes each) are the same before and after
 and not counted.
 
-``--measure`` checks the arithmetic on one real full-width block on the CPU:
+``--measure`` checks the arithmetic on real full-width matrices on the CPU:
 the svd plugin (float64, gram) on random 7B-shaped weights, the bytes of the
 tensor storages each factorization keeps alive, before and after the session's
-compaction (float32), against the figures computed from the shapes.
+compaction (float32), against the figures computed from the shapes: one
+matrix of each of the three shapes (about 2 minutes on 2 cores), or with
+``--whole-block`` all seven of a block (about 5 minutes).
 
     python bench/factor_bytes.py
-    python bench/factor_bytes.py --measure --threads 2 --json bench/results/factor-bytes-cpu.json
+    python bench/factor_bytes.py --measure --whole-block --threads 2 --json bench/results/factor-bytes-cpu.json
 """
 
 from __future__ import annotations
@@ -103,8 +105,9 @@ def held_bytes(fact) -> int:
     return total
 
 
-def measure() -> dict:
-    """One full-width block: the svd plugin's factorizations, bytes before and after the session's compaction."""
+def measure(whole_block: bool = False) -> dict:
+    """Full-width matrices (one per shape, or a whole block): the svd plugin's factorizations, bytes before and
+    after the session's compaction."""
     from harness_allocators import Uniform
     from harness_svd import SVD
 
@@ -115,7 +118,9 @@ def measure() -> dict:
     gen = torch.Generator().manual_seed(0)
     targets, allocators = [harness.Target("params", 0.8), harness.Target("params", 0.5)], [Uniform()]
     rows = {}
-    for name, ((m, n), _) in BLOCK.items():
+    names = list(BLOCK) if whole_block else ["q_proj", "gate_proj", "down_proj"]
+    for name in names:
+        (m, n), _ = BLOCK[name]
         W = torch.randn(m, n, generator=gen) * torch.arange(1, n + 1).float().pow(-0.5)
         started = time.perf_counter()
         fact = SVD().factorize({name: W}, {}, SVD.Options(), ctx)
@@ -140,7 +145,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     outcome = {"machine": machine(), "blocks": BLOCKS, "shapes": {k: v[0] for k, v in BLOCK.items()}, "table": table()}
     if args.measure:
-        outcome["measured_block"] = measure()
+        outcome["measured_block"] = measure(args.whole_block)
     return outcome
 
 
@@ -158,7 +163,7 @@ def render(outcome: dict) -> str:
     if "measured_block" in outcome:
         lines += [
             "",
-            "One full-width block measured (svd, float64 gram; compacted to break-even, float32), MB:",
+            "Full-width matrices measured (svd, float64 gram; compacted to break-even, float32), MB:",
             "",
             "| matrix | shape | factorize s | before | computed | compact | computed | stored rank |",
             "|---|---|---|---|---|---|---|---|",
@@ -175,7 +180,8 @@ def render(outcome: dict) -> str:
 
 def parse():
     parser = new_parser(__doc__)
-    parser.add_argument("--measure", action="store_true", help="measure one full-width block on the CPU (svd)")
+    parser.add_argument("--measure", action="store_true", help="measure full-width matrices on the CPU (svd)")
+    parser.add_argument("--whole-block", action="store_true", help="with --measure: all seven matrices of a block")
     add_common_arguments(parser)
     return parser.parse_args()
 
