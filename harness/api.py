@@ -142,6 +142,10 @@ class RankAllocator:
     subclasses), since an allocator that asks the target for its cost and budget needs no kind of its own."""
     uses_calibration: ClassVar[bool] = False
     """True where ``allocate`` calls ``ctx.calibration_loss`` (then calibration data is loaded)."""
+    saving_ranks_only: ClassVar[bool] = False
+    """True where every rank ``allocate`` returns, or has ``ctx.calibration_loss`` materialize, saves
+    parameters (``harness.saves``) or is the target's own ``Target.per_matrix`` rank: factorizations are
+    then kept only up to those ranks (``Factorization.compact``). False (the default): kept at full rank."""
     description: ClassVar[str] = ""
 
     def takes(self, kind: str) -> bool:

@@ -12,7 +12,7 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harness.errors import HarnessError, did_you_mean
 from harness.options import check_value, options_dict, parse_options
@@ -36,6 +36,7 @@ TOP_KEYS = {
     "trackers": list[str | dict[str, Any]],
     "calibration": dict[str, Any],
     "surgery": dict[str, Any],
+    "factorization": dict[str, Any],
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -146,6 +147,12 @@ class SurgeryConfig:
 
 
 @dataclass(frozen=True)
+class FactorizationConfig:
+    storage_dtype: Literal["float32", "float64"] = "float32"
+    """dtype factors are kept in between factorizing and the cells (the math stays as each method does it)."""
+
+
+@dataclass(frozen=True)
 class Suite:
     """A validated suite (``harness.Suite``): what ``harness_suite_start`` and the trackers receive.
 
@@ -179,6 +186,8 @@ class Suite:
         """The dtype the run loads, hashes and records: ``dtype_setting`` with ``auto`` resolved."""
         return resolve_dtype(self.dtype_setting, self.device)
 
+    factorization: FactorizationConfig = field(default_factory=FactorizationConfig)
+
     def with_models(self, models: list[str]) -> Suite:
         return replace(self, models=tuple(models))
 
@@ -207,6 +216,7 @@ class Suite:
             "calibration": asdict(self.calibration),
             "surgery": asdict(self.surgery),
             **({"device_map": self.device_map} if self.device_map else {}),
+            "factorization": asdict(self.factorization),
         }
 
 
@@ -286,6 +296,7 @@ class SuiteParser:
             trackers=self.components("tracker", values.get("trackers", []), "trackers"),
             calibration=parse_options(CalibrationConfig, values.get("calibration"), "calibration", self.file),
             surgery=self.surgery(values.get("surgery")),
+            factorization=parse_options(FactorizationConfig, values.get("factorization"), "factorization", self.file),
         )
         self.check_targets(suite)
         return suite

@@ -13,11 +13,13 @@ from tqdm.auto import tqdm
 from harness import data as data_mod
 from harness.api import FactorizeContext, LayerInfo
 from harness.errors import HarnessError, first_line
+from harness.factorization import StoredLowRank
 from harness.files import cache_dir
 from harness.models import LoadedModel
 from harness.provenance import seed_everything
 from harness.run import blocks, calibration, pipeline
 from harness.run.env import RunEnv, log
+from harness.run.factors import keep
 from harness.run.identity import calibration_identity
 from harness.run.memory import out_of_memory_as
 from harness.surgery import replaced, weights_of
@@ -94,12 +96,18 @@ class Prepared:
         suite = self.env.suite
         stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
         groups = decomposer.groups(self.layers, method.options)
+        allocators = [self.env.plugins.get("allocator", a.name) for a in method.allocators]
         ctx = FactorizeContext(seed=suite.seed, device=self.env.device, log=log)
         seed_everything(suite.seed)
         started = time.perf_counter()
         factorizations = []
+
+        def raw(group: Sequence[str]) -> Factorization:
+            return factorize_group(decomposer, self.loaded.model, group, stats, method.options, ctx)
+
         for group in tqdm(groups, desc=f"factorize {method.label}", disable=not self.env.options.progress):
-            factorizations.append(factorize_group(decomposer, self.loaded.model, group, stats, method.options, ctx))
+            # only the ranks this method's cells can choose, in host memory (brought to the device per cell)
+            factorizations.append(keep(raw(group), method.targets, allocators, suite.factorization.storage_dtype))
         return factorizations, time.perf_counter() - started
 
     # ------------------------------------------------------------ the layer-sequential pipeline
@@ -137,8 +145,10 @@ class Prepared:
         pipeline._set_rng_state(job.rng)  # the random state factorizing the method alone leaves
         device = torch.device(self.env.device)
         factorizations = job.factorizations
-        if device.type != "cpu":
-            factorizations = [blocks.move_tensors(f, device) for f in factorizations]
+        if device.type != "cpu":  # back to the device: those the pass offloaded (not the compacted ones)
+            factorizations = [
+                f if isinstance(f, StoredLowRank) else blocks.move_tensors(f, device) for f in factorizations
+            ]
         return factorizations, job.seconds
 
     def run_blocks(self, methods: Sequence[Method]) -> None:
@@ -151,9 +161,13 @@ class Prepared:
             decomposer = self.env.plugins.get("decomposer", method.name)
             ctx = FactorizeContext(seed=suite.seed, device=self.env.device, log=log)
 
-            def factorize(group, stats, decomposer=decomposer, options=method.options, ctx=ctx):
-                fact = factorize_group(decomposer, model, group, stats, options, ctx)
-                return blocks.move_tensors(fact, host) if offload else fact
+            allocators = [self.env.plugins.get("allocator", a.name) for a in method.allocators]
+
+            def factorize(group, stats, decomposer=decomposer, method=method, ctx=ctx, allocators=allocators):
+                raw = factorize_group(decomposer, model, group, stats, method.options, ctx)
+                fact = keep(raw, method.targets, allocators, suite.factorization.storage_dtype)
+                # a compacted factorization is on the host already and brings its factors to the device itself
+                return blocks.move_tensors(fact, host) if offload and fact is raw else fact
 
             groups = decomposer.groups(self.layers, method.options)
             jobs.append(pipeline.Job(method.label, frozenset(decomposer.needs), groups, factorize))
@@ -200,6 +214,11 @@ def factorize_group(decomposer, model: torch.nn.Module, group, stats: dict, opti
     weights = weights_of(model, group)
     group_stats = {name: stats[name] for name in group if name in stats}
     return decomposer.factorize(weights, group_stats, options, ctx)
+
+
+def on_device(fact: Factorization, device: torch.device) -> Factorization:
+    """``fact`` with its tensors on ``device``; a compacted one stays on the host (it moves what a cell needs)."""
+    return fact if isinstance(fact, StoredLowRank) else blocks.move_tensors(fact, device)
 
 
 def materialize(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict:

@@ -49,6 +49,7 @@ class EnergyOptions(limits.LimitOptions):
 
 class Energy(harness.RankAllocator):
     name = "energy"
+    saving_ranks_only = True
     Options = EnergyOptions
     description = "smallest rank keeping a common fraction of each matrix's energy, solved for the target"
 

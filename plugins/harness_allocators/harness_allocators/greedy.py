@@ -178,6 +178,7 @@ class GreedyOptions(limits.LimitOptions):
 
 class GlobalGreedy(harness.RankAllocator):
     name = "global-greedy"
+    saving_ranks_only = True
     Options = GreedyOptions
     description = "singular directions across all matrices by error reduction per parameter (or byte, or rank)"
 

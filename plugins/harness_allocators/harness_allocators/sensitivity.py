@@ -105,6 +105,7 @@ class MeasurementCache:
 
 class Sensitivity(harness.RankAllocator):
     name = "sensitivity"
+    saving_ranks_only = True
     Options = SensitivityOptions
     uses_calibration = True
     description = "ASVD: per-layer calibration loss at each kept fraction, then one global threshold"

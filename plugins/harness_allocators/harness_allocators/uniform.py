@@ -33,6 +33,7 @@ class UniformOptions:
 
 class Uniform(harness.RankAllocator):
     name = "uniform"
+    saving_ranks_only = True
     Options = UniformOptions
     description = "same kept fraction for every matrix"
 

@@ -103,6 +103,7 @@ def solve_tau(facts, target, options, dtype_bytes: int) -> tuple[harness.Assignm
 
 class WeLore(harness.RankAllocator):
     name = "welore"
+    saving_ranks_only = True
     Options = WeLoreOptions
     description = "WeLore: drop min-max normalized singular values below one global threshold, solved for the target"
 

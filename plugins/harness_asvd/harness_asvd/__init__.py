@@ -48,15 +48,13 @@ class ASVD(harness.SingleMatrixDecomposer):
     description = "SVD of W diag(mean|x|^alpha) (activation-aware SVD)"
 
     def factorize_matrix(self, name, weight, stats, options, ctx):
-        import torch
-
         from harness_asvd.decompose import activation_aware_svd, activation_scales
 
         magnitude = stats.abs_mean if options.scaling == "abs_mean" else stats.sq_mean.sqrt()
         scales = activation_scales(magnitude.to(ctx.device), options.alpha, options.eps)
         dtype = harness.float_dtype(options.dtype)
         U, s, Vt = activation_aware_svd(weight, scales, dtype=dtype)
-        right = torch.diag(1 / scales).to(dtype)
+        right = (1 / scales).to(dtype)  # diag(S^-1), kept as a vector
         return harness.SVDLikeFactorization(name, U, s, Vt, right=right, out_dtype=weight.dtype)
 
 

@@ -42,13 +42,11 @@ class FWSVD(harness.SingleMatrixDecomposer):
     description = "SVD of W diag(sqrt(Fisher per input channel)) (Fisher-weighted SVD)"
 
     def factorize_matrix(self, name, weight, stats, options, ctx):
-        import torch
-
         from harness_fwsvd.decompose import fisher_weighted_svd
 
         dtype = harness.float_dtype(options.dtype)
         U, s, Vt, d = fisher_weighted_svd(weight, stats.fisher_in, eps=options.eps, dtype=dtype)
-        right = torch.diag(1 / d).to(dtype)
+        right = (1 / d).to(dtype)  # diag(D^-1), kept as a vector
         return harness.SVDLikeFactorization(name, U, s, Vt, right=right, out_dtype=weight.dtype)
 
 

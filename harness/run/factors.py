@@ -1,0 +1,60 @@
+"""How much of each factorization a method's cells can use, and keeping only that (issue 16, point 2).
+
+A cell materializes the rank its allocator picks for its target. Allocators
+that declare ``saving_ranks_only`` (every built-in one but BitStack's order)
+pick only ranks that save parameters, at most the break-even rank
+(``Factorization.saving_rank``; for one m x n matrix ``harness.break_even_rank``),
+or, under a target with a per-matrix rule (``Target.per_matrix``: a ``rank``
+target keeps ``round(value * full_rank)`` of every matrix), that rule's rank.
+Any other allocator may pick any rank, so its methods keep every rank.
+
+``keep`` compacts a fresh factorization to the largest rank any (allocator,
+target) pair of the method can choose, in the suite's storage dtype, in host
+memory (``Factorization.compact``); what allocators read (ranks, errors,
+costs) is unchanged, and materialized factors are those of the uncompacted
+factorization (see ``harness/factorization.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from harness.api import RankAllocator
+    from harness.factorization import Factorization
+    from harness.targets import Target
+
+STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HOST = torch.device("cpu")
+
+
+def reach(fact: Factorization, target: Target, allocator: RankAllocator) -> int:
+    """The largest rank of ``fact`` that ``allocator`` can materialize for ``target``."""
+    if not getattr(allocator, "saving_ranks_only", False):
+        return fact.full_rank
+    top = fact.saving_rank
+    own = target.per_matrix([fact])
+    if own is not None and own[0] is not None:
+        top = max(top, own[0])
+    return min(top, fact.full_rank)
+
+
+def max_rank(fact: Factorization, targets: Iterable[Target], allocators: Iterable[RankAllocator]) -> int:
+    """The largest rank of ``fact`` any (allocator, target) pair can choose (``full_rank`` where there is none)."""
+    allocators = list(allocators)
+    reaches = [reach(fact, target, allocator) for target in targets for allocator in allocators]
+    return max(reaches, default=fact.full_rank)
+
+
+def keep(
+    fact: Factorization,
+    targets: Iterable[Target],
+    allocators: Iterable[RankAllocator],
+    storage_dtype: str = "float32",
+    device: torch.device | str = HOST,
+) -> Factorization:
+    """``fact`` compacted for ``targets`` x ``allocators``, kept in ``storage_dtype`` on ``device`` (the host)."""
+    return fact.compact(max_rank(fact, targets, allocators), dtype=STORAGE_DTYPES[storage_dtype], device=device)
