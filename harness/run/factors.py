@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from harness.surgery import weights_of
+
 if TYPE_CHECKING:
-    from harness.api import RankAllocator
+    from harness.api import FactorizeContext, RankAllocator
     from harness.factorization import Factorization
     from harness.targets import Target
 
@@ -58,3 +60,10 @@ def keep(
 ) -> Factorization:
     """``fact`` compacted for ``targets`` x ``allocators``, kept in ``storage_dtype`` on ``device`` (the host)."""
     return fact.compact(max_rank(fact, targets, allocators), dtype=STORAGE_DTYPES[storage_dtype], device=device)
+
+
+def factorize_group(decomposer, model: torch.nn.Module, group, stats: dict, options, ctx: FactorizeContext):
+    """One group's factorization from the model's weights and the members' statistics (both paths)."""
+    weights = weights_of(model, group)
+    group_stats = {name: stats[name] for name in group if name in stats}
+    return decomposer.factorize(weights, group_stats, options, ctx)
