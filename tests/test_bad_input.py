@@ -84,7 +84,7 @@ CASES = [
     ),
     Case(
         "model-empty-string",
-        SUITE + r"models\[0\]: expected a hub id, a local path or 'embedded', got ''",
+        SUITE + r"models\[0\]: expected a hub id, a local path, 'embedded' or 'random:<shape>', got ''",
         suite=edit('models = ["{tiny}"]', 'models = [""]'),
     ),
     Case(
@@ -103,7 +103,7 @@ CASES = [
     ),
     Case(
         "dtype-unknown",
-        SUITE + r"dtype: expected 'float32', 'float16' or 'bfloat16', got 'float8'",
+        SUITE + r"dtype: expected one of 'auto', 'float32', 'float16', 'bfloat16', got 'float8'",
         suite='dtype = "float8"\n' + BASE,
     ),
     Case(
