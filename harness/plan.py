@@ -600,8 +600,10 @@ def refusal(plan: Plan, suite: Suite) -> str | None:
         "calibration": f"lower calibration.samples ({cal.samples}), calibration.seqlen ({cal.seqlen}) or "
         f"calibration.batch_size ({cal.batch_size})"
         + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"'),
-        "factorization": f'storage_dtype = "float32" (now {suite.factorization.storage_dtype!r}), fewer methods '
-        "per suite or --layers",
+        "factorization": (
+            'set [factorization] storage_dtype = "float32", ' if suite.factorization.storage_dtype != "float32" else ""
+        )
+        + "fewer methods per suite, a device with more memory, or --layers",
         "factor storage": "fewer methods per suite",
         "evaluation": "lower calibration.batch_size or --layers",
     }[stage.name]
