@@ -347,6 +347,28 @@ def kept_bytes(layers: Sequence[LayerInfo], targets, allocators, storage_bytes: 
     return total
 
 
+def replaced_bytes(layers: Sequence[LayerInfo], target: Any, allocators: Sequence[Any], dtype_bytes: int) -> int:
+    """Bytes of one cell's factored layers in the model dtype (the dense originals stay beside them).
+
+    A ``params`` target: ``value`` x the decomposable parameters, whatever the allocator spreads; a target
+    with a per-matrix rule (``rank``): that rank's K (m + n) per layer; any other: ``kept_rank``'s bound.
+    """
+    if target.kind == "params":
+        return int(target.value * sum(m * n for m, n in (x.shape for x in layers))) * dtype_bytes
+    ranks: dict[tuple[int, int], int] = {}  # one per distinct shape
+    total = 0
+    for layer in layers:
+        m, n = layer.shape
+        if (m, n) not in ranks:
+            try:
+                own = target.per_matrix([_ShapeFact(m, n)])
+            except Exception:  # a kind that needs more of a factorization: the bound
+                own = None
+            ranks[m, n] = (own[0] if own is not None else kept_rank(m, n, [target], allocators)) or 0
+        total += ranks[m, n] * (m + n) * dtype_bytes
+    return total
+
+
 # ---------------------------------------------------------------- the plan
 @dataclass
 class Stage:
@@ -517,7 +539,7 @@ def plan_model(
             else "in host memory (nothing on disk; Ray writes a factstore)",
         )
     )
-    replaced = max((kept_bytes(targets_layers, m.targets, a, wb) for m, _, _, a in methods), default=0)
+    replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
     logits = cal.batch_size * cal.seqlen * int(c["vocab_size"]) * 4
     plan.stages.append(stage("evaluation", weights + replaced + logits, 0, 0, "model + largest replaced layer set"))
     return plan

@@ -127,6 +127,18 @@ def test_kept_ranks_are_those_the_session_keeps():
                 assert plan_mod.kept_rank(m, n, targets, allocators) == max_rank(fact, targets, allocators)
 
 
+def test_a_cells_replaced_layers():
+    from harness.targets import parse_target
+
+    layers = plan_mod.linear_layers(shapes.parse_random_spec("random:tiny-llama").config())
+    dense = sum(m * n for m, n in (x.shape for x in layers))  # 2 blocks of 64/176-wide Llama layers
+    assert dense == 2 * (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 176)
+    assert plan_mod.replaced_bytes(layers, parse_target(0.5, "t"), [], 4) == 4 * dense // 2
+    # rank 0.5: 32 of 64 (q, o), 16 of 32 (k, v), 32 of 64 (gate, up, down), times m + n
+    per_block = 32 * 128 * 2 + 16 * 96 * 2 + 32 * 240 * 3
+    assert plan_mod.replaced_bytes(layers, parse_target({"rank": 0.5}, "t"), [], 2) == 2 * 2 * per_block
+
+
 def test_plan_command_prints_every_stage_without_torch(tmp_path):
     suite = write(tmp_path)
     code = (
