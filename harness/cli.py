@@ -73,7 +73,9 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     add_ray_arguments(run.add_argument_group("with --executor ray"))
 
     plan = sub.add_parser(
-        "plan", help="what a run will need per stage (device memory, host memory, disk), from the models' configs"
+        "plan",
+        help="what a run will need per stage (device memory, host memory, disk), from the models' configs; "
+        "exit 1 where it does not fit",
     )
     plan.add_argument("suite", help="suite file (TOML)")
     plan.add_argument(

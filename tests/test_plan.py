@@ -177,6 +177,23 @@ def test_run_refuses_a_plan_over_the_memory_before_loading_weights(tmp_path):
     assert elapsed < 3.0  # interpreter start and the plugins; a one-block 7B load alone takes ~4 s
 
 
+def test_no_plan_check_runs_anyway(tmp_path, monkeypatch):
+    from harness import cli
+    from harness.run import runner
+
+    class Reached(Exception):
+        pass
+
+    def run_suite(suite, options):
+        raise Reached
+
+    monkeypatch.setattr(runner, "run_suite", run_suite)
+    argv = ["run", str(write(tmp_path)), "--memory", "0.01", "--results", str(tmp_path / "res")]
+    assert cli.main(argv) == 2
+    with pytest.raises(Reached):
+        cli.main([*argv, "--no-plan-check"])
+
+
 def test_refusal_names_the_setting_per_stage(tmp_path):
     from harness.suite import load_suite
 
