@@ -64,7 +64,29 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
         default="sequential",
         help="sequential: one cell after another in this process (default); ray: every cell a Ray task",
     )
+    add_memory_argument(run)
+    run.add_argument(
+        "--no-plan-check",
+        action="store_true",
+        help="run even where the plan (harness plan) says the run exceeds the device's memory",
+    )
     add_ray_arguments(run.add_argument_group("with --executor ray"))
+
+    plan = sub.add_parser(
+        "plan",
+        help="what a run will need per stage (device memory, host memory, disk), from the models' configs; "
+        "exit 1 where it does not fit",
+    )
+    plan.add_argument("suite", help="suite file (TOML)")
+    plan.add_argument(
+        "--model", action="append", help="model spec (repeatable); replaces the suite's models, as in harness run"
+    )
+    plan.add_argument("--device", help="override the suite's device (auto, cpu, cuda, cuda:1)")
+    add_layers_argument(plan)
+    add_memory_argument(plan)
+    plan.add_argument(
+        "--executor", choices=("sequential", "ray"), default="sequential", help="the executor the run will use"
+    )
 
     validate = sub.add_parser("validate", help="check a suite without running it")
     validate.add_argument("suite")
@@ -113,6 +135,26 @@ def add_layers_argument(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="keep the first N transformer blocks of every random:<shape> model (shape-only models only)",
     )
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--memory",
+        type=positive_float,
+        metavar="GiB",
+        help="memory of the chosen device for the plan, in GiB (default: the CUDA device's total memory; "
+        "on the CPU the machine's RAM)",
+    )
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def apply_layers(suite, layers: int | None):
@@ -199,18 +241,22 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from harness.ray.executor import run_ray, settings_from
-    from harness.report import leaderboard
-    from harness.run.runner import RunOptions, run_suite
     from harness.suite import check_device, load_suite
 
-    settings = settings_from(args)
     suite = load_suite(args.suite)
     if args.model:
         suite = suite.with_models(args.model)
     suite = apply_layers(suite, args.layers)
     if args.device:
         suite = replace(suite, device=check_device(args.device, "--device"))
+    if not args.no_plan_check:  # from the models' configs, before anything heavy is imported or loaded
+        check_plan(suite, args.memory, args.executor)
+
+    from harness.ray.executor import run_ray, settings_from
+    from harness.report import leaderboard
+    from harness.run.runner import RunOptions, run_suite
+
+    settings = settings_from(args)
     options = RunOptions(
         results_root=Path(args.results),
         force=args.force,
@@ -229,6 +275,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(summary.failed)} cell(s) failed; see their results for the error", file=sys.stderr)
         return 1
     return 0
+
+
+def check_plan(suite, memory_gib: float | None, executor: str) -> None:
+    """HarnessError (exit 2, one line naming the stage and the setting to change) where a model's plan
+    exceeds the device's memory (``harness.plan``). A plan that cannot be made is a warning; under
+    ``--executor ray`` the check runs only with ``--memory`` (the cells run on the cluster's machines)."""
+    from harness.plan import plan_suite, refusal
+
+    if executor == "ray" and memory_gib is None:  # the cells run on the cluster's machines, not this one
+        return
+    try:
+        plans = plan_suite(suite, memory_gib=memory_gib, executor=executor)
+    except Exception as exc:  # a model the planner cannot read is no reason to refuse the run
+        from harness.errors import first_line
+
+        print(f"harness: warning: no plan for this run ({first_line(exc, 300)}); running unchecked", file=sys.stderr)
+        return
+    for plan in plans:
+        line = refusal(plan, suite)
+        if line is not None:
+            raise HarnessError(line)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from harness.plan import plan_suite
+    from harness.suite import check_device, load_suite
+
+    suite = load_suite(args.suite)
+    if args.model:
+        suite = suite.with_models(args.model)
+    suite = apply_layers(suite, args.layers)
+    if args.device:
+        suite = replace(suite, device=check_device(args.device, "--device"))
+    plans = plan_suite(suite, memory_gib=args.memory, executor=args.executor)
+    print("\n\n".join(plan.table() for plan in plans))
+    return 0 if all(plan.fits() for plan in plans) else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -346,6 +430,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
+    "plan": cmd_plan,
     "plugins": cmd_plugins,
     "leaderboard": cmd_leaderboard,
     "report": cmd_report,

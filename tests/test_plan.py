@@ -1,0 +1,263 @@
+"""``harness plan`` (harness/plan.py): the figures against what the code allocates, and the run's refusal.
+
+The layer list and parameter count are checked against a model built from the
+same config (meta device); the statistics figure against the pipeline's own
+count of live statistics tensors (``harness.run.pipeline.LiveStats``) on
+``random:tiny-llama``; the kept ranks against ``harness.run.factors.max_rank``
+on real factorizations; the calibration stage's host figure against the peak
+RSS of a one-block Llama-2-7B-shaped pass in a child process (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import plan as plan_mod
+from harness import shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = [sys.executable, "-m", "harness.cli"]
+
+
+def write(tmp_path: Path, methods: str = 'name = "svd-llm"', extra: str = "", model: str = "random:tiny-llama") -> Path:
+    text = f"""
+name = "plan_test"
+device = "cpu"
+dtype = "float32"
+models = ["{model}"]
+targets = [0.8]
+allocators = ["uniform"]
+{extra}
+[calibration]
+samples = 4
+seqlen = 256
+batch_size = 4
+
+[[methods]]
+{methods}
+
+[[evaluators]]
+name = "perplexity"
+options = {{ source = "wiki-passages", seqlen = 64, max_windows = 2 }}
+"""
+    path = tmp_path / "suite.toml"
+    path.write_text(text)
+    return path
+
+
+def meta_model(shape: str, layers: int | None = None):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = shapes.parse_random_spec(f"random:{shape}", layers).config()
+    settings = dict(config)
+    built = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    with init_empty_weights():
+        return config, AutoModelForCausalLM.from_config(built)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "llama-3-8b", "qwen2.5-7b"])
+def test_layers_and_parameters_are_those_of_the_built_model(shape):
+    from harness.surgery import find_linears
+
+    config, model = meta_model(shape, 2)
+    for lm_head in (False, True):
+        assert plan_mod.linear_layers(config, None, lm_head) == find_linears(model, None, lm_head)
+    assert plan_mod.linear_layers(config, ["q_proj", "down_proj"]) == find_linears(model, ["q_proj", "down_proj"])
+    assert plan_mod.param_count(config) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kinds", [{"gram"}, {"abs_mean"}, {"out_cov"}, {"gram", "abs_mean"}, {"gram", "abs_mean", "out_cov"}]
+)
+def test_statistics_figure_is_the_pipelines_live_peak(kinds):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.run import pipeline
+    from harness.surgery import find_linears
+
+    config = shapes.parse_random_spec("random:tiny-llama").config()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})).eval()
+    layers = find_linears(model, None, include_lm_head="out_cov" not in kinds)
+    batches = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(1))
+    tracker = pipeline.LiveStats()
+    job = pipeline.Job("count", frozenset(kinds), [[x.name] for x in layers], lambda group, stats: None)
+    pipeline.run_blocks(model, layers, batches, [job], device=torch.device("cpu"), progress=False, tracker=tracker)
+    assert job.error is None
+    planned = plan_mod.linear_layers(config, None, "out_cov" not in kinds)
+    assert plan_mod.pipeline_stats_peak(planned, frozenset(kinds)) == tracker.peak > 0
+
+
+def test_statistics_closed_form_for_a_llama_7b_block():
+    """bench/README.md: one Llama-2-7B block's gram statistics are 3 · 4096² + 11008² float64 values
+    (q/k/v share one Gram, gate/up one), plus the per-channel sums and means."""
+    layers = plan_mod.linear_layers(shapes.parse_random_spec("random:llama-2-7b", 1).config())
+    inputs = (4096, 4096, 4096, 11008)  # attention in, o_proj in, mlp in, down_proj in
+    expected = 8 * sum(n * n + 2 * n for n in inputs)  # the Gram, the x² sums, sq_mean
+    assert plan_mod.pipeline_stats_peak(layers, frozenset({"gram"})) == expected
+    assert round(sum(8 * n * n for n in inputs) / 2**30, 3) == 1.278
+
+
+def test_kept_ranks_are_those_the_session_keeps():
+    import torch
+
+    from harness.factorization import SVDLikeFactorization
+    from harness.plugins import get_plugins
+    from harness.run.factors import max_rank
+    from harness.targets import parse_target
+
+    plugins = get_plugins()
+    uniform, order = plugins.get("allocator", "uniform"), plugins.get("allocator", "bitstack-order")
+    torch.manual_seed(0)
+    for m, n in ((24, 40), (40, 24), (30, 30)):
+        U, s, Vt = torch.linalg.svd(torch.randn(m, n, dtype=torch.float64), full_matrices=False)
+        fact = SVDLikeFactorization("w", U, s, Vt)
+        for targets in ([parse_target(0.8, "t")], [parse_target({"rank": 0.9}, "t")], [parse_target(0.5, "t")]):
+            for allocators in ([uniform], [order], [uniform, order]):
+                assert plan_mod.kept_rank(m, n, targets, allocators) == max_rank(fact, targets, allocators)
+
+
+def test_a_cells_replaced_layers():
+    from harness.targets import parse_target
+
+    layers = plan_mod.linear_layers(shapes.parse_random_spec("random:tiny-llama").config())
+    dense = sum(m * n for m, n in (x.shape for x in layers))  # 2 blocks of 64/176-wide Llama layers
+    assert dense == 2 * (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 176)
+    assert plan_mod.replaced_bytes(layers, parse_target(0.5, "t"), [], 4) == 4 * dense // 2
+    # rank 0.5: 32 of 64 (q, o), 16 of 32 (k, v), 32 of 64 (gate, up, down), times m + n
+    per_block = 32 * 128 * 2 + 16 * 96 * 2 + 32 * 240 * 3
+    assert plan_mod.replaced_bytes(layers, parse_target({"rank": 0.5}, "t"), [], 2) == 2 * 2 * per_block
+
+
+def test_plan_command_prints_every_stage_without_torch(tmp_path):
+    suite = write(tmp_path)
+    code = (
+        "import sys; from harness.cli import main; rc = main(sys.argv[1:]); "
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, "plan", str(suite)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for stage in plan_mod.STAGES:
+        assert f"\n{stage} " in out.stdout
+    assert "fits (host" in out.stdout
+    assert out.stdout.strip().endswith("NO-TORCH")
+    small = subprocess.run(
+        [*HARNESS, "plan", str(suite), "--model", "random:llama-2-7b", "--memory", "4"], capture_output=True, text=True
+    )
+    assert small.returncode == 1
+    assert "does NOT fit: load needs 25.47 GiB of host memory" in small.stdout
+
+
+def test_run_refuses_a_plan_over_the_memory_before_loading_weights(tmp_path):
+    suite = write(tmp_path)
+    started = time.perf_counter()
+    out = subprocess.run(
+        [*HARNESS, "run", str(suite), "--model", "random:llama-2-7b?layers=1", "--memory", "3", "--results", "res"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "stage calibration needs" in lines[0] and "3.00 GiB available" in lines[0]
+    assert "calibration.samples (4)" in lines[0] and "--no-plan-check" in lines[0]
+    assert not (tmp_path / "res").exists()  # no cells/, nothing written
+    assert elapsed < 3.0  # interpreter start and the plugins; a one-block 7B load alone takes ~4 s
+
+
+def test_no_plan_check_runs_anyway(tmp_path, monkeypatch):
+    from harness import cli
+    from harness.run import runner
+
+    class Reached(Exception):
+        pass
+
+    def run_suite(suite, options):
+        raise Reached
+
+    monkeypatch.setattr(runner, "run_suite", run_suite)
+    argv = ["run", str(write(tmp_path)), "--memory", "0.01", "--results", str(tmp_path / "res")]
+    assert cli.main(argv) == 2
+    with pytest.raises(Reached):
+        cli.main([*argv, "--no-plan-check"])
+
+
+def test_refusal_names_the_setting_per_stage(tmp_path):
+    from harness.suite import load_suite
+
+    suite = load_suite(write(tmp_path, extra="", model="random:llama-2-7b"))
+    plan = plan_mod.plan_model(suite, "random:llama-2-7b", "cpu")
+    load, calibration, factorization = (s.host for s in plan.stages[:3])
+    assert load < calibration < factorization
+    plan.host_memory = (load + calibration) // 2  # the model loads; its calibration does not fit
+    line = plan_mod.refusal(plan, suite)
+    assert line.startswith("plan: random:llama-2-7b: stage calibration needs")
+    assert "lower calibration.samples (4), calibration.seqlen (256) or calibration.batch_size (4)" in line
+    plan.host_memory = (calibration + factorization) // 2
+    assert "stage factorization needs" in plan_mod.refusal(plan, suite)
+    plan.host_memory = 1000 * 2**30
+    assert plan_mod.refusal(plan, suite) is None
+    cuda = plan_mod.plan_model(suite, "random:llama-2-7b", "cuda")
+    assert (
+        cuda.dtype == "float32"
+        and cuda.stages[0].device == plan_mod.param_count(shapes.parse_random_spec("random:llama-2-7b").config()) * 4
+    )
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from harness import shapes
+    from harness.models import random_parameters
+    from harness.run import pipeline
+    from harness.surgery import find_linears
+
+    torch.set_num_threads(1)
+    settings = shapes.parse_random_spec("random:llama-2-7b?layers=1").config()
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    random_parameters(model, 0, torch.device("cpu"))
+    model.eval().requires_grad_(False)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    layers = find_linears(model)
+    batches = torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(0))
+    job = pipeline.Job("svd-llm", frozenset({"gram"}), [[x.name] for x in layers], lambda group, stats: None)
+    started = time.perf_counter()
+    pipeline.run_blocks(model, layers, batches, [job], device=torch.device("cpu"), batch_size=4, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"loaded": loaded, "peak": peak, "seconds": time.perf_counter() - started}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_calibration_host_figure_within_15_percent_of_the_measured_peak_rss(tmp_path):
+    from harness.suite import load_suite
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    suite = load_suite(write(tmp_path, model="random:llama-2-7b?layers=1"))
+    plan = plan_mod.plan_model(suite, "random:llama-2-7b?layers=1", "cpu")
+    load, calibration = plan.stages[0].host, plan.stages[1].host
+    print(f"measured: loaded {measured['loaded'] / 2**30:.3f} GiB, calibration peak {measured['peak'] / 2**30:.3f} GiB")
+    print(f"plan: load {load / 2**30:.3f} GiB, calibration {calibration / 2**30:.3f} GiB")
+    assert abs(calibration - measured["peak"]) <= 0.15 * measured["peak"]
+    assert abs(load - measured["loaded"]) <= 0.15 * measured["loaded"]
