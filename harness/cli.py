@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def suite_from_args(args: argparse.Namespace):
+    """The suite file with the command line's --model, --layers and --device applied."""
     from dataclasses import replace
 
     from harness.suite import check_device, load_suite
@@ -249,6 +250,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = apply_layers(suite, args.layers)
     if args.device:
         suite = replace(suite, device=check_device(args.device, "--device"))
+    return suite
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    suite = suite_from_args(args)
     if not args.no_plan_check:  # from the models' configs, before anything heavy is imported or loaded
         check_plan(suite, args.memory, args.executor)
 
@@ -299,17 +305,9 @@ def check_plan(suite, memory_gib: float | None, executor: str) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from harness.plan import plan_suite
-    from harness.suite import check_device, load_suite
 
-    suite = load_suite(args.suite)
-    if args.model:
-        suite = suite.with_models(args.model)
-    suite = apply_layers(suite, args.layers)
-    if args.device:
-        suite = replace(suite, device=check_device(args.device, "--device"))
+    suite = suite_from_args(args)
     plans = plan_suite(suite, memory_gib=args.memory, executor=args.executor)
     print("\n\n".join(plan.table() for plan in plans))
     return 0 if all(plan.fits() for plan in plans) else 1
