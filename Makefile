@@ -35,8 +35,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: no chromium (apt-get install chromium): the report's browser test will skip"
 
+# the memory-marked tests compare peak RSS with the planner: in their own process, after the rest
 test: setup browser
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m memory
 
 # the regression check of .ci/run: the smoke suite afresh, compared with its committed baseline
 regress: setup

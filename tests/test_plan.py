@@ -246,7 +246,7 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.memory
 def test_calibration_host_figure_within_15_percent_of_the_measured_peak_rss(tmp_path):
     from harness.suite import load_suite
 
