@@ -1,0 +1,333 @@
+"""What a run will need, from the model's config alone (issue 16, point 5): ``harness plan``.
+
+No weights are loaded. A ``random:<shape>`` model's config is the JSON in
+``harness/shapes`` (this module then imports no torch, so ``harness plan`` is
+instant); a local directory or hub id is read with ``transformers.AutoConfig``
+(config.json only); ``embedded`` uses its cached conversion's config.json, else
+the SmolLM2-135M sizes below.
+
+One row per stage (load, calibration, factorization, factor storage,
+evaluation), each with the peak device memory, host memory and disk it needs,
+in bytes. On a CPU run the device *is* the host: every figure is host memory.
+The figures are the tensors the code allocates (see each function's
+docstring for its formula) plus ``RUNTIME_BYTES`` of host memory for the
+interpreter with torch and transformers imported; allocator slack and
+fragmentation are not modelled. The calibration figures are checked against a
+measured peak RSS (tests/test_plan.py: within 15 %); the factorization working
+sets are the float64 tensors of each method's math, an estimate (LAPACK's own
+workspace is not counted).
+
+Decodable layers: Llama-family decoders (llama, mistral, qwen2, qwen3: every
+config in harness/shapes) are laid out from the config (q, k, v, o, gate, up,
+down per block; the LM head under ``surgery.lm_head``). Any other
+``model_type`` is built on the meta device (torch, no memory) to list its
+Linears.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.suite import Suite
+
+from harness.plan.layout import (  # noqa: F401 (re-exported: the planner's public functions)
+    DTYPE_BYTES,
+    FLOAT64,
+    GiB,
+    block_params,
+    head_dim,
+    linear_layers,
+    model_config,
+    param_count,
+    text_config,
+)
+from harness.plan.memory import (  # noqa: F401 (re-exported)
+    SHARED_INPUTS,
+    _ShapeFact,
+    activations_bytes,
+    batch_transient_bytes,
+    block_stats_bytes,
+    blocks_of,
+    input_groups,
+    input_stats_bytes,
+    kept_bytes,
+    kept_rank,
+    pipeline_stats_peak,
+    replaced_bytes,
+    whole_stats_bytes,
+    working_set_bytes,
+)
+
+RUNTIME_BYTES = int(0.37 * GiB)
+"""Host memory of the process before any model: Python with torch and transformers imported (measured on
+this CPU build: 0.37 GiB peak RSS)."""
+STAGES = ("load", "calibration", "factorization", "factor storage", "evaluation")
+
+
+# ---------------------------------------------------------------- the plan
+@dataclass
+class Stage:
+    name: str
+    device: int
+    host: int
+    disk: int = 0
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    """``cpu`` or ``cuda[:N]``: where the run computes."""
+    dtype: str
+    stages: list[Stage] = field(default_factory=list)
+    device_memory: int | None = None
+    """Total memory of the device (None on a CPU run: the device is the host)."""
+    host_memory: int | None = None
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
+
+    def peak(self, column: str) -> int:
+        return max((getattr(s, column) for s in self.stages), default=0)
+
+    def exceeded(self) -> tuple[Stage, str, int, int] | None:
+        """The first (stage, 'device' or 'host memory', needed, available) that does not fit, else None."""
+        for stage in self.stages:
+            host = stage.host
+            if self.host_memory is not None and host > self.host_memory:
+                return stage, "host memory", host, self.host_memory
+            if not self.on_cpu and self.device_memory is not None and stage.device > self.device_memory:
+                return stage, f"{self.device} memory", stage.device, self.device_memory
+        return None
+
+    def fits(self) -> bool:
+        return self.exceeded() is None
+
+    def table(self) -> str:
+        """The plan as a text table (GiB), with a last line saying whether it fits."""
+        from tabulate import tabulate
+
+        def gib(value: int) -> str:
+            return f"{value / GiB:.2f}"
+
+        rows = []
+        for s in self.stages:
+            device = "—" if self.on_cpu else gib(s.device)
+            rows.append([s.name, device, gib(s.host), gib(s.disk), s.note])
+        headers = [f"stage ({self.model}, {self.dtype}, {self.device})", "device GiB", "host GiB", "disk GiB", "what"]
+        text = tabulate(rows, headers=headers)
+        have = []
+        if not self.on_cpu and self.device_memory is not None:
+            have.append(f"{self.device} {gib(self.device_memory)} GiB")
+        if self.host_memory is not None:
+            have.append(f"host {gib(self.host_memory)} GiB")
+        over = self.exceeded()
+        verdict = "fits" if over is None else f"does NOT fit: {over[0].name} needs {gib(over[2])} GiB of {over[1]}"
+        return f"{text}\n{verdict} ({', '.join(have) or 'no memory figure'})"
+
+
+def plan_model(
+    suite: Suite,
+    spec: str,
+    device: str = "cpu",
+    layers: int | None = None,
+    executor: str = "sequential",
+    plugins=None,
+) -> Plan:
+    """The plan of ``suite`` on model ``spec``, computing on ``device`` (``cpu`` or ``cuda[:N]``)."""
+    from harness.plugins import get_plugins
+
+    plugins = plugins or get_plugins()
+    config = model_config(spec, layers, suite.trust_remote_code)
+    c = text_config(config)
+    dtype = resolved_dtype(suite.dtype_setting, device)
+    wb = DTYPE_BYTES[dtype]
+    cal = suite.calibration
+    targets_layers = linear_layers(config, suite.surgery.kinds, suite.surgery.lm_head)
+    weights = param_count(config) * wb
+    hidden = int(c["hidden_size"])
+    cpu = device == "cpu"
+    plan = Plan(spec if layers is None else f"{spec} (layers={layers})", device, dtype)
+
+    def stage(name: str, on_device: int, on_host: int, disk: int = 0, note: str = "") -> Stage:
+        """On a CPU run everything is host memory; the runtime's own bytes are host memory either way."""
+        if cpu:
+            return Stage(name, 0, RUNTIME_BYTES + on_device + on_host, disk, note)
+        return Stage(name, on_device, RUNTIME_BYTES + on_host, disk, note)
+
+    plan.stages.append(stage("load", weights, 0, 0, f"{param_count(config) / 1e9:.2f} B parameters in {dtype}"))
+
+    methods = []
+    for method in suite.methods:
+        decomposer = plugins.get("decomposer", method.name)
+        allocators = [plugins.get("allocator", a.name) for a in method.allocators]
+        methods.append(
+            (method, frozenset(decomposer.needs), decomposer.groups(targets_layers, method.options), allocators)
+        )
+    forward = frozenset().union(*(n for _, n, _, _ in methods)) & frozenset({"gram", "abs_mean", "out_cov"})
+    whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
+    if cal.pipeline == "blocks":
+        whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))
+        forward = frozenset().union(*(n for _, n, _, _ in methods if "fisher" not in n)) & forward
+    by_name = {x.name: x for x in targets_layers}
+    tokens = cal.batch_size * cal.seqlen
+    activations = activations_bytes(cal.samples, cal.seqlen, hidden, wb)
+    calibration_peak = (weights, 0)  # the model stays where it was loaded
+    notes = []
+    disk = 0
+    if forward:
+        accumulators = max((block_stats_bytes(b, forward)[0] for b in blocks_of(targets_layers)), default=0)
+        finished = pipeline_stats_peak(targets_layers, forward) - accumulators
+        transient = batch_transient_bytes(targets_layers, forward, tokens, config, wb)
+        if cpu:
+            calibration_peak = (weights + accumulators + finished + activations + transient, 0)
+        else:
+            calibration_peak = (weights + accumulators + activations + transient, accumulators + finished)
+        notes.append(f"blocks: {', '.join(sorted(forward))}, one block's statistics")
+    if whole_kinds:
+        acc, fin = whole_stats_bytes(targets_layers, whole_kinds)
+        transient = batch_transient_bytes(targets_layers, whole_kinds, tokens, config, wb)
+        if "fisher" in whole_kinds:  # backward of one window: every block's activations kept for the gradient
+            transient += 16 * cal.seqlen * hidden * wb * int(c["num_hidden_layers"])
+        whole = (weights + acc + fin + transient, 0) if cpu else (weights + acc + transient, fin)
+        calibration_peak = max(calibration_peak, whole)
+        disk = acc + fin  # the whole-model path caches its statistics on disk (about this much)
+        notes.append(f"whole: {', '.join(sorted(whole_kinds))}, every layer's statistics, cached on disk")
+    plan.stages.append(stage("calibration", *calibration_peak, disk, "; ".join(notes) or "no statistics"))
+
+    storage = DTYPE_BYTES[suite.factorization.storage_dtype]
+    kept_all = 0
+    passed = 0  # the block pass keeps every method it served until the session ends (Prepared._jobs)
+    rows = []
+    for method, needs, groups, allocators in methods:
+        group_layers = [[by_name[n] for n in g if n in by_name] for g in groups]
+        working = max((working_set_bytes(g, needs) for g in group_layers), default=0)
+        kept = kept_bytes(targets_layers, method.targets, allocators, storage)
+        kept_all += kept
+        blockwise = cal.pipeline == "blocks" and bool(needs) and "fisher" not in needs
+        if blockwise:  # the statistics of the largest group's blocks, held while it is factorized
+            held = sum(block_stats_bytes(b, needs)[1] for b in blocks_of(max(group_layers, key=len, default=[])))
+            passed += kept
+        else:
+            held = sum(whole_stats_bytes(targets_layers, needs)) if needs else 0
+        rows.append((method.label, working + held, 0 if blockwise else kept))
+    if rows:
+        label, math, own = max(rows, key=lambda r: r[1] + r[2])
+        note = (
+            f"{label}: largest group's float64 math; kept factors ({suite.factorization.storage_dtype}) of "
+            f"{'every method of the block pass' if passed else 'the method'}"
+        )
+        plan.stages.append(stage("factorization", weights + math, passed + own, 0, note))
+    else:
+        plan.stages.append(stage("factorization", weights, 0, 0, "no methods"))
+    store = kept_all if executor == "ray" else 0
+    plan.stages.append(
+        Stage(
+            "factor storage",
+            0,
+            0,
+            store,
+            "Ray factstore: every method's kept factors"
+            if store
+            else "in host memory (nothing on disk; Ray writes a factstore)",
+        )
+    )
+    replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
+    logits = cal.batch_size * cal.seqlen * int(c["vocab_size"]) * 4
+    plan.stages.append(stage("evaluation", weights + replaced + logits, 0, 0, "model + largest replaced layer set"))
+    return plan
+
+
+def resolved_dtype(setting: str, device: str) -> str:
+    """``dtype = "auto"`` resolved as ``harness.models.resolve_dtype`` does: bfloat16 on CUDA, float32 elsewhere."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def resolve_plan_device(device: str) -> str:
+    """``auto`` -> ``cuda`` where a CUDA device is present (asks torch only where an NVIDIA driver is), else ``cpu``."""
+    if device != "auto":
+        return device
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def host_memory() -> int:
+    """This machine's RAM in bytes (/proc/meminfo's MemTotal, else psutil)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def device_memory(device: str) -> int | None:
+    """Total memory of a CUDA device (``torch.cuda.get_device_properties``); None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def plan_suite(
+    suite: Suite,
+    device: str | None = None,
+    layers: int | None = None,
+    memory_gib: float | None = None,
+    executor: str = "sequential",
+) -> list[Plan]:
+    """One plan per model of ``suite``, with the memory of the chosen device (``memory_gib`` overrides it:
+    the device's on CUDA, the host's on CPU)."""
+    chosen = resolve_plan_device(device or suite.device)
+    plans = []
+    for spec in suite.models:
+        plan = plan_model(suite, spec, chosen, layers, executor)
+        override = None if memory_gib is None else int(memory_gib * GiB)
+        if plan.on_cpu:
+            plan.host_memory = override if override is not None else host_memory()
+        else:
+            plan.device_memory = override if override is not None else device_memory(chosen)
+            plan.host_memory = host_memory()
+        plans.append(plan)
+    return plans
+
+
+def refusal(plan: Plan, suite: Suite) -> str | None:
+    """One line for ``harness run``'s refusal where ``plan`` exceeds the device, else None."""
+    over = plan.exceeded()
+    if over is None:
+        return None
+    stage, what, need, have = over
+    cal = suite.calibration
+    advice = {
+        "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto" or --layers',
+        "calibration": f"lower calibration.samples ({cal.samples}), calibration.seqlen ({cal.seqlen}) or "
+        f"calibration.batch_size ({cal.batch_size})"
+        + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"'),
+        "factorization": (
+            'set [factorization] storage_dtype = "float32", ' if suite.factorization.storage_dtype != "float32" else ""
+        )
+        + "fewer methods per suite, a device with more memory, or --layers",
+        "factor storage": "fewer methods per suite",
+        "evaluation": "lower calibration.batch_size or --layers",
+    }[stage.name]
+    return (
+        f"plan: {plan.model}: stage {stage.name} needs {need / GiB:.2f} GiB of {what}, {have / GiB:.2f} GiB "
+        f"available; {advice} (or --no-plan-check to run anyway)"
+    )

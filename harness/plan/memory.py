@@ -1,0 +1,210 @@
+"""The bytes each stage's tensors take (harness plan): calibration statistics (per
+block, with shared inputs), captured activations, factorization working sets and
+the kept factors. Each function's docstring gives its formula."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from harness.api import LayerInfo
+
+if TYPE_CHECKING:
+    pass
+
+from harness.plan.layout import FLOAT64, text_config
+
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+"""Kinds of one block that receive the very same input tensor (the pipeline keeps one accumulator for them)."""
+
+
+# ---------------------------------------------------------------- statistics
+def input_groups(block: Sequence[LayerInfo]) -> list[list[LayerInfo]]:
+    """One block's layers grouped by the input tensor they receive (q/k/v one, gate/up one, the others each
+    their own): the pipeline keeps one input accumulator per group."""
+    groups: list[list[LayerInfo]] = []
+    for shared in SHARED_INPUTS:
+        members = [x for x in block if x.kind in shared]
+        if members:
+            groups.append(members)
+    groups.extend([x] for x in block if not any(x.kind in s for s in SHARED_INPUTS))
+    return groups
+
+
+def input_stats_bytes(n: int, kinds: frozenset[str]) -> tuple[int, int]:
+    """(accumulator, finished) bytes of one input's float64 statistics of width n.
+
+    Accumulators: the Gram n² (``gram``), |x| sums n (``abs_mean``), x² sums n (either);
+    finished: abs_mean n and sq_mean n (divided copies; the Gram is finished in place on the CPU).
+    """
+    if not kinds & {"gram", "abs_mean"}:
+        return 0, 0
+    abs_ = n if "abs_mean" in kinds else 0
+    accumulator = (n * n if "gram" in kinds else 0) + abs_ + n
+    return FLOAT64 * accumulator, FLOAT64 * (abs_ + n)
+
+
+def block_stats_bytes(block: Sequence[LayerInfo], kinds: frozenset[str], shared: bool = True) -> tuple[int, int]:
+    """(accumulators, finished) bytes of one block's statistics for ``kinds``.
+
+    Inputs: ``input_stats_bytes`` once per distinct input (``input_groups``; once per layer where
+    ``shared`` is False, as on the whole-model path); ``out_cov``: m² float64 per layer (finished in place);
+    ``fisher``: n + m float64 per layer.
+    """
+    kinds = frozenset(kinds)
+    groups = input_groups(block) if shared else [[x] for x in block]
+    accumulators = finished = 0
+    for group in groups:
+        a, f = input_stats_bytes(group[0].shape[1], kinds)
+        accumulators, finished = accumulators + a, finished + f
+    for layer in block:
+        m, n = layer.shape
+        if "out_cov" in kinds:
+            accumulators += FLOAT64 * m * m
+        if "fisher" in kinds:
+            accumulators += FLOAT64 * (m + n)
+    return accumulators, finished
+
+
+def blocks_of(layers: Sequence[LayerInfo]) -> list[list[LayerInfo]]:
+    """The layers per block in order (the LM head, outside any block, a step of its own)."""
+    by_index: dict[Any, list[LayerInfo]] = {}
+    for layer in layers:
+        by_index.setdefault(layer.index if layer.index is not None else "head", []).append(layer)
+    return list(by_index.values())
+
+
+def pipeline_stats_peak(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> int:
+    """Peak bytes of statistics alive in the layer-sequential pass on the CPU (``LiveStats.peak``).
+
+    The largest block's accumulators plus its finished statistics (both alive at the end of ``finish``);
+    one block at a time.
+    """
+    return max((sum(block_stats_bytes(b, kinds)) for b in blocks_of(layers)), default=0)
+
+
+def whole_stats_bytes(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> tuple[int, int]:
+    """(accumulators, finished) of the whole-model pass: every layer's own statistics at once."""
+    totals = [block_stats_bytes(b, kinds, shared=False) for b in blocks_of(layers)]
+    return sum(a for a, _ in totals), sum(f for _, f in totals)
+
+
+def activations_bytes(samples: int, seqlen: int, hidden: int, dtype_bytes: int) -> int:
+    """The block inputs the pipeline captures and carries: samples · seqlen · hidden in the model dtype."""
+    return samples * seqlen * hidden * dtype_bytes
+
+
+def batch_transient_bytes(
+    layers: Sequence[LayerInfo], kinds: frozenset[str], tokens: int, config: dict[str, Any], dtype_bytes: int
+) -> int:
+    """One batch's transient tensors at the widest layer (``tokens`` = batch_size · seqlen).
+
+    The float64 copy of the input (tokens · n · 8) and its X^T X (n² · 8) under ``gram``; the float64 copy of
+    the output and Y^T Y (tokens · m · 8 + m² · 8) under ``out_cov``; plus the block's own forward
+    intermediates: 4 tensors of tokens · I (gate, up, act, product) and the block output tokens · h, in the
+    model dtype.
+    """
+    c = text_config(config)
+    worst = 0
+    for layer in layers:
+        m, n = layer.shape
+        size = 0
+        if kinds & {"gram", "abs_mean"}:
+            size += FLOAT64 * tokens * n + (FLOAT64 * n * n if "gram" in kinds else 0)
+        if "out_cov" in kinds:
+            size += FLOAT64 * (tokens * m + m * m)
+        worst = max(worst, size)
+    forward = dtype_bytes * tokens * (4 * int(c.get("intermediate_size", c["hidden_size"])) + int(c["hidden_size"]))
+    return worst + forward
+
+
+# ---------------------------------------------------------------- factorization
+def working_set_bytes(group: Sequence[LayerInfo], needs: frozenset[str]) -> int:
+    """Float64 bytes one group's factorization holds at its peak (an estimate of the method's math).
+
+    Per member (m, n), k = min(m, n): the weight and its transformed copy (2mn), the SVD's U, s, Vt
+    (mk + k + kn); under ``gram`` the whitening's Gram copy, Cholesky factor and its inverse (3n²);
+    under ``out_cov`` the m x m covariance and its eigenvectors (2m²). A group's members are summed.
+    """
+    total = 0
+    for layer in group:
+        m, n = layer.shape
+        k = min(m, n)
+        size = 2 * m * n + m * k + k + k * n
+        if "gram" in needs:
+            size += 3 * n * n
+        if "out_cov" in needs:
+            size += 2 * m * m
+        total += size
+    return FLOAT64 * total
+
+
+class _ShapeFact:
+    """The few attributes of a ``Factorization`` that ``Target.per_matrix`` reads, from a shape."""
+
+    def __init__(self, m: int, n: int) -> None:
+        self.m, self.n = m, n
+        self.full_rank = min(m, n)
+        self.ranks = range(0, self.full_rank + 1)
+        self.dense_params = m * n
+
+    def params(self, rank: int) -> int:
+        return rank * (self.m + self.n)
+
+    @property
+    def saving_rank(self) -> int:
+        return max(0, min((self.m * self.n - 1) // (self.m + self.n), self.full_rank))
+
+
+def kept_rank(m: int, n: int, targets: Sequence[Any], allocators: Sequence[Any]) -> int:
+    """``harness.run.factors.max_rank`` from a shape: break-even (mn − 1) // (m + n) where every allocator
+    saves parameters only, raised to a target's own per-matrix rank (``rank = 0.9``), else the full rank."""
+    fact = _ShapeFact(m, n)
+    best = -1
+    for allocator in allocators:
+        for target in targets:
+            if not getattr(allocator, "saving_ranks_only", False):
+                return fact.full_rank
+            top = fact.saving_rank
+            try:
+                own = target.per_matrix([fact])
+            except Exception:  # a target kind that needs more of a factorization: break-even bounds it
+                own = None
+            if own is not None and own[0] is not None:
+                top = max(top, own[0])
+            best = max(best, min(top, fact.full_rank))
+    return fact.full_rank if best < 0 else best
+
+
+def kept_bytes(layers: Sequence[LayerInfo], targets, allocators, storage_bytes: int) -> int:
+    """Bytes of the kept factors of every layer: K (m + n) values each at the storage dtype, K = ``kept_rank``."""
+    ranks: dict[tuple[int, int], int] = {}  # one per distinct shape
+    total = 0
+    for layer in layers:
+        m, n = layer.shape
+        if (m, n) not in ranks:
+            ranks[m, n] = kept_rank(m, n, targets, allocators)
+        total += ranks[m, n] * (m + n) * storage_bytes
+    return total
+
+
+def replaced_bytes(layers: Sequence[LayerInfo], target: Any, allocators: Sequence[Any], dtype_bytes: int) -> int:
+    """Bytes of one cell's factored layers in the model dtype (the dense originals stay beside them).
+
+    A ``params`` target: ``value`` x the decomposable parameters, whatever the allocator spreads; a target
+    with a per-matrix rule (``rank``): that rank's K (m + n) per layer; any other: ``kept_rank``'s bound.
+    """
+    if target.kind == "params":
+        return int(target.value * sum(m * n for m, n in (x.shape for x in layers))) * dtype_bytes
+    ranks: dict[tuple[int, int], int] = {}  # one per distinct shape
+    total = 0
+    for layer in layers:
+        m, n = layer.shape
+        if (m, n) not in ranks:
+            try:
+                own = target.per_matrix([_ShapeFact(m, n)])
+            except Exception:  # a kind that needs more of a factorization: the bound
+                own = None
+            ranks[m, n] = (own[0] if own is not None else kept_rank(m, n, [target], allocators)) or 0
+        total += ranks[m, n] * (m + n) * dtype_bytes
+    return total
