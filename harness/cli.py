@@ -17,6 +17,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from harness.cliargs import (
+    add_layers_argument,
+    add_memory_argument,
+    add_ray_arguments,
+    positive_int,
+)
 from harness.commands import Command
 from harness.errors import HarnessError
 
@@ -24,20 +30,6 @@ from harness.errors import HarnessError
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str, least: int = 1, what: str = "a positive integer") -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def count(text: str) -> int:
-    return positive_int(text, 0, "a non-negative integer")
 
 
 def build_parser(commands: dict[str, Command] | None = None) -> Parser:
@@ -128,35 +120,6 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     return parser
 
 
-def add_layers_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--layers",
-        type=positive_int,
-        metavar="N",
-        help="keep the first N transformer blocks of every random:<shape> model (shape-only models only)",
-    )
-
-
-def add_memory_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--memory",
-        type=positive_float,
-        metavar="GiB",
-        help="memory of the chosen device for the plan, in GiB (default: the CUDA device's total memory; "
-        "on the CPU the machine's RAM)",
-    )
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def apply_layers(suite, layers: int | None):
     """``suite`` with its random models cut to ``layers`` blocks (``--layers``); unchanged without the flag."""
     from harness.suite import with_layers
@@ -185,35 +148,6 @@ def plugin_commands() -> tuple[dict[str, Command], list[str]]:
             raise HarnessError(f"plugin {entry.plugin!r} registers command {name!r}, a core command of harness")
         commands[name] = entry.component
     return commands, problems
-
-
-def add_ray_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--address",
-        metavar="ADDR",
-        help="Ray cluster: HOST:PORT of its head (ray start --head), ray://HOST:PORT or auto; "
-        "default: a local Ray runtime on this machine",
-    )
-    group.add_argument(
-        "--workers",
-        type=positive_int,
-        metavar="N",
-        help="cells at once on the local runtime (default: CPUs / --cpus-per-cell)",
-    )
-    group.add_argument(
-        "--cpus-per-cell",
-        type=positive_int,
-        metavar="N",
-        help="torch threads of every cell, and CPUs a CPU cell reserves (default: the threads of a sequential "
-        "run here, so that the numbers are the same)",
-    )
-    group.add_argument(
-        "--accelerator-type",
-        metavar="KIND",
-        help="the GPU kind every cell runs on, as Ray names it (e.g. H100); needed on a cluster with GPUs of "
-        "several kinds",
-    )
-    group.add_argument("--retries", type=count, metavar="N", help="retries of a cell whose worker dies (default: 2)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +190,9 @@ def suite_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     suite = suite_from_args(args)
     if not args.no_plan_check:  # from the models' configs, before anything heavy is imported or loaded
-        check_plan(suite, args.memory, args.executor)
+        from harness.plan import check_run
+
+        check_run(suite, args.memory, args.executor)
 
     from harness.ray.executor import run_ray, settings_from
     from harness.report import leaderboard
@@ -281,29 +217,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(summary.failed)} cell(s) failed; see their results for the error", file=sys.stderr)
         return 1
     return 0
-
-
-def check_plan(suite, memory_gib: float | None, executor: str) -> None:
-    """HarnessError (exit 2, one line naming the stage and the setting to change) where a model's plan
-    exceeds the device's memory (``harness.plan``). A plan that cannot be made is a one-line note; under
-    ``--executor ray`` the check runs only with ``--memory`` (the cells run on the cluster's machines)."""
-    from harness.plan import plan_suite, refusal
-
-    if executor == "ray" and memory_gib is None:  # the cells run on the cluster's machines, not this one
-        return
-    try:
-        plans = plan_suite(suite, memory_gib=memory_gib, executor=executor)
-    except Exception:  # a model the planner cannot read is no reason to refuse the run: loading it will say
-        # what is wrong with it (one error line), so this is a note without the planner's own reason
-        print(
-            "[harness] no memory plan for this run (its config cannot be read alone); running unchecked",
-            file=sys.stderr,
-        )
-        return
-    for plan in plans:
-        line = refusal(plan, suite)
-        if line is not None:
-            raise HarnessError(line)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

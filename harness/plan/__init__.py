@@ -27,12 +27,14 @@ Linears.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from harness.suite import Suite
 
+from harness.errors import HarnessError
 from harness.plan.layout import (  # noqa: F401 (re-exported: the planner's public functions)
     DTYPE_BYTES,
     FLOAT64,
@@ -331,3 +333,24 @@ def refusal(plan: Plan, suite: Suite) -> str | None:
         f"plan: {plan.model}: stage {stage.name} needs {need / GiB:.2f} GiB of {what}, {have / GiB:.2f} GiB "
         f"available; {advice} (or --no-plan-check to run anyway)"
     )
+
+
+def check_run(suite, memory_gib: float | None, executor: str) -> None:
+    """HarnessError (exit 2, one line naming the stage and the setting to change) where a model's plan
+    exceeds the device's memory (``harness.plan``). A plan that cannot be made is a one-line note; under
+    ``--executor ray`` the check runs only with ``--memory`` (the cells run on the cluster's machines)."""
+    if executor == "ray" and memory_gib is None:  # the cells run on the cluster's machines, not this one
+        return
+    try:
+        plans = plan_suite(suite, memory_gib=memory_gib, executor=executor)
+    except Exception:  # a model the planner cannot read is no reason to refuse the run: loading it will say
+        # what is wrong with it (one error line), so this is a note without the planner's own reason
+        print(
+            "[harness] no memory plan for this run (its config cannot be read alone); running unchecked",
+            file=sys.stderr,
+        )
+        return
+    for plan in plans:
+        line = refusal(plan, suite)
+        if line is not None:
+            raise HarnessError(line)
