@@ -1,8 +1,8 @@
 """Peak RSS of calibration statistics: the whole-model pass against the layer-sequential pipeline.
 
-A random Llama-2-7B-shaped model cut to a few blocks (hidden 4096, intermediate
-11008, 32 heads, vocab 32000; built on the meta device, then materialized with
-seeded normal weights in float32: HF's default init is slow), calibration
+A random Llama-2-7B-shaped model cut to a few blocks (the harness's shape-only
+``random:llama-2-7b?layers=N``: hidden 4096, intermediate 11008, 32 heads, vocab
+32000, seeded normal weights in float32, drawn in place), calibration
 windows of random token ids, the ``gram`` statistics of every Linear of the
 blocks and nothing else (no factorization). Each path runs in its own child
 process (``ru_maxrss`` only grows), side by side in one run; each reports its
@@ -40,31 +40,10 @@ def rss_now() -> int:
 
 
 def build(blocks: int, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    """A random Llama-2-7B-shaped model cut to ``blocks`` blocks (the harness's shape-only model)."""
+    from harness.models import load_model
 
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        num_hidden_layers=blocks,
-        max_position_embeddings=4096,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").eval()
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its inv_freq buffer, computed (to_empty left it empty)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=generator)
-    return model
+    return load_model(f"random:llama-2-7b?layers={blocks}&seed={seed}", "float32", "cpu").model.eval()
 
 
 def child(mode: str, blocks: int, samples: int, seqlen: int, batch_size: int, threads: int) -> dict:
