@@ -26,6 +26,7 @@ TOP_KEYS = {
     "device": str,
     "dtype": str,
     "device_map": str,
+    "offload": str,
     "models": list[str],
     "trust_remote_code": bool,
     "targets": list,
@@ -42,6 +43,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICE_MAPS = ("auto",)
+OFFLOADS = ("cpu", "disk")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -180,6 +182,9 @@ class Suite:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     device_map: str | None = None
     """``auto``: accelerate places a local/hub model across the GPUs where it does not fit one (CUDA only)."""
+    offload: str | None = None
+    """``cpu`` / ``disk``: the decoder blocks stay in host memory / memory-mapped files, each brought to the
+    device for its forward (``harness.offload``); None: the whole model on the device."""
 
     @property
     def dtype(self) -> str:
@@ -216,6 +221,7 @@ class Suite:
             "calibration": asdict(self.calibration),
             "surgery": asdict(self.surgery),
             **({"device_map": self.device_map} if self.device_map else {}),
+            **({"offload": self.offload} if self.offload else {}),
             "factorization": asdict(self.factorization),
         }
 
@@ -262,6 +268,17 @@ class SuiteParser:
             raise self.fail("dtype", f"expected one of {expected}, got {values['dtype']!r}")
         if values.get("device_map", "auto") not in DEVICE_MAPS:
             raise self.fail("device_map", f"expected 'auto' (or no key: one device), got {values['device_map']!r}")
+        if values.get("offload", "cpu") not in OFFLOADS:
+            expected = " or ".join(repr(o) for o in OFFLOADS)
+            raise self.fail(
+                "offload", f"expected {expected} (or no key: the whole model on the device), got {values['offload']!r}"
+            )
+        if values.get("offload") and values.get("device_map"):
+            raise self.fail(
+                "offload",
+                "expected either offload or device_map, got both: offload keeps the blocks "
+                'off the device, device_map = "auto" spreads the model over the GPUs',
+            )
         if not values.get("models", ["embedded"]):
             raise self.fail("models", "expected at least one model, got an empty list")
         for i, model in enumerate(values.get("models", [])):
@@ -288,6 +305,7 @@ class SuiteParser:
             device=values.get("device", "auto"),
             dtype_setting=values.get("dtype", "auto"),
             device_map=values.get("device_map"),
+            offload=values.get("offload"),
             models=tuple(values.get("models", ["embedded"])),
             trust_remote_code=values.get("trust_remote_code", False),
             methods=methods,
@@ -299,7 +317,20 @@ class SuiteParser:
             factorization=parse_options(FactorizationConfig, values.get("factorization"), "factorization", self.file),
         )
         self.check_targets(suite)
+        self.check_offload(suite)
         return suite
+
+    def check_offload(self, suite: Suite) -> None:
+        """Offloaded blocks keep their weights only during a forward: no gradients for ``fisher`` methods."""
+        if not suite.offload:
+            return
+        for i, method in enumerate(suite.methods):
+            if "fisher" in self.plugins.get("decomposer", method.name).needs:
+                raise self.fail(
+                    f"methods[{i}]",
+                    f"expected a method without the fisher statistic under offload = {suite.offload!r}, got "
+                    f"{method.label!r} (it needs weight gradients; remove offload or run it in another suite)",
+                )
 
     def check_random(self, model: str, key: str) -> None:
         """A ``random:`` spec must name a known shape with valid keys (torch-free)."""

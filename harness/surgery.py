@@ -17,6 +17,7 @@ from torch import nn
 from harness.api import LayerInfo
 from harness.errors import HarnessError
 from harness.factorization import Dense, LowRank, Replacement
+from harness.offload import materialized, offload_like
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -112,7 +113,9 @@ def replaced(model: nn.Module, replacements: Mapping[str, Replacement], dense: b
             original = getattr(parent, child)
             if not isinstance(original, nn.Linear):
                 raise HarnessError(f"cannot replace {name}: it is a {type(original).__name__}, not a Linear")
-            setattr(parent, child, build_module(original, replacement, dense))
+            with materialized([original]):  # an offloaded Linear's weight and bias exist only inside
+                module = offload_like(build_module(original, replacement, dense), original)
+            setattr(parent, child, module)
             originals[name] = original
         yield model
     finally:

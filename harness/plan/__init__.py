@@ -162,7 +162,17 @@ def plan_model(
             return Stage(name, 0, RUNTIME_BYTES + on_device + on_host, disk, note)
         return Stage(name, on_device, RUNTIME_BYTES + on_host, disk, note)
 
-    plan.stages.append(stage("load", weights, 0, 0, f"{param_count(config) / 1e9:.2f} B parameters in {dtype}"))
+    loaded = f"{param_count(config) / 1e9:.2f} B parameters in {dtype}"
+    if suite.offload:  # blocks off the device: it holds the rest and one block (harness.offload)
+        blocks_w = int(c["num_hidden_layers"]) * block_params(config) * wb
+        resident = weights - blocks_w + block_params(config) * wb
+        host_w, disk_w = (blocks_w, 0) if suite.offload == "cpu" else (0, blocks_w)
+        # loaded on the host first, whole; then dispatched (disk: written out, freed from the host)
+        plan.stages.append(stage("load", 0, weights, disk_w, f"{loaded}; blocks offloaded to {suite.offload}"))
+        weights = resident
+    else:
+        host_w = disk_w = 0
+        plan.stages.append(stage("load", weights, 0, 0, loaded))
 
     methods = []
     for method in suite.methods:
@@ -200,7 +210,10 @@ def plan_model(
         calibration_peak = max(calibration_peak, whole)
         disk = acc + fin  # the whole-model path caches its statistics on disk (about this much)
         notes.append(f"whole: {', '.join(sorted(whole_kinds))}, every layer's statistics, cached on disk")
-    plan.stages.append(stage("calibration", *calibration_peak, disk, "; ".join(notes) or "no statistics"))
+    if suite.offload:
+        notes.append(f"one offloaded block on the device at a time ({suite.offload})")
+    calibration_peak = (calibration_peak[0], calibration_peak[1] + host_w)
+    plan.stages.append(stage("calibration", *calibration_peak, disk + disk_w, "; ".join(notes) or "no statistics"))
 
     storage = DTYPE_BYTES[suite.factorization.storage_dtype]
     kept_all = 0
@@ -224,9 +237,9 @@ def plan_model(
             f"{label}: largest group's float64 math; kept factors ({suite.factorization.storage_dtype}) of "
             f"{'every method of the block pass' if passed else 'the method'}"
         )
-        plan.stages.append(stage("factorization", weights + math, passed + own, 0, note))
+        plan.stages.append(stage("factorization", weights + math, host_w + passed + own, disk_w, note))
     else:
-        plan.stages.append(stage("factorization", weights, 0, 0, "no methods"))
+        plan.stages.append(stage("factorization", weights, host_w, disk_w, "no methods"))
     store = kept_all if executor == "ray" else 0
     plan.stages.append(
         Stage(
@@ -241,7 +254,11 @@ def plan_model(
     )
     replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
     logits = cal.batch_size * cal.seqlen * int(c["vocab_size"]) * 4
-    plan.stages.append(stage("evaluation", weights + replaced + logits, 0, 0, "model + largest replaced layer set"))
+    if suite.offload:  # replacements are offloaded as the Linears they replace (host memory)
+        evaluation = (weights + logits, host_w + replaced, "resident model + one block; replacements on the host")
+    else:
+        evaluation = (weights + replaced + logits, 0, "model + largest replaced layer set")
+    plan.stages.append(stage("evaluation", evaluation[0], evaluation[1], disk_w, evaluation[2]))
     return plan
 
 
@@ -318,7 +335,7 @@ def refusal(plan: Plan, suite: Suite) -> str | None:
     stage, what, need, have = over
     cal = suite.calibration
     advice = {
-        "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto" or --layers',
+        "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto", offload = "cpu" or --layers',
         "calibration": f"lower calibration.samples ({cal.samples}), calibration.seqlen ({cal.seqlen}) or "
         f"calibration.batch_size ({cal.batch_size})"
         + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"'),

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from harness.api import LayerInfo
+from harness.offload import is_offloaded
 from harness.surgery import _LAYER_INDEX
 
 FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f")
@@ -100,7 +101,7 @@ def device_of(module: nn.Module) -> torch.device | None:
 def on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
     """``module`` on ``device`` inside (moved there and back where it lives elsewhere)."""
     home = device_of(module)
-    if home is None or home == device:
+    if home is None or home == device or is_offloaded(module):  # accelerate's hooks place offloaded blocks
         yield
         return
     module.to(device)

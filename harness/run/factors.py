@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from harness.offload import materialized
 from harness.surgery import weights_of
 
 if TYPE_CHECKING:
@@ -64,6 +65,6 @@ def keep(
 
 def factorize_group(decomposer, model: torch.nn.Module, group, stats: dict, options, ctx: FactorizeContext):
     """One group's factorization from the model's weights and the members' statistics (both paths)."""
-    weights = weights_of(model, group)
     group_stats = {name: stats[name] for name in group if name in stats}
-    return decomposer.factorize(weights, group_stats, options, ctx)
+    with materialized(model.get_submodule(name) for name in group):  # offloaded weights: here for the call
+        return decomposer.factorize(weights_of(model, group), group_stats, options, ctx)

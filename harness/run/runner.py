@@ -97,7 +97,11 @@ class SuiteRunner:
         return f"{self.suite.file}: models[{self.suite.models.index(model_spec)}]"
 
     def run_model(self, model_spec: str) -> None:
-        self.open_session(model_spec).run()
+        session = self.open_session(model_spec)
+        try:
+            session.run()
+        finally:
+            session.close()
 
     def open_session(self, model_spec: str) -> ModelSession:
         return open_session(self.env, self, model_spec, self.model_key(model_spec))

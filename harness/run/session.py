@@ -9,12 +9,17 @@ in (recorded with its error); a ``HarnessError`` (bad input) stops the run.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
 from harness.models import LoadedModel, load_model
+from harness.offload import offload_blocks
 from harness.run.allocate import compress
 from harness.run.env import CellSink, RunEnv, log
 from harness.run.identity import model_cells, used_versions
@@ -35,12 +40,17 @@ def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> Mode
     """Load ``model_spec`` and find its decomposable layers; bad input is a HarnessError naming ``key``."""
     suite = env.suite
     log(f"loading model {model_spec}")
+    # offloaded blocks are loaded on the host and dispatched from there; dtype stays the run device's
+    where = "cpu" if suite.offload else str(env.device)
     try:
-        loaded = load_model(
-            model_spec, suite.dtype, str(env.device), suite.trust_remote_code, device_map=suite.device_map
-        )
+        loaded = load_model(model_spec, suite.dtype, where, suite.trust_remote_code, device_map=suite.device_map)
     except HarnessError as exc:
         raise HarnessError(f"{key}: {str(exc).removeprefix('model: ')}") from None
+    cleanup = None
+    if suite.offload:
+        folder, cleanup = offload_folder(env.store.root, loaded)
+        log(f"offload: {model_spec}'s decoder blocks on {suite.offload}, each brought to {env.device} for its forward")
+        offload_blocks(loaded.model, suite.offload, env.device, folder)
     layers = find_linears(loaded.model, suite.surgery.kinds, suite.surgery.lm_head)
     if not layers:
         kinds = "surgery.kinds " + ", ".join(suite.surgery.kinds) if suite.surgery.kinds else "surgery"
@@ -48,7 +58,17 @@ def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> Mode
             f"{key}: expected a model with torch.nn.Linear layers in its transformer blocks to decompose "
             f"({kinds}), got {model_spec!r} with none ({type(loaded.model).__name__})"
         )
-    return ModelSession(env, sink, loaded, layers)
+    session = ModelSession(env, sink, loaded, layers)
+    session.cleanup = cleanup
+    return session
+
+
+def offload_folder(root: Path, loaded: LoadedModel) -> tuple[Path, weakref.finalize]:
+    """A fresh folder for offloaded blocks under the results root and what removes it: called when the
+    session closes, else when the model is collected or at exit."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"offload-{loaded.fingerprint[:12]}-", dir=root))
+    return folder, weakref.finalize(loaded.model, shutil.rmtree, folder, True)
 
 
 class ModelSession:
@@ -61,6 +81,12 @@ class ModelSession:
         self.layers = layers
         self.prepared = Prepared(env, loaded, layers)
         self.dense = count_layers(loaded.model, [layer.name for layer in layers])
+        self.cleanup: Callable[[], object] | None = None
+        """Removes what the session keeps on disk (offloaded blocks); ``close`` calls it."""
+
+    def close(self) -> None:
+        if self.cleanup is not None:
+            self.cleanup()
 
     # ------------------------------------------------------------ grid
     def cells(self) -> list[Cell]:
