@@ -85,23 +85,25 @@ class _LayerSums:
         self.fisher_in = zeros(n) if "fisher" in kinds else None
         self.fisher_out = zeros(m) if "fisher" in kinds else None
 
+    # Sums computed where the layer ran are added on the accumulators' device: under device_map = "auto"
+    # a block may run on another GPU than the collection device (``.to`` is a no-op on the same device).
     def add_input(self, sums: dict[str, Any]) -> None:
         self.tokens += sums["tokens"]
-        self.sq_sum += sums["sq"]
+        self.sq_sum += sums["sq"].to(self.sq_sum.device)
         if self.gram is not None:
-            self.gram += sums["gram"]
+            self.gram += sums["gram"].to(self.gram.device)
         if self.abs_sum is not None:
-            self.abs_sum += sums["abs"]
+            self.abs_sum += sums["abs"].to(self.abs_sum.device)
 
     def add_output(self, y: torch.Tensor) -> None:
         if not self.kinds & INPUT_KINDS:
             self.tokens += y.shape[0]
-        self.out_cov += y.T @ y
+        self.out_cov += (y.T @ y).to(self.out_cov.device)
 
     def add_grad(self, grad: torch.Tensor) -> None:
         squared = grad.to(torch.float64).square()
-        self.fisher_in += squared.sum(0)
-        self.fisher_out += squared.sum(1)
+        self.fisher_in += squared.sum(0).to(self.fisher_in.device)
+        self.fisher_out += squared.sum(1).to(self.fisher_out.device)
 
     def finish(self) -> LayerStats:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
