@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from harness.report import leaderboard
-from harness.report.significance import MARK, against_baseline, mcnemar_exact, paired_bootstrap
+from harness.report.significance import (
+    FEW,
+    MARK,
+    against_baseline,
+    mcnemar_exact,
+    paired_bootstrap,
+    resolvable_difference,
+)
 from harness.run.record import SCHEMA_VERSION, CellRecord
 from harness.store import atomic_write_json
 from tests.conftest import write_suite
@@ -121,9 +128,46 @@ def test_against_baseline_pairs_the_same_documents():
 def test_leaderboard_marks_cells_not_significantly_different():
     board = leaderboard.build(suite_results())
     assert [r["target"] for r in board["rows"]] == ["—", "keep=0.9", "keep=0.5"]
-    assert board["marks"] == [{}, {"piqa/acc": MARK}, {}]
+    assert board["marks"] == [{}, {"piqa/acc": FEW}, {}]  # 40 examples cannot show 5 points
     text = leaderboard.render(board)
-    assert f"0.725 {MARK}" in text and "McNemar's exact test" in text and "α = 0.05" in text
+    assert f"0.725 {FEW}" in text and "McNemar's exact test" in text and "α = 0.05" in text
+    assert "piqa/acc: n = 40 paired examples resolve differences of" in text
+
+
+def test_enough_examples_turn_too_few_into_not_different():
+    base = outcomes(1500, n=3000)
+    close = outcomes(1500, n=3000, flip={0, 1, 2, 3, 1600, 1601, 1602})  # 4 right->wrong, 3 wrong->right
+    results = [cell(None, None, base), cell("svd", 0.9, close)]
+    board = leaderboard.build(results)
+    test = board["significance"][1]["piqa/acc"]
+    assert not test["significant"] and test["resolvable"] < 0.05
+    assert board["marks"] == [{}, {"piqa/acc": MARK}]
+
+
+def test_resolvable_difference_has_the_stated_power():
+    """At the resolvable difference, scipy's exact binomial test (McNemar's) rejects in about 80 % of
+    simulated paired samples: an oracle independent of the approximation inside."""
+    stats = pytest.importorskip("scipy.stats")
+    import numpy as np
+
+    n, discordance = 400, 0.3
+    delta = resolvable_difference(n, round(n * discordance))
+    assert 0.05 < delta < discordance
+    rng = np.random.default_rng(0)
+    rejected = 0
+    trials = 600
+    for _ in range(trials):
+        pairs = rng.multinomial(n, [(discordance + delta) / 2, (discordance - delta) / 2, 1 - discordance])
+        only_cell, only_base = int(pairs[0]), int(pairs[1])
+        if only_cell + only_base and stats.binomtest(only_cell, only_cell + only_base, 0.5).pvalue < 0.05:
+            rejected += 1
+    assert 0.72 < rejected / trials < 0.88
+    # Connor's sample size at d = 0.05, p = 0.3: (1.96 sqrt(.3) + 0.8416 sqrt(.2975))^2 / .0025 = 939.6
+    assert resolvable_difference(940, 282) == pytest.approx(0.05, abs=5e-4)
+    # no discordance observed: a difference d needs d of the pairs discordant, all one way
+    assert 6 / 40 < resolvable_difference(40, 0) < 0.25  # the exact test needs 6 such pairs at the least
+    assert resolvable_difference(3000, 7) < 0.01  # few disagreements on many examples: 5 points would show
+    assert resolvable_difference(2, 1) == 1.0
 
 
 # ---------------------------------------------------------------- hardware
@@ -240,7 +284,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     table = re.search(r'<table id="leaderboard">.*?</table>', dom, re.S)
     assert table is not None, dom[:2000]
-    assert table.group(0).count("<tr") == 1 + 3 and f"0.725 {MARK}" in table.group(0)
+    assert table.group(0).count("<tr") == 1 + 3 and f"0.725 {FEW}" in table.group(0)
     widths = re.search(r"<title>widths:([\d,]*)</title>", dom)
     assert widths is not None, dom[:2000]
     assert [int(w) > 100 for w in widths.group(1).split(",")] == [True, True]
@@ -281,7 +325,7 @@ def test_report_command_writes_the_html(tmp_path, capsys):
     assert main(["report", str(tmp_path / "r")]) == 0
     assert "report.html" in capsys.readouterr().out
     board = json.loads((tmp_path / "r" / "leaderboard.json").read_text())
-    assert board["marks"][1] == {"piqa/acc": MARK}
+    assert board["marks"][1] == {"piqa/acc": FEW}
     assert (tmp_path / "r" / "pareto_params.png").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
 

@@ -113,7 +113,8 @@ def significance_html(board: dict) -> str:
                     "95% CI": f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]",
                     "McNemar p": t["mcnemar_p"],
                     "bootstrap p": t["bootstrap_p"],
-                    "significant": "yes" if t["significant"] else f"no {significance.MARK}",
+                    "significant": "yes" if t["significant"] else f"no {significance.mark_of(t)}",
+                    "resolves (80% power)": "—" if "resolvable" not in t else f"{t['resolvable'] * 100:.1f} points",
                 }
             )
     if not rows:

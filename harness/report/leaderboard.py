@@ -11,7 +11,8 @@ Metrics of hardware-bound profilers (latency, memory, energy; listed per cell
 in ``hardware_metrics``) never share a table across hardware: they leave the
 main table for one table per hardware fingerprint. Accuracies of compressed
 cells that are not significantly different from their model's baseline on
-the same examples (harness/report/significance.py) carry a ``≈`` mark.
+the same examples (harness/report/significance.py) carry a ``≈`` mark, or
+``(few)`` where the examples were too few to show a 5-point difference.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def build(results: list[CellRecord], alpha: float = significance.ALPHA) -> dict[
 
     ``significance`` holds, per row, the paired tests of each accuracy against
     the model's baseline; ``marks`` the metrics marked ``≈`` (not significant at
-    ``alpha``); ``hardware_tables`` the hardware-bound metrics, one table per hardware.
+    ``alpha``) or ``(few)`` (nor resolvable); ``hardware_tables`` the hardware-bound metrics, one table per hardware.
     """
     ordered = sorted(results, key=order_key)
     names = set()
@@ -95,10 +96,11 @@ def build(results: list[CellRecord], alpha: float = significance.ALPHA) -> dict[
     metrics = metric_order(names - hardware_names)
     rows = [row_of(r, metrics) for r in ordered]
     tests = significance.against_baseline(ordered, alpha)
-    marks = [{m: significance.MARK for m, t in row.items() if not t["significant"]} for row in tests]
+    marks = [{m: mark for m, t in row.items() if (mark := significance.mark_of(t))} for row in tests]
     lines = footer(results)
     if any(tests):
         lines.append(significance.footer_line(alpha))
+        lines.append("Resolution (80% power): " + "; ".join(significance.resolution_lines(tests)))
     return {
         "columns": list(rows[0]) if rows else [],
         "metrics": metrics,

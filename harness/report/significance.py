@@ -13,7 +13,15 @@ tests of the difference of their accuracies:
   counts of the distinct per-document differences: the same distribution).
 
 The leaderboard marks a compressed cell whose McNemar p-value is at least
-``ALPHA`` (no significant difference from its model's baseline) with ``MARK``.
+``ALPHA`` (no significant difference from its model's baseline) with ``MARK``,
+but only where the examples could have shown a difference of ``RESOLVE``
+(5 points of accuracy): ``resolvable_difference`` is the smallest difference
+the test detects with ``POWER`` (80 %) at the observed discordance, from the
+normal approximation of McNemar's test (Connor 1987, Biometrics 43:207),
+never below what the exact test can reach at all (``d`` one-sided discordant
+pairs with ``2 * 0.5**d < alpha``, i.e. ``d / n``). Where it exceeds
+``RESOLVE``, "no significant difference" says nothing, and the mark is
+``FEW`` (too few examples) instead; the footer says what the examples resolve.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
 
 ALPHA = 0.05
 MARK = "≈"
+FEW = "(few)"
+POWER = 0.8
+RESOLVE = 0.05
 RESAMPLES = 1000
 SEED = 0
 TEST = "McNemar's exact test"
@@ -46,6 +57,39 @@ def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     tail = sum(comb(n, k) for k in range(min(only_a, only_b) + 1))
     p_value = min(1.0, 2 * tail / 2**n)  # exact integer arithmetic, then one division
     return {"only_a": only_a, "only_b": only_b, "p_value": p_value}
+
+
+def resolvable_difference(n: int, discordant: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest accuracy difference McNemar's test detects with ``power`` on ``n`` paired examples of
+    which ``discordant`` disagree (two-sided ``alpha``); 1.0 where no difference of any size would do.
+
+    Connor's approximation: ``n = (z_a sqrt(p) + z_b sqrt(p - d^2))^2 / d^2`` for discordance ``p``
+    and difference ``d``. A difference ``d`` needs a discordance of at least ``d`` (every discordant
+    pair one way), so ``p = max(observed, d)``; the right side then falls as ``d`` grows, and the
+    smallest ``d`` with ``n`` enough is found by bisection. Never below the exact test's own floor.
+    """
+    from statistics import NormalDist
+
+    if n <= 0:
+        return 1.0
+    floor = 1
+    while 2 * 0.5**floor >= alpha:  # one-sided discordant pairs the exact test needs to reject at all
+        floor += 1
+    exact = min(1.0, floor / n)
+    observed = discordant / n
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+
+    def needed(d: float) -> float:
+        p = max(observed, d)
+        return (z_a * p**0.5 + z_b * max(p - d * d, 0.0) ** 0.5) ** 2 / (d * d)
+
+    if needed(1.0) > n:
+        return 1.0
+    low, high = 1e-9, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if needed(mid) > n else (low, mid)
+    return max(high, exact)
 
 
 def paired_bootstrap(
@@ -121,8 +165,16 @@ def compare(
             "only_baseline": test["only_a"],
             "only_cell": test["only_b"],
             "significant": test["p_value"] < alpha,
+            "resolvable": resolvable_difference(len(a), test["only_a"] + test["only_b"], alpha),
         }
     return out
+
+
+def mark_of(test: dict[str, Any], resolve: float = RESOLVE) -> str | None:
+    """``MARK`` (no significant difference), ``FEW`` (nor could there have been one of ``resolve``), None."""
+    if test["significant"]:
+        return None
+    return FEW if test.get("resolvable", 0.0) > resolve else MARK
 
 
 def against_baseline(results: Sequence[dict], alpha: float = ALPHA) -> list[dict[str, dict[str, Any]]]:
@@ -142,5 +194,22 @@ def footer_line(alpha: float = ALPHA) -> str:
     return (
         f"{MARK}: accuracy not significantly different from the model's baseline on the same examples "
         f"({TEST}, two-sided, α = {alpha:g}; paired bootstrap 95% intervals, {RESAMPLES} seeded resamples, "
-        "in leaderboard.json and report.html)"
+        f"in leaderboard.json and report.html); {FEW}: not significant, and too few examples to show a "
+        f"difference of {RESOLVE * 100:g} points ({POWER:.0%} power)"
     )
+
+
+def resolution_lines(tests: Sequence[dict[str, dict[str, Any]]]) -> list[str]:
+    """Per metric: the examples compared and the smallest difference they resolve (the range over cells)."""
+    spans: dict[str, list[tuple[int, float]]] = {}
+    for row in tests:
+        for name, test in row.items():
+            spans.setdefault(name, []).append((test["n"], test.get("resolvable", float("nan"))))
+    lines = []
+    for name, values in sorted(spans.items()):
+        counts = sorted({n for n, _ in values})
+        low, high = min(r for _, r in values), max(r for _, r in values)
+        span = f"{low * 100:.1f}" if abs(high - low) < 5e-4 else f"{low * 100:.1f}-{high * 100:.1f}"
+        shown = "/".join(str(c) for c in counts)
+        lines.append(f"{name}: n = {shown} paired examples resolve differences of {span} points or more")
+    return lines
