@@ -330,22 +330,40 @@ def test_report_command_writes_the_html(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-def test_mlflow_parent_run_gets_the_reports(tmp_path):
-    from harness_mlflow import MLflowTracker
+def test_mlflow_parent_run_gets_the_reports_and_the_leaderboard_table(tmp_path, monkeypatch):
+    """A real MLflow store (SQLite): the parent run holds the reports and the leaderboard as a table that
+    MlflowClient reads back row by row; each cell run carries the row tag that lines it up across suites."""
+    from types import SimpleNamespace
 
-    class Client:
-        def __init__(self) -> None:
-            self.logged: list[str] = []
+    from mlflow.tracking import MlflowClient
 
-        def log_artifact(self, run_id, path, artifact_path=None):
-            self.logged.append(Path(path).name)
+    from harness.cli import main
+    from harness_mlflow import TABLE, MLflowOptions, MLflowTracker
 
-        def set_terminated(self, run_id, status):
-            self.status = status
-
-    for name in ("leaderboard.md", "report.html", "pareto_bytes.png", "pareto_params.png"):
-        (tmp_path / name).write_text("x")
+    results = suite_results()
+    for result in results:
+        result.model["fingerprint"] = "f" * 64
+    directory = store(results, tmp_path / "r")
+    assert main(["report", str(directory)]) == 0  # leaderboard.md/.json, report.html, the plots
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # load_table searches runs through the global URI
     tracker = MLflowTracker()
-    tracker.client, tracker.parent_id = Client(), "parent"
-    tracker.end(None, [CellRecord(cell_id="a1", suite="t", status="ok", model={})], tmp_path)
-    assert tracker.client.logged == ["leaderboard.md", "report.html", "pareto_bytes.png", "pareto_params.png"]
+    tracker.start(SimpleNamespace(name="t", file="t.toml", models=["m"]), MLflowOptions(tracking_uri=uri), directory)
+    for result in results:
+        tracker.log_cell(None, result, directory / "cells" / f"{result.cell_id}.json")
+    tracker.end(None, results, directory)
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(tracker.parent_id)}
+    assert {"leaderboard.md", "report.html", "pareto_params.png", TABLE} <= logged
+    table = client.load_table(tracker.experiment_id, TABLE, run_ids=[tracker.parent_id])
+    assert list(table["cell_id"]) == [r.cell_id for r in sorted(results, key=lambda r: r.order_key())]
+    assert list(table["target"]) == ["—", "keep=0.9", "keep=0.5"]
+    assert list(table["piqa/acc"]) == pytest.approx([0.75, 0.725, 0.25])
+    assert list(table["piqa/acc mark"]) == ["", FEW, ""]
+    runs = client.search_runs(
+        [tracker.experiment_id], filter_string="tags.`harness.row` = 'm | svd | uniform | keep=0.9'"
+    )
+    assert [r.data.tags["harness.cell_id"] for r in runs] == [results[1].cell_id]

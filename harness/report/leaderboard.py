@@ -105,6 +105,7 @@ def build(results: list[CellRecord], alpha: float = significance.ALPHA) -> dict[
         "columns": list(rows[0]) if rows else [],
         "metrics": metrics,
         "rows": rows,
+        "cell_ids": [r.cell_id for r in ordered],
         "marks": marks,
         "significance": tests,
         "alpha": alpha,

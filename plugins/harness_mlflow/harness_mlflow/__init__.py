@@ -4,8 +4,12 @@ Each cell run gets the cell's parameters (model, method, allocator, target,
 options, seed, limit), its metrics under names MLflow accepts (lm-eval's
 ``acc,none`` becomes ``acc``; anything else outside MLflow's alphabet becomes
 ``_``), non-finite metrics as tags instead of values, and the cell JSON as an
-artifact; the parent run gets the leaderboard, report.html and the Pareto
-plots (every ``*.png`` in the results directory) at the end. The store is
+artifact, and the tag ``harness.row`` (model | method | allocator | target,
+the same across suites and over time, for MLflow's run comparison); the
+parent run gets the leaderboard as an MLflow table (``leaderboard_table.json``:
+one row per cell with its id, every metric and its significance mark), the
+leaderboard markdown, report.html and the Pareto plots (every ``*.png`` in the
+results directory) at the end. The store is
 MLflow's own default (SQLite ``mlflow.db`` in the working directory) unless
 ``MLFLOW_TRACKING_URI`` or the suite's ``tracking_uri`` says otherwise. An
 unreachable server costs a warning, never a result: the cells stay in the
@@ -16,6 +20,7 @@ the tag ``harness.cell_id``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -111,7 +116,40 @@ class MLflowTracker(harness.Tracker):
         for path in [directory / "leaderboard.md", directory / "report.html", *sorted(directory.glob("*.png"))]:
             if path.exists():
                 self.client.log_artifact(self.parent_id, str(path))
+        board = directory / "leaderboard.json"
+        if board.exists():
+            self.client.log_table(self.parent_id, leaderboard_table(json.loads(board.read_text())), TABLE)
         self.client.set_terminated(self.parent_id, "FAILED" if any(not r.ok for r in results) else "FINISHED")
+
+
+TABLE = "leaderboard_table.json"
+"""The parent run's leaderboard as an MLflow table (``MlflowClient.load_table(experiment, TABLE)``)."""
+
+
+def leaderboard_table(board: dict[str, Any]) -> dict[str, list]:
+    """``leaderboard.json``'s rows as MLflow table columns: identity columns, the cell id, each metric
+    (a number, None where the cell has none) and its significance mark ("", "≈" or "(few)")."""
+    rows, marks = board.get("rows", []), board.get("marks") or [{} for _ in board.get("rows", [])]
+    ids = board.get("cell_ids") or [None] * len(rows)
+    columns = [c for c in board.get("columns", []) if c not in board.get("metrics", [])]
+    table: dict[str, list] = {"cell_id": list(ids), **{c: [row.get(c) for row in rows] for c in columns}}
+    for metric in board.get("metrics", []):
+        table[metric_key(metric)] = [_number(row.get(metric)) for row in rows]
+        if any(metric in mark for mark in marks):
+            table[f"{metric_key(metric)} mark"] = [mark.get(metric, "") for mark in marks]
+    if any("status" in row for row in rows):
+        table["status"] = [row.get("status", "ok") for row in rows]
+    return table
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def row_name(result: harness.CellRecord) -> str:
+    """The same string for the same model x method x allocator x target in any suite, at any time:
+    what MLflow's run comparison lines cells up by (the tag ``harness.row``)."""
+    return " | ".join(result.row_key)
 
 
 def log_result(client, experiment_id: str, parent_id: str | None, result: harness.CellRecord, cell_file: Path) -> str:
@@ -119,7 +157,12 @@ def log_result(client, experiment_id: str, parent_id: str | None, result: harnes
     from mlflow.entities import Metric, Param, RunTag
 
     label = f"{result.method_label} {(result.target or {}).get('label', '')}"
-    tags = {"harness.cell_id": result.cell_id, "harness.status": result.status, "mlflow.runName": label.strip()}
+    tags = {
+        "harness.cell_id": result.cell_id,
+        "harness.status": result.status,
+        "harness.row": row_name(result),
+        "mlflow.runName": label.strip(),
+    }
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     run = client.create_run(experiment_id, tags=tags)
