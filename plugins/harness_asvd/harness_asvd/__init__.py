@@ -8,9 +8,12 @@ B = diag(sigma_k)^1/2 V_k^T S^-1:
 .. math:: \\min_{\\operatorname{rank}(AB) \\le k} \\|(W - AB) S\\|_F^2 = \\sum_{i>k} \\sigma_i^2
 
 The scaling ``rms`` uses sqrt(mean_t X_tj^2) instead of mean |X_tj| (both come
-from the same calibration pass). Unlike the repo, which calls a randomized SVD
-per rank, one exact SVD serves every rank (nested). ASVD's sensitivity-based
-rank search is a rank allocator, not part of this decomposer.
+from the same calibration pass). By default one exact SVD serves every rank
+(nested); ``svd = "lowrank"`` is the repo's randomized SVD per rank
+(``lowrank``). ``ratio = "asvd"`` states the repo's ratio convention (every
+Linear, the LM head included) and refuses a suite that does not decompose the
+head. ASVD's sensitivity-based rank search is a rank allocator, not part of
+this decomposer.
 """
 
 from __future__ import annotations

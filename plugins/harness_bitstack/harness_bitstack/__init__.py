@@ -1,7 +1,9 @@
 """BitStack: residual 1-bit blocks for any memory budget (Wang et al. 2024, xinghaow99/BitStack).
 
 Training-free. Each weight's input channels are scaled by an activation
-statistic (see ``decompose.activation_scales``), then the weight is peeled
+statistic (see ``decompose.activation_scales``) and, with ``fuse_scale`` (the
+repo's default), up_proj's and v_proj's output rows by the next layer's
+(see ``fusion``); then the weight is peeled
 into ``niter`` residual blocks sign(R) ⊙ (rank-k approximation of |R|),
 each block minimising the scaled residual:
 
