@@ -103,6 +103,19 @@ def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
     return isinstance(value, annotation), value
 
 
+OMIT_DEFAULT = "omit_default"
+"""Field metadata key: ``dataclasses.field(default=..., metadata={"omit_default": True})`` leaves the
+option out of ``options_dict`` while it has its default, so that adding an option whose default keeps the
+old behaviour leaves every existing cell's id (a hash of ``options_dict``) unchanged."""
+
+
 def options_dict(options: Any) -> dict[str, Any]:
-    """An options instance as a plain dict (for hashing and recording)."""
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+    """An options instance as a plain dict (for hashing and recording); options marked ``omit_default``
+    are left out while they hold their default."""
+    if not dataclasses.is_dataclass(options):
+        return {}
+    out = dataclasses.asdict(options)
+    for f in dataclasses.fields(options):
+        if f.metadata.get(OMIT_DEFAULT) and out[f.name] == f.default:
+            del out[f.name]
+    return out

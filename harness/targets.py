@@ -7,12 +7,15 @@ Kinds (DESIGN.md, "Definitions that every method shares"), one class each:
 - ``rank`` (``RankTarget``): fraction of each matrix's full rank kept (the
   denoising regime).
 - ``bytes`` (``BytesTarget``): a memory budget in bytes for the decomposable
-  weights.
+  weights (``scope = "decomposable"``, the default) or for the whole model
+  (``scope = "model"``: the decomposable weights plus everything else,
+  embeddings, LM head, norms, biases, counted at fp16 as BitStack's paper does).
 - ``bits`` (``BitsTarget``): average bits per decomposable weight (a budget in
   bytes, scaled).
 
 In a suite a bare number is a ``params`` target; a table names the kind:
-``{rank = 0.5}``, ``{bytes = "40MB"}``, ``{bits = 2.5}``.
+``{rank = 0.5}``, ``{bytes = "40MB"}``, ``{bits = 2.5}``; a kind may take more
+keys in the same table (``{bytes = "3GB", scope = "model"}``).
 
 A kind is a subclass of ``Target`` that sets ``kind`` (its name in suites,
 registered in ``KINDS`` when the class is defined) and ``unit``, and defines
@@ -25,6 +28,7 @@ those two. ``Target(kind, value)`` builds the registered class of ``kind``, so
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +115,23 @@ class Target(metaclass=_TargetType):
 
     def check(self, key: str) -> Target:
         """This target, or HarnessError naming ``key`` where its value is out of range."""
+        return self
+
+    @classmethod
+    def from_table(cls, value: float, extra: dict[str, Any], key: str) -> Target:
+        """The target of a suite table ``{kind = value, **extra}``; a kind without further keys refuses any."""
+        if extra:
+            name = next(iter(extra))
+            raise HarnessError(f"{key}.{name}: unknown key for a {cls.kind} target (it takes only {cls.kind})")
+        return cls(value)
+
+    def for_model(self, model: Any, decomposable: Sequence[str]) -> Target:
+        """This target bound to a loaded model whose decomposable Linears are ``decomposable`` (by name).
+
+        The run calls it before allocating; a kind whose budget depends on the
+        rest of the model (``bytes`` with ``scope = "model"``) returns a copy
+        that knows it, every other kind returns itself.
+        """
         return self
 
     # ------------------------------------------------------------ arithmetic
@@ -246,26 +267,114 @@ class _ByteBudget(Target):
         return self.budget_bytes(budget.dense_total(facts))
 
 
+SCOPES = ("decomposable", "model")
+"""What a ``bytes`` target's value counts: the decomposable weights, or the whole model."""
+OTHER_BYTES_PER_PARAM = 2
+"""With ``scope = "model"``, every parameter outside the decomposable weights counts at fp16 (the paper's)."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class BytesTarget(_ByteBudget):
-    """At most ``value`` bytes for the decomposable weights."""
+    """At most ``value`` bytes for the decomposable weights (``scope = "decomposable"``) or the whole model.
+
+    ``scope = "model"`` (BitStack's convention: whole-model memory, its
+    ``check_model_memory_excluding_linear`` + the decomposed layers): the
+    budget of the decomposable weights is ``value`` minus 2 bytes per other
+    parameter of the model (``other_params``: embeddings, LM head, norms,
+    biases, Linears not decomposed, tied tensors once). ``other_params`` is
+    set by ``for_model`` from the loaded model; it is not part of the
+    target's identity (the model is, in the cell's id). A default-scope
+    target's equality, hash, ``to_dict`` and label are those of every
+    target: ``(kind, value)``, so existing cell ids do not change.
+    """
+
+    scope: str = "decomposable"
+    other_params: int | None = None
 
     kind = "bytes"
 
+    def _key(self) -> tuple:
+        return (self.kind, self.value) if self.scope == "decomposable" else (self.kind, self.value, self.scope)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Target):
+            return NotImplemented
+        return self._key() == (other._key() if isinstance(other, BytesTarget) else (other.kind, other.value))
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        if self.scope == "decomposable":
+            return super().__repr__()
+        return f"Target(kind={self.kind!r}, value={self.value!r}, scope={self.scope!r})"
+
     @property
     def label(self) -> str:
-        return f"bytes={self.value / 1e6:.3g}MB"
+        prefix = "bytes" if self.scope == "decomposable" else "model_bytes"
+        return f"{prefix}={self.value / 1e6:.3g}MB"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.scope != "decomposable":
+            out["scope"] = self.scope
+        return out
 
     @classmethod
     def parse_value(cls, raw: Any, key: str) -> float:
         return parse_bytes(raw, key)
+
+    @classmethod
+    def from_table(cls, value: float, extra: dict[str, Any], key: str) -> Target:
+        unknown = [k for k in extra if k != "scope"]
+        if unknown:
+            raise HarnessError(f"{key}.{unknown[0]}: unknown key for a bytes target (known: bytes, scope)")
+        scope = extra.get("scope", "decomposable")
+        if scope not in SCOPES:
+            raise HarnessError(f"{key}.scope: expected 'decomposable' or 'model', got {scope!r}")
+        return cls(value, scope)
 
     def check(self, key: str) -> Target:
         if self.value <= 0:
             raise HarnessError(f"{key}: expected a positive number of bytes, got {self.value:g}")
         return self
 
+    def for_model(self, model: Any, decomposable: Sequence[str]) -> Target:
+        if self.scope == "decomposable":
+            return self
+        return dataclasses.replace(self, other_params=other_params(model, decomposable))
+
+    def other_bytes(self) -> int:
+        """Bytes the rest of the model takes out of a ``scope = "model"`` budget (0 for the default scope)."""
+        if self.scope == "decomposable":
+            return 0
+        if self.other_params is None:
+            raise HarnessError(
+                f'target {self.label}: scope = "model" needs the rest of the model counted '
+                "(Target.for_model, before allocating)"
+            )
+        return OTHER_BYTES_PER_PARAM * self.other_params
+
+    def model_bytes(self, decomposable_bytes: float) -> float:
+        """Whole-model bytes in this target's convention: the decomposable weights' bytes plus the rest at fp16."""
+        return decomposable_bytes + OTHER_BYTES_PER_PARAM * (self.other_params or 0)
+
     def budget_bytes(self, dense_weights: int) -> float:
-        return self.value
+        return self.value - self.other_bytes()
+
+
+def other_params(model: Any, decomposable: Sequence[str]) -> int:
+    """Parameters of ``model`` outside the weights of the ``decomposable`` Linears (tied tensors once).
+
+    Embeddings, LM head, norms, biases (of decomposed layers too: BitStack's
+    ``check_model_memory_excluding_linear`` keeps them), every Linear not
+    decomposed. Buffers are not counted (rotary ``inv_freq`` is recomputed,
+    not stored).
+    """
+    from harness.surgery import count_model
+
+    total, _ = count_model(model)
+    return total - sum(model.get_submodule(name).weight.numel() for name in decomposable)
 
 
 class BitsTarget(_ByteBudget):
@@ -303,4 +412,9 @@ def parse_target(raw: Any, key: str) -> Target:
             raise HarnessError(f"{key}: expected one of {', '.join(KINDS)}, got {kind!r}")
         cls = KINDS[kind]
         return cls(cls.parse_value(value, key)).check(key)
+    kinds = [k for k in raw if k in KINDS] if isinstance(raw, dict) else []
+    if len(kinds) == 1:  # {kind = value, further keys the kind takes}
+        cls = KINDS[kinds[0]]
+        extra = {k: v for k, v in raw.items() if k != kinds[0]}
+        return cls.from_table(cls.parse_value(raw[kinds[0]], key), extra, key).check(key)
     raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {raw!r}")

@@ -213,3 +213,125 @@ def test_lowrank_svd_option_tracks_the_exact_decomposition():
     assert all(b < a for a, b in zip(fast.errors, fast.errors[1:]))  # still decreasing block by block
     # a Gaussian matrix has a flat spectrum, the hard case for a randomized SVD
     assert fast.errors[-1] <= exact.errors[-1] * 1.10
+
+
+# ---------------------------------------------------------------- scale fusion (fuse_scale, the repo's default)
+D, H = 12, 20  # hidden, intermediate
+UP, DOWN = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"
+V, O = "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"
+
+
+def block_stats(n: int, seed: int, spread: float) -> harness.LayerStats:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, n, generator=gen) * torch.logspace(-spread, spread, n)
+    return harness.LayerStats(tokens=64, abs_mean=X.abs().mean(0), sq_mean=X.square().mean(0))
+
+
+def mlp_pair(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = {UP: torch.randn(H, D, generator=gen), DOWN: torch.randn(D, H, generator=gen)}
+    stats = {UP: block_stats(D, seed + 1, 1.0), DOWN: block_stats(H, seed + 2, 1.5)}
+    return weights, stats
+
+
+def fused(weights, stats, names, **raw):
+    opts = parse_options(BitStack.Options, {"seqlen": 16, **raw}, "methods.bitstack")
+    return BitStack().factorize({n: weights[n] for n in names}, {n: stats[n] for n in names}, opts, CTX)
+
+
+def test_fusion_groups_name_the_partner_the_repo_folds_into():
+    layers = [
+        harness.LayerInfo(f"model.layers.0.{kind}", kind.split(".")[1], 0, (8, 8))
+        for kind in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    ]
+    opts = BitStack.Options()
+    assert BitStack().groups(layers, opts) == [
+        ("model.layers.0.self_attn.q_proj",),
+        (V, O),
+        (O, V),
+        (UP, DOWN),
+        (DOWN,),
+    ]
+    assert BitStack().groups(layers, BitStack.Options(fuse_scale=False)) == [(x.name,) for x in layers]
+    assert BitStack().groups(layers[3:4], opts) == [(UP,)]  # down_proj not decomposed: nothing to fold
+
+
+def test_scale_fusion_reconstructs_w_and_the_pair_exactly_at_full_rank():
+    weights, stats = mlp_pair()
+    k = min(H, D)  # full rank per block; each block's error is the fp16 rounding of the last
+    up = fused(weights, stats, (UP, DOWN), niter=8, k=k)
+    down = fused(weights, stats, (DOWN,), niter=8, k=k)
+    assert up.blocks.row_scales is not None and down.blocks.row_scales is None
+    Wu, Wd = weights[UP].double(), weights[DOWN].double()
+    for fact, W in ((up, Wu), (down, Wd)):
+        rel = (fact.reconstruct(8).double() - W).norm() / W.norm()
+        assert rel < 1e-6
+    a = torch.rand(H, dtype=torch.float64) + 0.5  # act(gate x) for one token
+    pair = down.reconstruct(8).double() @ torch.diag(a) @ up.reconstruct(8).double()
+    exact = Wd @ torch.diag(a) @ Wu
+    assert (pair - exact).norm() / exact.norm() < 1e-6
+
+
+def test_fused_up_proj_computes_what_the_repos_folded_model_computes():
+    """The repo divides up_proj's rows by down_proj's scales s_d and multiplies down_proj's columns by them
+    (and up_proj's columns by the norm-side scales s_u), then decomposes those weights as they stand."""
+    from harness_bitstack.decompose import bitstack_decompose
+
+    weights, stats = mlp_pair(seed=3)
+    up = fused(weights, stats, (UP, DOWN), niter=3, k=2)
+    down = fused(weights, stats, (DOWN,), niter=3, k=2)
+    s_u = activation_scales(stats[UP], "l2", 16)[0].half().double()
+    s_d = activation_scales(stats[DOWN], "l2", 16)[0].half().double()
+    folded_up = (weights[UP].double() / s_d[:, None] * s_u).float()
+    folded_down = (weights[DOWN].double() * s_d).float()
+    ref_up = bitstack_decompose(folded_up, None, 3, 2)
+    ref_down = bitstack_decompose(folded_down, None, 3, 2)
+    assert up.blocks.scaled_errors == pytest.approx(ref_up.scaled_errors, rel=1e-4)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, D, generator=gen, dtype=torch.float64)
+    a = torch.rand(5, H, generator=gen, dtype=torch.float64)
+    unfused = fused(weights, stats, (UP, DOWN), niter=3, k=2, fuse_scale=False)
+
+    def pair(up_fact, blocks):
+        return (a * (x @ up_fact.reconstruct(blocks).double().T)) @ down.reconstruct(blocks).double().T
+
+    for blocks in (1, 3):
+        rebuilt_up = sum(
+            unpack_signs(ref_up.packed[i], (H, D), torch.float64) * (ref_up.u[i].double() @ ref_up.v[i].double())
+            for i in range(blocks)
+        )
+        rebuilt_down = sum(
+            unpack_signs(ref_down.packed[i], (D, H), torch.float64) * (ref_down.u[i].double() @ ref_down.v[i].double())
+            for i in range(blocks)
+        )
+        theirs = (a * ((x / s_u) @ rebuilt_up.T)) @ rebuilt_down.T
+        # the two paths round different fp16 u, v (measured 4e-6 here); an unfused up_proj is off by 0.4-0.6
+        assert (pair(up, blocks) - theirs).norm() / theirs.norm() < 1e-4
+        assert (pair(unfused, blocks) - theirs).norm() / theirs.norm() > 0.1
+
+
+def test_grouped_query_attention_leaves_o_proj_unscaled_and_v_proj_unfused():
+    gen = torch.Generator().manual_seed(0)
+    weights = {V: torch.randn(4, D, generator=gen), O: torch.randn(D, 8, generator=gen)}  # 4 kv vs 8 q channels
+    stats = {V: block_stats(D, 1, 1.0), O: block_stats(8, 2, 1.0)}
+    v, o = fused(weights, stats, (V, O), niter=2, k=2), fused(weights, stats, (O, V), niter=2, k=2)
+    assert v.blocks.row_scales is None and "GQA" in v.info["row_scales"]
+    assert torch.equal(o.blocks.scales, torch.ones(8, dtype=torch.float16)) and "grouped-query" in o.info["scales"]
+    mha = {V: torch.randn(D, D, generator=gen), O: torch.randn(D, D, generator=gen)}
+    mha_stats = {V: block_stats(D, 3, 1.0), O: block_stats(D, 4, 1.0)}
+    v = fused(mha, mha_stats, (V, O), niter=2, k=2)
+    expected = activation_scales(mha_stats[O], "l2", 16)[0].half()
+    assert torch.equal(v.blocks.row_scales, expected) and "o_proj" in v.info["row_scales"]
+    unfused = fused(mha, mha_stats, (V, O), niter=2, k=2, fuse_scale=False)
+    assert unfused.blocks.row_scales is None
+
+
+def test_fused_bytes_count_the_row_scales_and_equal_the_layer_storage():
+    weights, stats = mlp_pair()
+    up = fused(weights, stats, (UP, DOWN), niter=3, k=2)
+    for rank in up.ranks:
+        formula = 0 if rank == 0 else rank * (math.ceil(H * D / 8) + 2 * 2 * (H + D)) + 2 * D + 2 * H
+        assert up.bytes(rank) == bitstack_bytes(H, D, 2, rank, row_scales=True) == formula
+        assert up.materialize(rank)[UP].harness_bytes() == formula
+        x = torch.randn(3, D)
+        torch.testing.assert_close(up.materialize(rank)[UP](x), x @ up.reconstruct(rank).T)

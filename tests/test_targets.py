@@ -269,3 +269,76 @@ def test_a_kind_name_is_registered_once(count_kind):
 
         class Other(harness.Target):
             kind = "params"
+
+
+# ---------------------------------------------------------------- bytes scope: decomposable or whole model
+def tiny_model(tied: bool = False):
+    """Embedding 10x4, one block (q 4x4 with bias, up 6x4, down 4x6 with bias, a norm), final norm, head 10x4."""
+    import torch
+    from torch import nn
+
+    model = nn.Module()
+    model.embed = nn.Embedding(10, 4)
+    block = nn.Module()
+    block.q_proj, block.up_proj, block.down_proj = nn.Linear(4, 4), nn.Linear(4, 6, bias=False), nn.Linear(6, 4)
+    block.norm = nn.Parameter(torch.ones(4))
+    model.block = block
+    model.norm = nn.Parameter(torch.ones(4))
+    model.lm_head = nn.Linear(4, 10, bias=False)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+DECOMPOSABLE = ["block.q_proj", "block.up_proj", "block.down_proj"]
+
+
+def test_other_params_by_hand():
+    # embedding 40 + head 40 + norms 4 + 4 + biases of q and down 4 + 4 = 96 (decomposable weights 16 + 24 + 24)
+    assert targets.other_params(tiny_model(), DECOMPOSABLE) == 96
+    assert targets.other_params(tiny_model(tied=True), DECOMPOSABLE) == 56  # the tied head counted once
+    assert targets.other_params(tiny_model(), DECOMPOSABLE[:1]) == 96 + 48  # up and down stay dense
+
+
+def test_model_scope_budget_is_the_value_less_the_rest_at_fp16(facts):
+    target = parse_target({"bytes": "1KB", "scope": "model"}, "t")
+    assert isinstance(target, BytesTarget) and target.scope == "model"
+    bound = target.for_model(tiny_model(), DECOMPOSABLE)
+    assert bound.other_params == 96 and bound.other_bytes() == 192
+    assert bound.budget(facts, DTYPE_BYTES) == 1000 - 192
+    assert bound.budget(facts, 4) == 1000 - 192  # the rest counts at fp16 whatever the model's dtype
+    assert bound.model_bytes(100) == 292  # decomposable bytes beside whole-model bytes
+    assert bound.unreachable(facts, DTYPE_BYTES) is None
+    assert parse_target({"bytes": 230, "scope": "model"}, "t").for_model(tiny_model(), DECOMPOSABLE).unreachable(
+        facts, DTYPE_BYTES
+    ) == (44, 38.0)  # smallest model: rank 1 of both (20 + 24 bytes) against 230 - 192
+    with pytest.raises(harness.HarnessError, match=r'scope = "model" needs the rest of the model'):
+        target.budget(facts, DTYPE_BYTES)
+    default = Target("bytes", 1000.0)
+    assert default.for_model(tiny_model(), DECOMPOSABLE) is default and default.budget(facts, DTYPE_BYTES) == 1000
+
+
+def test_model_scope_identity_and_default_scope_unchanged():
+    model = parse_target({"bytes": "40MB", "scope": "model"}, "t")
+    assert model.to_dict() == {"kind": "bytes", "value": 4e7, "scope": "model"}
+    assert model.label == "model_bytes=40MB" and "scope='model'" in repr(model)
+    assert model != Target("bytes", 4e7) and hash(model) != hash(Target("bytes", 4e7))
+    assert model == model.for_model(tiny_model(), DECOMPOSABLE)  # binding is not part of the identity
+    explicit = parse_target({"bytes": "40MB", "scope": "decomposable"}, "t")
+    assert explicit == Target("bytes", 4e7) and explicit.to_dict() == {"kind": "bytes", "value": 4e7}
+    assert hash(explicit) == hash(("bytes", 4e7)) and repr(explicit) == "Target(kind='bytes', value=40000000.0)"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"bytes": "1MB", "scope": "all"}, "t.scope: expected 'decomposable' or 'model', got 'all'"),
+        ({"bytes": "1MB", "where": "x"}, "t.where: unknown key for a bytes target (known: bytes, scope)"),
+        ({"params": 0.5, "scope": "model"}, "t.scope: unknown key for a params target (it takes only params)"),
+        ({"bytes": 0, "scope": "model"}, "t: expected a positive number of bytes, got 0"),
+    ],
+)
+def test_scope_errors(raw, message):
+    with pytest.raises(harness.HarnessError) as info:
+        parse_target(raw, "t")
+    assert str(info.value) == message

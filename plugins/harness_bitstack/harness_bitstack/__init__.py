@@ -1,7 +1,9 @@
 """BitStack: residual 1-bit blocks for any memory budget (Wang et al. 2024, xinghaow99/BitStack).
 
 Training-free. Each weight's input channels are scaled by an activation
-statistic (see ``decompose.activation_scales``), then the weight is peeled
+statistic (see ``decompose.activation_scales``) and, with ``fuse_scale`` (the
+repo's default), up_proj's and v_proj's output rows by the next layer's
+(see ``fusion``); then the weight is peeled
 into ``niter`` residual blocks sign(R) ⊙ (rank-k approximation of |R|),
 each block minimising the scaled residual:
 
@@ -56,6 +58,10 @@ class BitStackOptions:
     """Rank of each block's magnitude approximation."""
     scale: bool = True
     """Activation-aware scaling of the input channels (the repo's default)."""
+    fuse_scale: bool = True
+    """The repo's default: fold down_proj's scales into up_proj's rows and, on multi-head attention,
+    o_proj's into v_proj's rows before decomposing (o_proj unscaled under grouped-query attention, as
+    the repo); false: every weight only has its input columns scaled (the repo's --no_fuse_scale)."""
     statistic: Literal["l2", "abs_mean"] = "l2"
     """l2: per-sequence L2 norm of each channel, sqrt(seqlen * sq_mean) (the repo's); abs_mean: mean |x| (AWQ's)."""
     seqlen: int = 2048
@@ -78,19 +84,58 @@ class BitStack(harness.SingleMatrixDecomposer):
     Options = BitStackOptions
     description = "BitStack: residual blocks of packed signs x rank-k magnitudes; rank = blocks kept"
 
+    def groups(self, layers, options):
+        """One weight per Factorization; with scale fusion a fused weight's group also names its partner
+        (statistics only, see ``fusion``)."""
+        if not (options.scale and options.fuse_scale):
+            return super().groups(layers, options)
+        from harness_bitstack.fusion import fusion_groups
+
+        return fusion_groups(layers)
+
+    def factorize(self, weights, stats, options, ctx):
+        name, *partner = weights
+        weight = weights[name].to(ctx.device)
+        other = (partner[0], weights[partner[0]].shape, stats.get(partner[0])) if partner else None
+        return self.factorize_fused(name, weight, stats.get(name), other, options, ctx)
+
     def factorize_matrix(self, name, weight, stats, options, ctx):
-        from harness_bitstack.decompose import activation_scales, bitstack_decompose
+        return self.factorize_fused(name, weight, stats, None, options, ctx)
+
+    def factorize_fused(self, name, weight, stats, partner, options, ctx):
+        """``partner``: (name, shape, stats) of the fusion partner, or None (see ``fusion``)."""
+        from harness_bitstack.decompose import bitstack_decompose
         from harness_bitstack.factorization import BitStackFactorization
 
         info = {"niter": options.niter, "k": options.k}
-        scales = None
-        if options.scale:
-            scales, info["scales"] = activation_scales(stats, options.statistic, options.seqlen)
-        blocks = bitstack_decompose(weight, scales, options.niter, options.k, options.svd)
+        scales, rows = self.scales(name, tuple(weight.shape), stats, partner, options, info)
+        blocks = bitstack_decompose(weight, scales, options.niter, options.k, options.svd, row_scales=rows)
         info["rel_error"] = [
             round((e / blocks.errors[0]) ** 0.5, 6) if blocks.errors[0] else 0.0 for e in blocks.errors
         ]
         return BitStackFactorization(name, blocks, cache_dense=options.cache_dense, info=info)
+
+    @staticmethod
+    def scales(name, shape, stats, partner, options, info):
+        """(input-column scales or None, output-row scales or None), each labelled in ``info``."""
+        from harness_bitstack.decompose import activation_scales
+        from harness_bitstack.fusion import kind_of, multi_head
+
+        if not options.scale:
+            return None, None
+        kind = kind_of(name)
+        fused = options.fuse_scale and partner is not None
+        if fused and kind == "o_proj" and not multi_head(partner[1], shape):
+            info["scales"] = "none: grouped-query attention, o_proj is not scaled (the repo's fuse_scale)"
+            return None, None
+        scales, info["scales"] = activation_scales(stats, options.statistic, options.seqlen)
+        rows = None
+        if fused and (kind == "up_proj" or (kind == "v_proj" and multi_head(shape, partner[1]))):
+            rows, label = activation_scales(partner[2], options.statistic, options.seqlen)
+            info["row_scales"] = f"{partner[0].rpartition('.')[2]}'s {label} (fused)"
+        elif options.fuse_scale and kind in ("up_proj", "v_proj"):
+            info["row_scales"] = "none: not fused (" + ("partner not decomposed" if partner is None else "GQA") + ")"
+        return scales, rows
 
 
 @harness.hookimpl

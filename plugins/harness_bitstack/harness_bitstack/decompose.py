@@ -1,7 +1,8 @@
 """BitStack's decomposition: residual blocks of packed signs times a rank-k magnitude.
 
-With activation scales s (n,) and W (m, n), the residual starts as
-R_0 = W diag(s) and each of ``niter`` iterations stores one block:
+With activation scales s (n,), optional row scales r (m,) (scale fusion, see
+``fusion``) and W (m, n), the residual starts as R_0 = diag(r)^-1 W diag(s)
+and each of ``niter`` iterations stores one block:
 
 .. math:: B_i = \\operatorname{sign}(R_{i-1}) \\odot (u_i v_i), \\qquad
           u_i v_i = \\text{best rank-}k \\text{ approximation of } |R_{i-1}|, \\qquad
@@ -10,10 +11,10 @@ R_0 = W diag(s) and each of ``niter`` iterations stores one block:
 (sign(0) = +1; u_i = U_k diag(sigma_k)^1/2, v_i = diag(sigma_k)^1/2 V_k^T).
 Since sign(R) has entries +-1, ||R_i||_F^2 = ||(|R_{i-1}| - u_i v_i)||_F^2
 = sum of the discarded sigma^2 of |R_{i-1}|: the scaled residual strictly
-decreases while R_{i-1} != 0. The weight kept with r blocks is
-W_r = (sum_{i<=r} B_i) diag(s)^-1.
+decreases while R_{i-1} != 0. The weight kept with j blocks is
+W_j = diag(r) (sum_{i<=j} B_i) diag(s)^-1.
 
-Signs are stored packed (``packing``), u, v and s in fp16; the residual is
+Signs are stored packed (``packing``), u, v, s and r in fp16; the residual is
 updated with the fp16-rounded u, v, so that the errors recorded are those of
 what is stored.
 
@@ -73,7 +74,9 @@ class BitStackBlocks:
     errors: list[float]
     """||W - W_r||_F^2 for r = 0..niter blocks (original weight space)."""
     scaled_errors: list[float]
-    """||(W - W_r) diag(s)||_F^2 for r = 0..niter: the quantity each block reduces."""
+    """||diag(r)^-1 (W - W_j) diag(s)||_F^2 for j = 0..niter: the quantity each block reduces."""
+    row_scales: torch.Tensor | None = None
+    """(m,) fp16: output-row scales r folded in by scale fusion (None: none)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,29 +88,41 @@ def block(packed: torch.Tensor, u: torch.Tensor, v: torch.Tensor, shape: tuple[i
     return unpack_signs(packed, shape, torch.float32) * (u.float() @ v.float())
 
 
-def reconstruct(packed, u, v, scales, shape: tuple[int, int]) -> torch.Tensor:
-    """W_r = (sum of the given blocks) diag(scales)^-1 in float32; zeros for no block."""
+def reconstruct(packed, u, v, scales, shape: tuple[int, int], row_scales=None) -> torch.Tensor:
+    """W_j = diag(row_scales) (sum of the given blocks) diag(scales)^-1 in float32; zeros for no block."""
     total = torch.zeros(shape, dtype=torch.float32, device=u.device)
     for i in range(len(u)):
         total += block(packed[i], u[i], v[i], shape)
-    return total / scales.float()
+    total /= scales.float()
+    if row_scales is not None:
+        total *= row_scales.float()[:, None]
+    return total
 
 
 @torch.no_grad()
 def bitstack_decompose(
-    weight: torch.Tensor, scales: torch.Tensor | None, niter: int, k: int, svd: str = "full"
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    niter: int,
+    k: int,
+    svd: str = "full",
+    row_scales: torch.Tensor | None = None,
 ) -> BitStackBlocks:
     """Decompose ``weight`` (m, n) into ``niter`` blocks of rank ``k`` (see module docstring).
 
-    ``scales`` (n,) or None (no scaling); they are rounded to fp16 first, as
-    stored. Runs on ``weight``'s device in float32.
+    ``scales`` (n,) or None (no scaling) multiply the input columns;
+    ``row_scales`` (m,) or None divide the output rows (scale fusion: the
+    next layer's input scales, ``fusion``). Both are rounded to fp16 first,
+    as stored. Runs on ``weight``'s device in float32.
     """
     W = weight.float()
     m, n = W.shape
     k = min(k, m, n)
     s16 = (torch.ones(n) if scales is None else scales).to(W.device, torch.float16)
     s = s16.float()
-    R = W * s
+    r16 = None if row_scales is None else row_scales.to(W.device, torch.float16)
+    r = torch.ones(m, 1, device=W.device) if r16 is None else r16.float()[:, None]
+    R = W * s / r
     kept = torch.zeros_like(W)
     packed, us, vs = [], [], []
     errors, scaled = [_sq(W)], [_sq(R)]
@@ -121,7 +136,7 @@ def bitstack_decompose(
         R -= b
         kept += b
         packed.append(signs), us.append(u), vs.append(v)
-        errors.append(_sq(W - kept / s))
+        errors.append(_sq(W - kept * r / s))
         scaled.append(_sq(R))
     return BitStackBlocks(
         packed=torch.stack(packed) if packed else torch.zeros(0, (m * n + 7) // 8, dtype=torch.uint8),
@@ -130,6 +145,7 @@ def bitstack_decompose(
         scales=s16,
         errors=errors,
         scaled_errors=scaled,
+        row_scales=r16,
     )
 
 

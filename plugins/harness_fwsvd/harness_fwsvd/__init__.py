@@ -15,7 +15,7 @@ where the whole layer has zero Fisher). One SVD serves every rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -28,7 +28,11 @@ class FWSVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the decomposition (factors are cast to the model's dtype)."""
     eps: float = 1e-6
-    """Floor of each channel's Fisher, relative to the layer's mean Fisher."""
+    """guard = floor: floor of each channel's Fisher relative to the layer's mean Fisher; guard = add:
+    added to every channel, relative to the layer's largest Fisher (1e-5 is the BERT re-implementation's)."""
+    guard: Literal["floor", "add"] = field(default="floor", metadata={"omit_default": True})
+    """How zero-Fisher channels are kept invertible: floor, f = max(f, eps mean f) (ours; channels above the
+    floor are untouched); add, f = f + eps max f (the re-implementations add a small constant to every f)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.eps < 1:
@@ -45,7 +49,7 @@ class FWSVD(harness.SingleMatrixDecomposer):
         from harness_fwsvd.decompose import fisher_weighted_svd
 
         dtype = harness.float_dtype(options.dtype)
-        U, s, Vt, d = fisher_weighted_svd(weight, stats.fisher_in, eps=options.eps, dtype=dtype)
+        U, s, Vt, d = fisher_weighted_svd(weight, stats.fisher_in, eps=options.eps, dtype=dtype, guard=options.guard)
         right = (1 / d).to(dtype)  # diag(D^-1), kept as a vector
         return harness.SVDLikeFactorization(name, U, s, Vt, right=right, out_dtype=weight.dtype)
 
