@@ -1,4 +1,5 @@
-"""TRAWL (trawl-cp, trawl-tucker): planted tensors recovered, stacking, groupings, both modes, seeds."""
+"""TRAWL (trawl-cp, trawl-tucker, trawl-validation): planted tensors recovered, stacking, groupings (per
+layer, across the model, per third), both modes, seeds, the rank chosen on held-out data, a tiny run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from harness_trawl import TrawlCP, TrawlTucker
 from harness_trawl.decompose import cp_stack, tucker_stack
 from harness_trawl.factorization import StackSliceLinear, clear_cache
-from harness_trawl.stacking import stack, trawl_groups, unstack
+from harness_trawl.stacking import stack, thirds, trawl_groups, unstack
+from harness_trawl.validation import TrawlValidation
 from torch import nn
 
 import harness
@@ -20,10 +22,10 @@ D, KV, FF = 8, 4, 12  # hidden, GQA key/value width, MLP width
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, kv: int = KV) -> None:
         super().__init__()
         self.self_attn = nn.Module()
-        for kind, (m, n) in {"q_proj": (D, D), "k_proj": (KV, D), "v_proj": (KV, D), "o_proj": (D, D)}.items():
+        for kind, (m, n) in {"q_proj": (D, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, D)}.items():
             setattr(self.self_attn, kind, nn.Linear(n, m, bias=False))
         self.mlp = nn.Module()
         for kind, (m, n) in {"gate_proj": (FF, D), "up_proj": (FF, D), "down_proj": (D, FF)}.items():
@@ -33,11 +35,11 @@ class Block(nn.Module):
 class TinyLlama(nn.Module):
     """Llama-shaped Linear layers (GQA attention, gated MLP), 3 layers."""
 
-    def __init__(self, n_layers: int = 3) -> None:
+    def __init__(self, n_layers: int = 3, kv: int = KV) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.model = nn.Module()
-        self.model.layers = nn.ModuleList([Block() for _ in range(n_layers)])
+        self.model.layers = nn.ModuleList([Block(kv) for _ in range(n_layers)])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -215,3 +217,175 @@ def test_registered_through_the_hook():
     plugins = Plugins(load_entry_points=False)
     plugins.register(harness_trawl, name="trawl")
     assert {"trawl-cp", "trawl-tucker"} <= set(plugins.names("decomposer"))
+
+
+# ---------------------------------------------------------------- across the model, per third
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def names(layer_range, kinds, part):
+    return tuple(f"model.layers.{i}.{part}.{k}" for i in layer_range for k in kinds)
+
+
+def test_qkvo_across_the_model_is_one_4L_stack_without_gqa():
+    layers = find_linears(TinyLlama(n_layers=3, kv=D))
+    (group,) = trawl_groups(layers, "model-attn", "all")
+    assert group == names(range(3), ATTN, "self_attn")  # 4L = 12 matrices, layer by layer
+    model = TinyLlama(n_layers=3, kv=D)
+    weights = {n: model.get_submodule(n).weight.detach() for n in group}
+    assert stack(weights).shape == (12, D, D)
+
+
+def test_qkvo_across_the_model_with_gqa_stacks_same_shapes_only():
+    layers = find_linears(TinyLlama(n_layers=3))
+    assert trawl_groups(layers, "model-attn", "all") == [
+        names(range(3), ("q_proj", "o_proj"), "self_attn"),  # [2L, d, d]
+        names(range(3), ("k_proj", "v_proj"), "self_attn"),  # [2L, d_kv, d]
+    ]
+
+
+def test_fc_across_the_model_is_one_stack_of_gate_up_down_transposed():
+    model = TinyLlama(n_layers=3)
+    (group,) = trawl_groups(find_linears(model), "model-mlp", "all")
+    assert group == names(range(3), MLP, "mlp")
+    weights = {n: model.get_submodule(n).weight.detach() for n in group}
+    tensor = stack(weights)
+    assert tensor.shape == (9, FF, D)
+    assert torch.equal(tensor[5], model.get_submodule("model.layers.1.mlp.down_proj").weight.T)
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "sizes"), [(28, [10, 9, 9]), (12, [4, 4, 4]), (7, [3, 2, 2]), (3, [1, 1, 1]), (2, [1, 1, 0])]
+)
+def test_thirds_are_contiguous_and_cover_the_model(n_layers, sizes):
+    segments = thirds(n_layers)
+    assert [len(s) for s in segments] == sizes
+    assert [i for s in segments for i in s] == list(range(n_layers))
+    if n_layers == 28:  # the authors' GPT-J split: range(10), range(10, 19), range(19, 28)
+        assert segments == [range(0, 10), range(10, 19), range(19, 28)]
+
+
+def test_thirds_groupings_stack_each_third():
+    layers = find_linears(TinyLlama(n_layers=7))
+    assert trawl_groups(layers, "thirds-mlp", "all") == [
+        names(range(0, 3), MLP, "mlp"),
+        names(range(3, 5), MLP, "mlp"),
+        names(range(5, 7), MLP, "mlp"),
+    ]
+    attn = trawl_groups(layers, "thirds-attn", "all")
+    assert attn[:2] == [
+        names(range(0, 3), ("q_proj", "o_proj"), "self_attn"),
+        names(range(0, 3), ("k_proj", "v_proj"), "self_attn"),
+    ]
+    assert len(attn) == 6
+    # the paper's "last third" alone: thirds are of the model; ``layers`` keeps only the last one's members
+    assert trawl_groups(layers, "thirds-mlp", "last:2") == [names(range(5, 7), MLP, "mlp")]
+    # a selection that cuts a third keeps the selected members of it
+    assert trawl_groups(layers, "thirds-mlp", [1, 2, 3]) == [names(range(1, 3), MLP, "mlp"), names([3], MLP, "mlp")]
+
+
+def test_planted_cp_structure_across_the_model_is_recovered_by_the_4L_stack():
+    """Slice s of the [4L, d, d] stack = B diag(a_s) C^T (CP rank 3): the decomposition of the QKVO stack
+    recovers every q, k, v, o weight (dense slices of the reconstruction, the paper's use)."""
+    L, R = 3, 3
+    layers = find_linears(TinyLlama(n_layers=L, kv=D))
+    (group,) = trawl_groups(layers, "model-attn", "all")
+    gen = torch.Generator().manual_seed(4)
+    A, B, C = (torch.randn(k, R, generator=gen, dtype=torch.float64) for k in (4 * L, D, D))
+    planted = {name: B @ torch.diag(A[s]) @ C.T for s, name in enumerate(group)}
+    opts = options(TrawlCP, by="model-attn", ranks=[R], dtype="float64", n_iter_max=1000, tol=1e-14)
+    clear_cache()
+    fact = TrawlCP().factorize(planted, {}, opts, CTX)
+    assert fact.stack_shape == (4 * L, D, D)
+    assert fact.decomposition(R).rel_error < 1e-6  # exact CP rank 3: recovered to 1e-6 relative
+    replacements = fact.materialize(R)
+    scale = max(w.abs().max() for w in planted.values())
+    for name, weight in planted.items():
+        assert torch.allclose(replacements[name].weight, weight, atol=1e-5 * scale), name
+    assert fact.error(R) <= 1e-10 * sum(float(w.square().sum()) for w in planted.values())
+
+
+# ---------------------------------------------------------------- rank chosen on held-out data
+def allocation_ctx(losses, calls):
+    def loss(assignment):
+        calls.append(tuple(assignment))
+        return losses[assignment[0]]
+
+    return harness.AllocationContext(seed=0, layers={}, calibration_loss=loss, log=lambda msg: None)
+
+
+def trawl_facts(n=2, ranks=(2, 4, 8)):
+    return [
+        TrawlCP().factorize(mlp_weights(layer=i, seed=i), {}, options(TrawlCP, ranks=list(ranks)), CTX)
+        for i in range(n)
+    ]
+
+
+def test_validation_allocator_picks_the_rank_with_the_lowest_held_out_loss():
+    facts = trawl_facts()
+    calls = []
+    ctx = allocation_ctx({2: 3.0, 4: 2.5, 8: 2.7}, calls)
+    opts = parse_options(TrawlValidation.Options, {}, "allocator")
+    assert TrawlValidation().allocate(facts, harness.Target("params", 1.0), opts, ctx) == [4, 4]
+    assert calls == [(2, 2), (4, 4), (8, 8)]  # one loss pass per candidate, every group at that rank
+    tie = allocation_ctx({2: 1.0, 4: 1.0, 8: 1.0}, [])
+    assert TrawlValidation().allocate(facts, harness.Target("params", 1.0), opts, tie) == [2, 2]  # ties: smaller
+    only = parse_options(TrawlValidation.Options, {"ranks": [8]}, "allocator")
+    keep_all = harness.Target("params", 1.0)
+    assert TrawlValidation().allocate(facts, keep_all, only, allocation_ctx({8: 9.0}, [])) == [8, 8]
+
+
+def test_validation_allocator_keeps_to_the_target_and_refuses_what_it_cannot_do():
+    opts = parse_options(TrawlValidation.Options, {}, "allocator")
+    compress = [TrawlCP().factorize(mlp_weights(seed=1), {}, options(TrawlCP, ranks=[1, 2, 8], mode="compress"), CTX)]
+    budget = harness.Target("params", compress[0].factor_params(2) / compress[0].dense_params)
+    calls = []
+    ctx = allocation_ctx({1: 5.0, 2: 4.0, 8: 1.0}, calls)
+    assert TrawlValidation().allocate(compress, budget, opts, ctx) == [2]  # rank 8 is over the budget: not measured
+    assert calls == [(1,), (2,)]
+    with pytest.raises(harness.HarnessError, match="no calibration data"):
+        no_data = harness.AllocationContext(seed=0, layers={})
+        TrawlValidation().allocate(trawl_facts(), harness.Target("params", 1.0), opts, no_data)
+    with pytest.raises(harness.HarnessError, match="not offered"):
+        bad = parse_options(TrawlValidation.Options, {"ranks": [3]}, "allocator")
+        TrawlValidation().allocate(trawl_facts(), harness.Target("params", 1.0), bad, allocation_ctx({}, []))
+
+
+def test_a_tiny_run_with_model_stacks_and_the_validation_allocator(tiny_model_dir, tmp_path):
+    from harness.run.runner import RunOptions, run_suite
+    from harness.suite import load_suite
+    from tests.conftest import write_suite
+
+    text = f"""
+        name = "trawl-tiny"
+        device = "cpu"
+        models = ["{tiny_model_dir}"]
+        [[methods]]
+        name = "trawl-cp"
+        options = {{ by = "model-mlp", ranks = [2, 4], n_iter_max = 20 }}
+        targets = [1.0]
+        allocators = [{{ name = "trawl-validation" }}]
+        [[methods]]
+        name = "trawl-tucker"
+        options = {{ by = "thirds-attn", ranks = [2], n_iter_max = 5 }}
+        targets = [{{ rank = 0.99 }}]
+        [[evaluators]]
+        name = "perplexity"
+        options = {{ seqlen = 16, max_windows = 2 }}
+        [calibration]
+        samples = 3
+        seqlen = 16
+        loss_samples = 2
+        """
+    suite = load_suite(write_suite(tmp_path / "trawl.toml", text))
+    summary = run_suite(suite, RunOptions(tmp_path / "results", progress=False))
+    assert not summary.failed, [r.error for r in summary.failed]
+    cells = {r.method["name"]: r for r in summary.results if r.method}
+    cp = cells["trawl-cp"]
+    assert set(cp.ranks.values()) <= {2, 4} and len(set(cp.ranks.values())) == 1  # one rank for the whole stack
+    assert len(cp.ranks) == 6  # gate, up, down of both layers: one [3L, d_ff, d] stack
+    (info,) = cp.factorization_info.values()
+    assert info["grouping"] == "model-mlp" and info["stack_shape"] == [6, 160, 64]
+    tucker = cells["trawl-tucker"]
+    assert len(tucker.factorization_info) == 4  # 2 layers in thirds of 1, 1, 0: [q, o] and [k, v] per third

@@ -9,8 +9,9 @@ Several weight matrices of one shape are stacked into a 3-way tensor T
 by alternating least squares (tensorly, PyTorch backend, seeded random
 init). ``mode = "denoise"`` writes each slice of the reconstruction back as a
 dense weight (the paper's use: no memory saved); ``mode = "compress"`` keeps
-the factors. See ``stacking`` for the groupings and ``README.md`` for the
-conventions.
+the factors. See ``stacking`` for the groupings (per layer, across the model,
+per third), ``validation`` for the paper's rank choice by held-out score and
+``README.md`` for the conventions and deviations.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from typing import ClassVar, Literal
 
 import harness
 from harness_trawl.stacking import check_layers_spec, trawl_groups
+from harness_trawl.validation import TrawlValidation
 
 __version__ = "0.1.0"
-__all__ = ["TrawlCP", "TrawlTucker"]
+__all__ = ["TrawlCP", "TrawlTucker", "TrawlValidation"]
 
 
 @dataclass(frozen=True)
 class TrawlCPOptions:
-    by: Literal["layer-attn", "layer-mlp", "across-layers"] = "layer-mlp"
-    """Which matrices are stacked together (see harness_trawl.stacking)."""
+    by: Literal["layer-attn", "layer-mlp", "model-attn", "model-mlp", "thirds-attn", "thirds-mlp", "across-layers"] = (
+        "layer-mlp"
+    )
+    """Which matrices are stacked together: per layer, across the model or per third (harness_trawl.stacking)."""
     layers: str | list[int] = "all"
     """Layers treated: "all", "first:N", "last:N" or a list of indices; the rest stay dense."""
     kinds: list[str] | None = None
@@ -101,3 +105,8 @@ class TrawlTucker(_Trawl):
 def register_decomposers(register):
     register(TrawlCP())
     register(TrawlTucker())
+
+
+@harness.hookimpl
+def register_rank_allocators(register):
+    register(TrawlValidation())

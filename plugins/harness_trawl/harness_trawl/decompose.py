@@ -119,7 +119,10 @@ def tucker_stack(
 
 def _finish(method, tensor, left, right, stack, core, iterations, started) -> StackDecomposition:
     result = StackDecomposition(method, left, right, stack, core, 0.0, 0.0, iterations, 0.0)
-    residual = torch.linalg.vector_norm(tensor - result.full(), dtype=torch.float64).item()
+    # the residual overwrites the reconstruction: one extra stack-sized tensor at a time, not two
+    full = result.full()
+    residual = torch.linalg.vector_norm(torch.sub(tensor, full, out=full), dtype=torch.float64).item()
+    del full
     norm = torch.linalg.vector_norm(tensor, dtype=torch.float64).item()
     result.sq_error = residual**2
     result.rel_error = residual / norm if norm > 0 else 0.0

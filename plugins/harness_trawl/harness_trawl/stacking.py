@@ -9,15 +9,27 @@ transposed so that a gated MLP stacks as [gate, up, down^T], all
 (d, d_ff): the same tensor with its last two axes swapped, which CP and Tucker
 treat symmetrically.
 
-Groupings (option ``by``):
+Groupings (option ``by``), after the authors' ``intervention_mode`` (Laser_T,
+``src/taser/gptj_taser.py``: 1 QKVO across the model, 2 QKVO per layer, 3 QKVO
+per third, 4 FC across the model, 5 FC per layer, 6 FC per third):
 
-- ``layer-attn``: per layer, the attention projections, one group per shape.
-  With grouped-query attention (K, V smaller than Q, O) that is [q, o] and
-  [k, v]; without it, [q, k, v, o] as in the authors' code.
-- ``layer-mlp``: per layer, the MLP projections ([gate, up, down^T] for Llama,
-  [fc_in, fc_out^T] for GPT-J); shapes that still differ are refused.
+- ``layer-attn`` (mode 2): per layer, the attention projections, one group per
+  shape. With grouped-query attention (K, V smaller than Q, O) that is [q, o]
+  and [k, v]; without it, [q, k, v, o] as in the authors' code.
+- ``layer-mlp`` (mode 5): per layer, the MLP projections ([gate, up, down^T] for
+  Llama, as the authors' ``llama2_taser.py``; [fc_in, fc_out^T] for GPT-J);
+  shapes that still differ are refused.
+- ``model-attn`` (mode 1): every selected layer's attention projections in one
+  stack, [4L, d, d] without grouped-query attention; with it, one stack per
+  shape: [q, o] x L as [2L, d, d] and [k, v] x L as [2L, d_kv, d].
+- ``model-mlp`` (mode 4): every selected layer's MLP projections in one stack,
+  [3L, d_ff, d] for Llama ([2L, ...] for GPT-J's two matrices).
+- ``thirds-attn`` / ``thirds-mlp`` (modes 3 and 6): as ``model-*``, one stack per
+  third of the model's layers (``thirds``: contiguous, the first thirds one
+  layer longer where L is not a multiple of 3: GPT-J's 28 layers give
+  10 / 9 / 9, as the authors' code hard-codes).
 - ``across-layers``: one group per projection kind, across the selected
-  layers (e.g. every selected ``down_proj``).
+  layers (e.g. every selected ``down_proj``); not one of the paper's modes.
 
 Matrices of different shapes are never padded.
 """
@@ -35,8 +47,16 @@ if TYPE_CHECKING:  # the tensor functions import torch when called: the plugin's
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj", "fc_in", "fc_out")
 TRANSPOSED_KINDS = frozenset({"down_proj", "fc_out"})
-GROUPINGS = ("layer-attn", "layer-mlp", "across-layers")
-FAMILIES = {"layer-attn": ATTENTION_KINDS, "layer-mlp": MLP_KINDS, "across-layers": ATTENTION_KINDS + MLP_KINDS}
+GROUPINGS = ("layer-attn", "layer-mlp", "model-attn", "model-mlp", "thirds-attn", "thirds-mlp", "across-layers")
+FAMILIES = {
+    "layer-attn": ATTENTION_KINDS,
+    "layer-mlp": MLP_KINDS,
+    "model-attn": ATTENTION_KINDS,
+    "model-mlp": MLP_KINDS,
+    "thirds-attn": ATTENTION_KINDS,
+    "thirds-mlp": MLP_KINDS,
+    "across-layers": ATTENTION_KINDS + MLP_KINDS,
+}
 
 
 def kind_of(name: str) -> str:
@@ -79,6 +99,16 @@ def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
     return sorted(set(chosen))
 
 
+def thirds(n_layers: int) -> list[range]:
+    """The model's layers in three contiguous segments (early, middle, last), the first ones longer by one
+    where ``n_layers`` is not a multiple of 3 (GPT-J's 28 layers: 0-9, 10-18, 19-27, as the authors' code)."""
+    base, extra = divmod(n_layers, 3)
+    bounds = [0]
+    for i in range(3):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return [range(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
 def check_layers_spec(spec: str | Sequence[int]) -> None:
     """Validate the form of a ``layers`` option without knowing the model."""
     if isinstance(spec, str):
@@ -104,21 +134,39 @@ def trawl_groups(
     indexed = [layer for layer in layers if layer.index is not None]
     if not indexed:
         raise HarnessError("trawl: no decomposable layer has a layer index")
-    selected = set(parse_layers(spec, max(layer.index for layer in indexed) + 1))
+    n_layers = max(layer.index for layer in indexed) + 1
+    selected = set(parse_layers(spec, n_layers))
     chosen = [layer for layer in indexed if layer.index in selected and layer.kind in family]
     if not chosen:
         raise HarnessError(f"trawl: no layer matches by={by!r}, layers={spec!r}, kinds={kinds!r}")
-    if by == "across-layers":
-        groups = _bucket(chosen, key=lambda layer: layer.kind)
+    groups = _bucket(chosen, key=_grouping_key(by, n_layers))
+    if by in ("layer-mlp", "model-mlp", "thirds-mlp", "across-layers"):
         for group in groups:
-            _require_one_shape(group, f"kind {group[0].kind}")
-    elif by == "layer-attn":
-        groups = _bucket(chosen, key=lambda layer: (layer.index, oriented_shape(layer)))
-    else:
-        groups = _bucket(chosen, key=lambda layer: layer.index)
-        for group in groups:
-            _require_one_shape(group, f"layer {group[0].index}'s MLP")
+            _require_one_shape(group, _describe(by, group[0]))
     return [tuple(layer.name for layer in group) for group in groups]
+
+
+def _grouping_key(by: str, n_layers: int):
+    """The bucket key of a layer under ``by``: layers with equal keys are stacked together."""
+    segment = {i: s for s, seg in enumerate(thirds(n_layers)) for i in seg}
+    keys = {
+        "layer-attn": lambda layer: (layer.index, oriented_shape(layer)),
+        "layer-mlp": lambda layer: layer.index,
+        "model-attn": lambda layer: oriented_shape(layer),
+        "model-mlp": lambda layer: "mlp",
+        "thirds-attn": lambda layer: (segment[layer.index], oriented_shape(layer)),
+        "thirds-mlp": lambda layer: segment[layer.index],
+        "across-layers": lambda layer: layer.kind,
+    }
+    return keys[by]
+
+
+def _describe(by: str, layer: LayerInfo) -> str:
+    if by == "across-layers":
+        return f"kind {layer.kind}"
+    if by == "layer-mlp":
+        return f"layer {layer.index}'s MLP"
+    return "the MLP stack" if by == "model-mlp" else f"third with layer {layer.index}'s MLP"
 
 
 def _bucket(layers: Iterable[LayerInfo], key) -> list[list[LayerInfo]]:
