@@ -277,6 +277,11 @@ class MethodFiles:
     def manifest(self) -> Path:
         return self.directory / MANIFEST
 
+    def reset(self) -> None:
+        """Forget what was written (by an earlier attempt): the next ``put`` starts the directory anew. Called
+        before factorizing; ``finish`` keeps the record, so that finishing twice writes nothing twice."""
+        self._written, self._started = {}, False
+
     def start(self) -> None:
         """Before the first write: anything there (another identity's, a partial write) goes."""
         if not self._started:
@@ -312,7 +317,6 @@ class MethodFiles:
             files = [self.written(f).name for f in kept]
             record = {"format": FORMAT, "tag": self.tag, "identity": self.identity, "seconds": seconds}
             atomic_write_json(self.manifest, {**record, "groups": files})
-        self._written, self._started = {}, False  # the next write (--force in the same process) starts anew
         if unsupported is not None:
             raise Incomplete(kept, unsupported)
         return kept
@@ -334,7 +338,10 @@ class MethodFiles:
             raise FactorFileError(f"{self.manifest}: cannot read stored factors ({first_line(exc)})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("tag") != self.tag:
             return None
-        facts = [open_group(self.directory / name, self.roots, self.device, self.tag) for name in manifest["groups"]]
+        paths = [self.directory / name for name in manifest["groups"]]
+        facts = [open_group(path, self.roots, self.device, self.tag) for path in paths]
+        self._written = {id(f): path for f, path in zip(facts, paths, strict=True)}  # ``finish`` rewrites none
+        self._started = True
         return facts, float(manifest["seconds"])
 
     def remove(self) -> None:

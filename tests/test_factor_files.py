@@ -255,3 +255,16 @@ def test_keep_and_offload_options_and_cell_ids(tmp_path):
         (tmp_path / "bad.toml").write_text(base + f"[{key}]\n{value}\n")
         with pytest.raises(harness.HarnessError, match=f"bad.toml: {expected}"):
             load_suite(tmp_path / "bad.toml", get_plugins())
+
+
+def test_finishing_twice_or_after_reading_writes_nothing_twice(tmp_path):
+    """The session's writer and the Ray task's may both finish one method: the files stay as written."""
+    store = files(tmp_path)
+    first = store.finish([store.put(stored()), trawl()], 1.0)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "method").glob("group-*")}
+    assert store.finish(first, 1.0) == first
+    found, _ = files(tmp_path).load()
+    reader = files(tmp_path)
+    reader.finish(reader.load()[0], 1.0)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "method").glob("group-*")} == stamps
+    assert [type(f).__name__ for f in found] == ["MappedLowRank", type(first[1]).__name__]

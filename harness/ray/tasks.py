@@ -152,6 +152,7 @@ def factorize_task(job: Job, model_spec: str, method: Method, calibration_error:
     files = diskfactors.method_files(current.env, current.loaded.fingerprint, method, always=True)
     if diskfactors.reuse(files, job.options.force) is not None:
         return Factorized(str(files.directory))
+    files.reset()
     try:
         factorizations, seconds = current.factorize(method)
     except HarnessError:

@@ -112,5 +112,6 @@ def factorize(prepared: Prepared, method: Method) -> tuple[list[Factorization], 
     found = reuse(files, env.options.force)
     if found is not None:
         return found
+    files.reset()
     factorizations, seconds = prepared.factorize(method)
     return store(files, factorizations, seconds), seconds
