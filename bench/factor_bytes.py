@@ -12,7 +12,9 @@ folded factors A (m, K), B (K, n) in the storage dtype, K the largest rank a
 cell can choose (break-even (mn - 1) // (m + n) under params, bytes and bits
 targets; round(0.9 r) under a ``rank = 0.9`` target). The error curves (r + 1
 Python floats per matrix, about 32 bytes each) are the same before and after
-and not counted.
+and not counted. "disk" is what ``[factorization] keep = "disk"`` writes
+instead (``harness.factorfiles``): the compact factors, each group's error
+curve (float64) and a header of about 600 bytes per file.
 
 ``--measure`` checks the arithmetic on real full-width matrices on the CPU:
 the svd plugin (float64, gram) on random 7B-shaped weights, the bytes of the
@@ -28,6 +30,7 @@ matrix of each of the three shapes (about 2 minutes on 2 cores), or with
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +78,12 @@ def compact(m: int, n: int, rank: int, dtype_bytes: int = F32) -> int:
     return rank * (m + n) * dtype_bytes
 
 
+def disk(m: int, n: int, rank: int, dtype_bytes: int = F32) -> int:
+    """Bytes of one group's file under ``keep = "disk"``: the compacted factors, the float64 error curve
+    (min(m, n) + 1 values) and about 600 bytes of header (``harness.factorfiles``)."""
+    return compact(m, n, rank, dtype_bytes) + (min(m, n) + 1) * F64 + 600
+
+
 def layer_set() -> list[tuple[int, int]]:
     return [shape for _ in range(BLOCKS) for shape, count in BLOCK.values() for _ in range(count)]
 
@@ -89,6 +98,7 @@ def table() -> dict:
             "compact_f32": sum(compact(m, n, break_even(m, n)) for m, n in shapes),
             "compact_f64": sum(compact(m, n, break_even(m, n), F64) for m, n in shapes),
             "rank_0.9_f32": sum(compact(m, n, round(0.9 * min(m, n))) for m, n in shapes),
+            "disk_f32": sum(disk(m, n, break_even(m, n)) for m, n in shapes),
         }
     return rows
 
@@ -112,6 +122,7 @@ def measure(whole_block: bool = False) -> dict:
     from harness_svd import SVD
 
     import harness
+    from harness.factorfiles import MethodFiles, disk_bytes
     from harness.run.factors import keep
 
     ctx = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
@@ -127,6 +138,10 @@ def measure(whole_block: bool = False) -> dict:
         seconds = time.perf_counter() - started
         held = held_bytes(fact)
         kept = keep(fact, targets, allocators, "float32")
+        with tempfile.TemporaryDirectory() as folder:  # the group's file under keep = "disk"
+            store = MethodFiles(Path(folder), {"bench": name}, {"harness_svd"})
+            store.finish([store.put(kept)], seconds)
+            on_disk = disk_bytes(Path(folder)) - store.manifest.stat().st_size
         rows[name] = {
             "shape": [m, n],
             "factorize_s": seconds,
@@ -135,6 +150,8 @@ def measure(whole_block: bool = False) -> dict:
             "compact": held_bytes(kept),
             "compact_computed": compact(m, n, break_even(m, n)),
             "stored_rank": kept.stored_rank,
+            "disk": on_disk,
+            "disk_computed": disk(m, n, break_even(m, n)),
         }
         del fact, kept
     return rows
@@ -154,26 +171,28 @@ def render(outcome: dict) -> str:
         f"Llama-2-7B-shaped layer set ({outcome['blocks']} blocks), GiB held by one method's factorizations",
         "",
         "| method | before (float64) | diagonal as vector | compact, float32 | compact, float64 | rank 0.9, float32 |"
-        " before / compact |",
-        "|---|---|---|---|---|---|---|",
+        " disk, float32 | before / compact |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    keys = ("before", "vector", "compact_f32", "compact_f64", "rank_0.9_f32", "disk_f32")
     for method, row in outcome["table"].items():
-        cells = [f"{row[k] / GIB:.1f}" for k in ("before", "vector", "compact_f32", "compact_f64", "rank_0.9_f32")]
+        cells = [f"{row[k] / GIB:.1f}" for k in keys]
         lines.append(f"| {method} | {' | '.join(cells)} | {row['before'] / row['compact_f32']:.1f}x |")
     if "measured_block" in outcome:
         lines += [
             "",
             "Full-width matrices measured (svd, float64 gram; compacted to break-even, float32), MB:",
             "",
-            "| matrix | shape | factorize s | before | computed | compact | computed | stored rank |",
-            "|---|---|---|---|---|---|---|---|",
+            "| matrix | shape | factorize s | before | computed | compact | computed | stored rank | file | computed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in outcome["measured_block"].items():
             m, n = row["shape"]
             lines.append(
                 f"| {name} | {m}x{n} | {row['factorize_s']:.1f} | {row['before'] / 1e6:.1f} | "
                 f"{row['before_computed'] / 1e6:.1f} | {row['compact'] / 1e6:.1f} | "
-                f"{row['compact_computed'] / 1e6:.1f} | {row['stored_rank']} |"
+                f"{row['compact_computed'] / 1e6:.1f} | {row['stored_rank']} | {row['disk'] / 1e6:.1f} | "
+                f"{row['disk_computed'] / 1e6:.1f} |"
             )
     return "\n".join(lines)
 

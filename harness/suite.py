@@ -146,12 +146,28 @@ class SurgeryConfig:
     lm_head: bool = False
     mode: str = "factored"
     """"factored": two matmuls (parameters saved); "dense": the product written back."""
+    offload_originals: bool | Literal["auto"] = "auto"
+    """While a cell's replacements are in, the replaced Linears' dense weights wait in host memory (pinned on
+    CUDA) and their device memory is freed, restored bit for bit afterwards (``harness.surgery.replaced``).
+    "auto": on for weights on an accelerator, off on the CPU (where host and device are one). The same numbers
+    either way, so never part of a cell's identity (``SurgeryConfig.identity``)."""
+
+    def identity(self) -> dict[str, Any]:
+        """What of the surgery settings identifies a cell: every setting but ``offload_originals``."""
+        config = asdict(self)
+        del config["offload_originals"]
+        return config
 
 
 @dataclass(frozen=True)
 class FactorizationConfig:
     storage_dtype: Literal["float32", "float64"] = "float32"
     """dtype factors are kept in between factorizing and the cells (the math stays as each method does it)."""
+    keep: Literal["memory", "disk"] = "memory"
+    """Where factorizations wait for their cells: "memory" (host memory), or "disk": one memory-mapped
+    safetensors file per group under ``<results>/<suite>/factors/`` (``harness.factorfiles``), each cell reading
+    only the ranks it uses, reused by a rerun of the same factorizations. The same numbers either way, so not
+    part of any cell's identity."""
 
 
 @dataclass(frozen=True)

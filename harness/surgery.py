@@ -2,7 +2,10 @@
 
 No linear algebra happens here: a method's ``Factorization`` says what each
 layer becomes; this module puts it into the model, counts what the model then
-holds, and puts the original layers back when the cell is done.
+holds, and puts the original layers back when the cell is done. While a cell
+runs, the replaced originals' weights can wait in host memory instead of on
+the accelerator (``replaced(..., offload=...)``, the suite's
+``surgery.offload_originals``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -104,9 +108,20 @@ def _dense_linear(original: nn.Linear, weight: torch.Tensor) -> nn.Linear:
 
 
 @contextmanager
-def replaced(model: nn.Module, replacements: Mapping[str, Replacement], dense: bool = False) -> Iterator[nn.Module]:
-    """Swap each named Linear for its replacement; the originals return on exit."""
+def replaced(
+    model: nn.Module,
+    replacements: Mapping[str, Replacement],
+    dense: bool = False,
+    offload: bool | str = "auto",
+) -> Iterator[nn.Module]:
+    """Swap each named Linear for its replacement; the originals return on exit (also on an exception).
+
+    ``offload`` (the suite's ``surgery.offload_originals``): while the
+    replacements are in, the originals' weights wait in host memory and their
+    device memory is freed (``park``); "auto" does so for weights on CUDA only.
+    """
     originals: dict[str, nn.Module] = {}
+    parked: list[Parked] = []
     try:
         for name, replacement in replacements.items():
             parent, child = _parent(model, name)
@@ -117,11 +132,81 @@ def replaced(model: nn.Module, replacements: Mapping[str, Replacement], dense: b
                 module = offload_like(build_module(original, replacement, dense), original)
             setattr(parent, child, module)
             originals[name] = original
+        park(model, [o.weight for o in originals.values()], offload, parked)
         yield model
     finally:
-        for name, original in originals.items():
-            parent, child = _parent(model, name)
-            setattr(parent, child, original)
+        try:
+            unpark(parked)
+        finally:
+            for name, original in originals.items():
+                parent, child = _parent(model, name)
+                setattr(parent, child, original)
+
+
+# ---------------------------------------------------------------- the originals off the device
+@dataclass
+class Parked:
+    """A weight whose data waits in ``host`` memory while its parameter holds an empty tensor on ``device``."""
+
+    weight: nn.Parameter
+    host: torch.Tensor
+    device: torch.device
+
+
+def wants_offload(weight: torch.Tensor, offload: bool | str) -> bool:
+    """Whether ``offload`` parks ``weight``: "auto" only on CUDA (host and device are one on the CPU, and
+    unified on MPS); True anywhere but on the meta device (accelerate's offloaded weights)."""
+    if offload not in (True, False, "auto"):
+        raise ValueError(f"offload: expected true, false or 'auto', got {offload!r}")
+    if offload is False or type(weight) is not nn.Parameter or weight.device.type == "meta":
+        return False
+    return weight.device.type == "cuda" if offload == "auto" else True
+
+
+def park(model: nn.Module, weights: Sequence[nn.Parameter], offload: bool | str, parked: list[Parked]) -> None:
+    """Move each of ``weights`` that ``offload`` wants to host memory (pinned on CUDA) and free its device
+    storage, appending it to ``parked`` as it goes (so that a failure half-way restores what was moved).
+
+    A weight still reachable from ``model`` (tied to one that stays, as an LM head to its embedding) or whose
+    storage another tensor shares (a replacement made from it) stays where it is: freeing it would free
+    nothing, and restoring a copy would untie it.
+    """
+    todo = [w for w in weights if wants_offload(w, offload)]
+    if not todo:
+        return
+    in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    for weight in todo:
+        if weight.untyped_storage().data_ptr() in in_use or shared(weight):
+            continue
+        data = weight.data
+        host = torch.empty_like(data, device="cpu", pin_memory=data.device.type == "cuda").copy_(data)
+        parked.append(Parked(weight, host, data.device))
+        del data
+        weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+
+
+def shared(weight: torch.Tensor) -> bool:
+    """True where another tensor shares ``weight``'s storage (torch's use count of it; False where unknown)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    return count(weight.untyped_storage()._cdata) > 2  # the parameter's tensor and the storage object asked
+
+
+def unpark(parked: list[Parked]) -> None:
+    """Every parked weight back on its device, bit for bit (its host copy dropped). One that cannot go back
+    (the device is full) keeps its host copy as its data, so that the model fails loudly rather than silently;
+    the first such error is raised once every other weight is back."""
+    failure: BaseException | None = None
+    while parked:
+        item = parked.pop()
+        try:
+            item.weight.data = item.host.to(item.device)
+        except Exception as exc:
+            item.weight.data = item.host
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 # ---------------------------------------------------------------- counting

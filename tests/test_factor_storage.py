@@ -278,7 +278,7 @@ def test_storage_dtype_suite_option(tmp_path):
     (tmp_path / "b.toml").write_text(base + '[factorization]\nstorage_dtype = "float64"\n')
     suite = load_suite(tmp_path / "b.toml")
     assert suite.factorization.storage_dtype == "float64"
-    assert suite.to_dict()["factorization"] == {"storage_dtype": "float64"}
+    assert suite.to_dict()["factorization"] == {"storage_dtype": "float64", "keep": "memory"}
     (tmp_path / "c.toml").write_text(base + '[factorization]\nstorage_dtype = "float16"\n')
     with pytest.raises(harness.HarnessError, match="storage_dtype"):
         load_suite(tmp_path / "c.toml")

@@ -142,7 +142,8 @@ def test_ray_cells_and_numbers_equal_the_sequential_run(runs):
     boards = [json.loads((tmp / name / "smoke" / "leaderboard.json").read_text()) for name in ("seq", "ray")]
     assert boards[0]["rows"] == boards[1]["rows"]
     assert "3 cells computed, 0 reused" in runs["ray"].stdout
-    assert not (tmp / "ray" / "smoke" / "factorizations").exists()  # shared while needed, then removed
+    assert not (tmp / "ray" / "smoke" / "factors").exists()  # shared while needed, then removed
+    assert "factorizations reused" not in runs["ray"].stderr and "factorizes" not in runs["ray"].stderr
 
 
 @pytest.mark.slow
@@ -208,3 +209,48 @@ def test_gpu_cells_are_scheduled_on_the_accelerator_type_of_the_cluster(capsys, 
     assert "every cell asks for 1 CPU, 1 GPU, accelerator type H100" in err
     results = [json.loads(p.read_text()) for p in (tmp_path / "r" / "bad" / "cells").glob("*.json")]
     assert [r["status"] for r in results] == ["ok", "ok"]
+
+
+# ---------------------------------------------------------------- the factor store (tasks in process, no Ray)
+def test_a_cell_task_reads_only_its_groups_up_to_its_ranks(tmp_path, tiny_model_dir, monkeypatch):
+    """The factorize task writes one memory-mapped file per group (no per-method file); a cell task reads
+    from each group exactly the rows of the rank its allocator chose, nothing of the groups it leaves dense."""
+    from harness.factorfiles import MappedLowRank
+    from harness.ray import tasks
+    from harness.run.env import RunOptions
+    from harness.suite import load_suite
+
+    suite = load_suite(write_suite(tmp_path / "suite.toml", BASE.replace("{tiny}", str(tiny_model_dir))))
+    job = tasks.Job(suite, RunOptions(results_root=tmp_path / "r", progress=False), threads=1)
+    spec = suite.models[0]
+    reads: dict[str, set[int]] = {}
+    rows = MappedLowRank.rows
+
+    def counted(self, key, rank):
+        reads.setdefault(self.names[0], set()).add(rank)
+        return rows(self, key, rank)
+
+    try:
+        plan = tasks.plan_task(job, spec)
+        factorized = tasks.factorize_task(job, spec, suite.methods[0], None)
+        folder = Path(factorized.path)
+        assert len(list(folder.glob("group-*.safetensors"))) == 14 and (folder / "factors.json").exists()
+        assert not list((tmp_path / "r").rglob("*.pt")) and not (tmp_path / "r" / "bad" / "factorizations").exists()
+        monkeypatch.setattr(MappedLowRank, "rows", counted)
+        (cell,) = [c for c in plan.cells if c.method is not None]
+        record = tasks.cell_task(job, spec, cell, factorized)
+    finally:
+        tasks._SESSIONS.clear()
+    assert record.status == "ok", record.error
+    chosen = {name: rank for name, rank in record.ranks.items() if rank is not None}
+    assert chosen and reads == {name: {rank} for name, rank in chosen.items()}
+    stored = {f.names[0]: f.stored_rank for f in files_of(folder).load()[0]}
+    assert any(rank < stored[name] for name, rank in chosen.items())  # a read short of what the file holds
+
+
+def files_of(folder: Path):
+    """The MethodFiles of ``folder`` as its manifest names them (identity read back from the manifest)."""
+    from harness.factorfiles import MethodFiles
+
+    manifest = json.loads((folder / "factors.json").read_text())
+    return MethodFiles(folder, manifest["identity"], {"harness_svd"})

@@ -4,7 +4,9 @@ The driver (this process) is the sequential ``SuiteRunner`` with the model
 work moved to Ray tasks (``harness.ray.tasks``): per model, one task plans
 the cells; the cells already in the store are reused as in a sequential
 run; calibration statistics (one task) and each method's factorizations (one
-task per method) are computed once and shared through the results store;
+task per method) are computed once and shared through the results store
+(one memory-mapped file per group, ``harness.factorfiles``: a cell reads only
+the groups and ranks it materializes);
 then one task per pending cell computes it with the sequential runner's code
 and writes its result. The driver collects the results as they come, calls
 the lifecycle hooks and trackers (MLflow) and writes the leaderboard and
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -34,7 +37,7 @@ from harness.provenance import hardware_label
 from harness.ray.cluster import RaySettings, connect, import_ray, task_resources
 from harness.ray.dispatch import Dispatch
 from harness.ray.tasks import Job, Plan, calibrate_task, cell_task, factorize_task, plan_task
-from harness.run.cells import Cell, content_hash
+from harness.run.cells import Cell
 from harness.run.env import RunOptions, log
 from harness.run.identity import used_versions
 from harness.run.record import CellRecord
@@ -75,6 +78,8 @@ class RayRunner(SuiteRunner):
         self.threads = settings.cpus_per_cell or torch.get_num_threads()
         self.resources: dict[str, Any] = {}
         self.tasks = Dispatch()
+        self.factorized: dict[str, Any] = {}
+        """Method label -> its factorize task (of the model being run): where its group files are."""
         self.probe = self.store.root / f".ray-probe-{uuid.uuid4().hex}"
         self.job = Job(
             replace(suite, device="cuda" if suite.device.startswith("cuda") else suite.device),
@@ -148,16 +153,14 @@ class RayRunner(SuiteRunner):
     def submit_cells(self, model_spec: str, pending: list[Cell]) -> dict[Any, Cell]:
         methods = [m for m in self.suite.methods if any(c.method and c.method.label == m.label for c in pending)]
         calibrated = self.submit_calibration(model_spec, methods)
-        factorized = {}
+        self.factorized = {}
         for method in methods:
-            cell = next(c for c in pending if c.method and c.method.label == method.label)
-            path = str(self.factorization_path(cell))
             needs = calibrated if self.needs(method) else None
-            factorized[method.label] = self.tasks.submit(factorize_task, self.job, model_spec, method, path, needs)
+            self.factorized[method.label] = self.tasks.submit(factorize_task, self.job, model_spec, method, needs)
         refs = {}
         for cell in pending:
             self.plugins.pm.hook.harness_cell_start(cell=cell)
-            source = None if cell.method is None else factorized[cell.method.label]
+            source = None if cell.method is None else self.factorized[cell.method.label]
             refs[self.tasks.submit(cell_task, self.job, model_spec, cell, source)] = cell
         log(f"ray: {len(refs)} cells submitted for {model_spec}")
         return refs
@@ -170,15 +173,6 @@ class RayRunner(SuiteRunner):
         needs = [self.needs(m) for m in methods if self.needs(m)]
         return self.tasks.submit(calibrate_task, self.job, model_spec, needs) if needs else None
 
-    def factorization_path(self, cell: Cell) -> Path:
-        """Where the store keeps the factorizations of ``cell``'s method, named by what they depend on."""
-        config = cell.config
-        key = {name: config.get(name) for name in ("method", "dtype", "seed", "surgery", "versions")}
-        key |= {"model": config["fingerprints"]["model"], "device": self.job.suite.device}
-        key["calibration"] = config.get("calibration") if self.needs(cell.method) else None
-        key["trust_remote_code"] = config.get("trust_remote_code")
-        return self.store.root / "factorizations" / f"{content_hash(key, 32)}.pt"
-
     def gather(self, refs: dict[Any, Cell], fallbacks: dict[str, CellRecord]) -> None:
         for ref in self.tasks.as_done(refs):
             cell = refs[ref]
@@ -190,12 +184,23 @@ class RayRunner(SuiteRunner):
             self.collect(cell, record, self.store.path(cell.id))
 
     def tidy(self, cells: list[Cell]) -> None:
-        """Remove the stored factorizations of methods whose cells are all done (a rerun has nothing to reuse)."""
-        for cell in cells:
-            if cell.method is not None and all(self.store.done(c.id) for c in cells if c.method == cell.method):
-                self.factorization_path(cell).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # gone, or still holding another method's
-            (self.store.root / "factorizations").rmdir()
+        """Remove the group files of methods whose cells are all done (under ``keep = "memory"`` the store is
+        the cells' transport only; ``keep = "disk"`` keeps them for reruns)."""
+        if self.suite.factorization.keep == "disk":
+            return
+        ray = import_ray()
+        for label, ref in self.factorized.items():
+            if all(self.store.done(c.id) for c in cells if c.method is not None and c.method.label == label):
+                try:
+                    path = ray.get(ref).path
+                except Exception:  # the task failed or was refused: it left nothing to remove
+                    path = None
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
+        factors = self.store.root / "factors"
+        for folder in [*sorted(factors.glob("*"), reverse=True), factors]:
+            with contextlib.suppress(OSError):  # gone, or still holding another method's
+                folder.rmdir()
 
 
 def describe(resources: dict[str, Any]) -> str:

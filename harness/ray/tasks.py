@@ -10,10 +10,13 @@ model once. The steps:
   driver records if every attempt of its task dies;
 - ``calibrate_task``: calibration statistics, collected once into the store's
   ``calibration/`` cache in the order the sequential runner asks for them;
-- ``factorize_task``: one method's factorizations, written once to the store
-  (``harness.ray.factstore``) for every cell of the method;
+- ``factorize_task``: one method's factorizations, written once to the store,
+  one file per group (``harness.factorfiles``; ``harness.run.diskfactors``
+  names the directory), for every cell of the method;
 - ``cell_task``: one cell (baseline or allocate, truncate, evaluate), written
-  to the store by ``ResultStore.save`` and returned.
+  to the store by ``ResultStore.save`` and returned. It opens the method's
+  group files memory-mapped and reads only what it materializes: the groups
+  its ranks keep, each up to its rank, brought to its own device.
 
 A ``HarnessError`` (bad input) comes back as ``Refused`` and the driver exits 2
 with its message, as the sequential run would; any other exception is a
@@ -34,7 +37,9 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
+from harness.factorfiles import FactorFileError
 from harness.ray import factstore
+from harness.run import diskfactors
 from harness.run.cells import Cell, content_hash
 from harness.run.env import RunOptions, log
 from harness.run.record import CellRecord, error_record
@@ -74,8 +79,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class Factorized:
-    """Where a method's factorizations are: ``path`` in the store; None with ``error`` where factorizing
-    failed, None without one where they cannot be stored (each cell then factorizes itself)."""
+    """Where a method's factorizations are: ``path``, their directory in the store; None with ``error`` where
+    factorizing failed, None without one where they cannot be stored (each cell then factorizes itself)."""
 
     path: str | None
     error: dict | None = None
@@ -138,13 +143,16 @@ def calibrate_task(job: Job, model_spec: str, needs: list[list[str]]) -> dict | 
 
 
 @guarded
-def factorize_task(job: Job, model_spec: str, method: Method, path: str, calibration_error: dict | None) -> Factorized:
+def factorize_task(job: Job, model_spec: str, method: Method, calibration_error: dict | None) -> Factorized:
+    """The method's factorizations in its per-group files (``harness.run.diskfactors``): found there where
+    an earlier task or run wrote them for the same identity, else factorized and written, one file a group."""
     if calibration_error is not None:
         return Factorized(None, calibration_error)
-    if Path(path).exists() and not job.options.force:
-        log(f"factorizations of {method.label} found in the store: {path}")
-        return Factorized(path)
     current = session(job, model_spec)
+    files = diskfactors.method_files(current.env, current.loaded.fingerprint, method, always=True)
+    if diskfactors.reuse(files, job.options.force) is not None:
+        return Factorized(str(files.directory))
+    files.reset()
     try:
         factorizations, seconds = current.factorize(method)
     except HarnessError:
@@ -152,11 +160,11 @@ def factorize_task(job: Job, model_spec: str, method: Method, path: str, calibra
     except Exception as exc:
         return Factorized(None, error_record(exc))
     try:
-        factstore.save(Path(path), factorizations, seconds)
+        files.finish(factorizations, seconds)
     except factstore.Unsupported as exc:
         log(f"warning: {method.label}: factorizations cannot be stored ({exc}); each of its cells factorizes anew")
         return Factorized(None)
-    return Factorized(path)
+    return Factorized(str(files.directory))
 
 
 @guarded
@@ -175,11 +183,23 @@ def compute(current: ModelSession, cell: Cell, factorized: Factorized | None) ->
         return current.compute_baseline(cell)
     if factorized.error is not None:
         return current.failed(cell, factorized.error)
-    if factorized.path is None:
-        factorizations, seconds = current.factorize(cell.method)
-    else:
-        factorizations, seconds = factstore.load(Path(factorized.path), factstore.plugin_roots(current.env.plugins))
+    found = None if factorized.path is None else stored(current, cell.method)
+    factorizations, seconds = found or current.factorize(cell.method)
     return current.compute_cell(cell, factorizations, seconds)
+
+
+def stored(current: ModelSession, method: Method) -> tuple[list, float] | None:
+    """The method's factorizations, memory-mapped from its group files: each cell reads the groups it
+    materializes, each up to the rank it chose, onto its own device; None (logged) where they cannot be read."""
+    env = current.env
+    files = diskfactors.method_files(env, current.loaded.fingerprint, method, always=True, device=env.device)
+    try:
+        found, reason = files.load(), f"{files.manifest}: no stored factorizations of this identity"
+    except FactorFileError as exc:
+        found, reason = None, str(exc)
+    if found is None:
+        log(f"warning: {reason}; the cell factorizes {method.label} itself")
+    return found
 
 
 # ---------------------------------------------------------------- checks

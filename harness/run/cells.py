@@ -86,7 +86,7 @@ def expand(
                     "method": method.to_dict(),
                     "allocator": allocator.to_dict(),
                     "target": target.to_dict(),
-                    "surgery": dataclasses.asdict(suite.surgery),
+                    "surgery": suite.surgery.identity(),  # offload_originals changes no number
                 }
                 if calibrated(method, allocator):
                     config["calibration"] = calibration or dataclasses.asdict(suite.calibration)

@@ -12,7 +12,9 @@ Any other allocator may pick any rank, so its methods keep every rank.
 target) pair of the method can choose, in the suite's storage dtype, in host
 memory (``Factorization.compact``); what allocators read (ranks, errors,
 costs) is unchanged, and materialized factors are those of the uncompacted
-factorization (see ``harness/factorization.py``).
+factorization (see ``harness/factorization.py``). Under ``[factorization] keep =
+"disk"`` it writes each compacted factorization to its group file and keeps the
+memory-mapped reading instead (``harness.factorfiles``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from harness.offload import materialized
+from harness.ray import factstore
 from harness.surgery import weights_of
 
 if TYPE_CHECKING:
     from harness.api import FactorizeContext, RankAllocator
+    from harness.factorfiles import MethodFiles
     from harness.factorization import Factorization
     from harness.targets import Target
 
@@ -58,9 +62,21 @@ def keep(
     allocators: Iterable[RankAllocator],
     storage_dtype: str = "float32",
     device: torch.device | str = HOST,
+    files: MethodFiles | None = None,
 ) -> Factorization:
-    """``fact`` compacted for ``targets`` x ``allocators``, kept in ``storage_dtype`` on ``device`` (the host)."""
-    return fact.compact(max_rank(fact, targets, allocators), dtype=STORAGE_DTYPES[storage_dtype], device=device)
+    """``fact`` compacted for ``targets`` x ``allocators``, kept in ``storage_dtype`` on ``device`` (the host).
+
+    With ``files`` (``[factorization] keep = "disk"``: ``harness.run.diskfactors.method_files``), the
+    compacted factorization is written as the method's next group file and what is kept is its
+    memory-mapped reading (no factor in memory); ``diskfactors.store`` writes the manifest afterwards.
+    """
+    kept = fact.compact(max_rank(fact, targets, allocators), dtype=STORAGE_DTYPES[storage_dtype], device=device)
+    if files is None:
+        return kept
+    try:
+        return files.put(kept)
+    except factstore.Unsupported:  # kept in memory; diskfactors.store says so once and writes no manifest
+        return kept
 
 
 def factorize_group(decomposer, model: torch.nn.Module, group, stats: dict, options, ctx: FactorizeContext):

@@ -56,7 +56,7 @@ def measure(env: RunEnv, prepared: Prepared, cell: Cell, replacements: dict, den
     ctx = run_context(env, prepared, cell, dense)
     measured = Measured()
     suite = env.suite
-    with replaced(model, replacements, suite.surgery.mode == "dense"):
+    with replaced(model, replacements, suite.surgery.mode == "dense", suite.surgery.offload_originals):
         for kind, components in (("evaluator", suite.evaluators), ("profiler", suite.profilers)):
             for component in components:
                 plugin = env.plugins.get(kind, component.name)
