@@ -26,12 +26,15 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "out_cov", "fisher")
+STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
 - ``abs_mean``: mean |x| per input channel (n,).
 - ``out_cov``: Y^T Y of the layer's outputs (m, m), float64, summed over tokens.
+- ``out_mean``: mean output per row over the calibration tokens (m,), float64
+  (with ``out_cov``, what a centred output covariance needs:
+  ``out_cov / tokens - out_mean out_mean^T``).
 - ``fisher``: empirical Fisher of the LM loss, sum of squared gradients of the
   weight, reduced per input channel (``fisher_in``, (n,)) and per output row
   (``fisher_out``, (m,)).
@@ -47,6 +50,7 @@ class LayerStats:
     abs_mean: torch.Tensor | None = None
     sq_mean: torch.Tensor | None = None
     out_cov: torch.Tensor | None = None
+    out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
 

@@ -51,6 +51,11 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     run.add_argument("--device", help="override the suite's device (auto, cpu, cuda, cuda:1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' warnings and progress bars (default: appended to run.log in the results)",
+    )
+    run.add_argument(
         "--executor",
         choices=("sequential", "ray"),
         default="sequential",
@@ -204,6 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         limit=args.limit,
         progress=not args.no_progress,
+        verbose=args.verbose,
         command="harness " + shlex.join(args.argv),
         model_key="--model" if args.model else None,
     )

@@ -184,3 +184,13 @@ def test_leaderboard_command_reprints_the_table(suite_run):
     )
     assert proc.returncode == 0
     assert proc.stdout.count("| embedded") == 3
+
+
+def test_library_output_goes_to_run_log_and_the_leaderboard_comes_last(suite_run):
+    first = suite_run["first"]
+    for noise in ("`pretrained` model kwarg", "Running loglikelihood requests", "Passed an already-initialized"):
+        assert noise not in first.stderr and noise not in first.stdout
+    log = (suite_run["results"] / "run.log").read_text()
+    assert "`pretrained` model kwarg" in log and "evaluator lm-eval" in log
+    assert "[harness]   evaluator lm-eval:" in first.stderr  # one line per evaluator instead
+    assert first.stdout.rstrip().splitlines()[-1].startswith("- ")  # the leaderboard's footer ends the output

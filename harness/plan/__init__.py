@@ -181,7 +181,7 @@ def plan_model(
         methods.append(
             (method, frozenset(decomposer.needs), decomposer.groups(targets_layers, method.options), allocators)
         )
-    forward = frozenset().union(*(n for _, n, _, _ in methods)) & frozenset({"gram", "abs_mean", "out_cov"})
+    forward = frozenset().union(*(n for _, n, _, _ in methods)) & frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
     whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
     if cal.pipeline == "blocks":
         whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))

@@ -3,8 +3,8 @@
 ``collect_stats`` makes one pass over the calibration windows, whatever the
 ``needs`` (``harness.STAT_KINDS``):
 
-- ``gram``, ``abs_mean``, ``out_cov``: forward hooks on each target Linear sum
-  X^T X, |x|, x^2 (per input channel) and Y^T Y in float64, batch by batch,
+- ``gram``, ``abs_mean``, ``out_cov``, ``out_mean``: forward hooks on each target
+  Linear sum X^T X, |x|, x^2 (per input channel), Y^T Y and Y in float64, batch by batch,
   under ``torch.no_grad``. Layers fed the same tensor (q/k/v, gate/up) share
   one computation of the input sums. The forward stops once every target layer
   has seen its batch, so the LM head runs only where it is itself a target.
@@ -46,13 +46,15 @@ from harness.api import STAT_KINDS, LayerInfo, LayerStats
 from harness.errors import HarnessError
 from harness.store import atomic_write, canonical_json
 
-FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov"})
+FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
 INPUT_KINDS = frozenset({"gram", "abs_mean"})
+OUTPUT_KINDS = frozenset({"out_cov", "out_mean"})
 CACHE_FORMAT = 1
 KIND_FIELDS = {
     "gram": ("tokens", "gram", "sq_mean"),
     "abs_mean": ("tokens", "abs_mean", "sq_mean"),
     "out_cov": ("tokens", "out_cov"),
+    "out_mean": ("tokens", "out_mean"),
     "fisher": ("fisher_in", "fisher_out"),
 }
 """LayerStats fields stored in each kind's cache file."""
@@ -82,6 +84,7 @@ class _LayerSums:
         self.abs_sum = zeros(n) if "abs_mean" in kinds else None
         self.sq_sum = zeros(n) if kinds & INPUT_KINDS else None
         self.out_cov = zeros(m, m) if "out_cov" in kinds else None
+        self.out_sum = zeros(m) if "out_mean" in kinds else None
         self.fisher_in = zeros(n) if "fisher" in kinds else None
         self.fisher_out = zeros(m) if "fisher" in kinds else None
 
@@ -98,7 +101,10 @@ class _LayerSums:
     def add_output(self, y: torch.Tensor) -> None:
         if not self.kinds & INPUT_KINDS:
             self.tokens += y.shape[0]
-        self.out_cov += (y.T @ y).to(self.out_cov.device)
+        if self.out_cov is not None:
+            self.out_cov += (y.T @ y).to(self.out_cov.device)
+        if self.out_sum is not None:
+            self.out_sum += y.sum(0).to(self.out_sum.device)
 
     def add_grad(self, grad: torch.Tensor) -> None:
         squared = grad.to(torch.float64).square()
@@ -114,6 +120,7 @@ class _LayerSums:
             abs_mean=None if self.abs_sum is None else cpu(self.abs_sum / tokens),
             sq_mean=None if self.sq_sum is None else cpu(self.sq_sum / tokens),
             out_cov=cpu(self.out_cov),
+            out_mean=None if self.out_sum is None else cpu(self.out_sum / tokens),
             fisher_in=cpu(self.fisher_in),
             fisher_out=cpu(self.fisher_out),
         )
@@ -160,7 +167,7 @@ class _Collector:
             if self._last is None or self._last[0] is not x:
                 self._last = (x, _input_sums(x, "gram" in self.kinds, "abs_mean" in self.kinds))
             sums.add_input(self._last[1])
-        if "out_cov" in self.kinds:
+        if self.kinds & OUTPUT_KINDS:
             sums.add_output(y.detach().reshape(-1, y.shape[-1]).to(torch.float64))
         self.pending.discard(name)
         if self.stop_early and not self.pending:

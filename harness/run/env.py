@@ -8,22 +8,39 @@ progress bar off, calibration's included); no stage reaches back into the runner
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 if TYPE_CHECKING:
     import torch
 
     from harness.plugins import Plugins
     from harness.run.cells import Cell
+    from harness.run.quiet import RunLog
     from harness.run.record import CellRecord
     from harness.store import ResultStore
     from harness.suite import Suite
 
 
+_TERMINAL: list[TextIO] = []
+"""Where ``log`` writes while a plugin's output is captured (``harness.run.quiet``); else sys.stderr."""
+
+
 def log(message: str) -> None:
-    print(f"[harness] {message}", file=sys.stderr, flush=True)
+    print(f"[harness] {message}", file=_TERMINAL[-1] if _TERMINAL else sys.stderr, flush=True)
+
+
+@contextmanager
+def terminal(stream: TextIO) -> Iterator[None]:
+    """Inside, ``log`` writes to ``stream`` whatever sys.stderr is."""
+    _TERMINAL.append(stream)
+    try:
+        yield
+    finally:
+        _TERMINAL.pop()
 
 
 @dataclass
@@ -35,6 +52,8 @@ class RunOptions:
     command: str = ""
     model_key: str | None = None
     """How errors name a model: None for the suite's ``models[i]``, '--model' where the CLI replaced them."""
+    verbose: bool = False
+    """Library warnings and progress bars on the terminal; otherwise in ``run.log`` (harness.run.quiet)."""
     calibration_cache: Path | None = None
     """Where calibration statistics are cached: None for ``cache_dir()/calibration`` (the Ray executor shares
     them through the results store)."""
@@ -47,6 +66,14 @@ class RunEnv:
     plugins: Plugins
     store: ResultStore
     device: torch.device
+    runlog: RunLog | None = None
+    """Where plugins' library output goes (``harness.run.quiet``); None: left where it is."""
+
+    def captured(self, what: str):
+        """A context in which a plugin's stdout/stderr go to the run log (a no-op without one)."""
+        from contextlib import nullcontext
+
+        return nullcontext() if self.runlog is None else self.runlog.capture(what)
 
     def pending(self, cell: Cell) -> bool:
         """True where ``cell`` is to be computed: not done yet, or ``--force``."""

@@ -63,9 +63,14 @@ def measure(env: RunEnv, prepared: Prepared, cell: Cell, replacements: dict, den
                 run = plugin.evaluate if kind == "evaluator" else plugin.profile
                 seed_everything(suite.seed)
                 started = time.perf_counter()
-                with out_of_memory_as(lambda exc, k=kind, c=component: oom_message(env, k, c, exc)):
+                with (
+                    out_of_memory_as(lambda exc, k=kind, c=component: oom_message(env, k, c, exc)),
+                    env.captured(f"cell {cell.label} [{cell.id}]: {kind} {component.label}"),
+                ):
                     outcome = run(model, tokenizer, component.options, ctx)
                 measured.timing[f"{component.label}_s"] = time.perf_counter() - started
+                if env.runlog is not None and env.runlog.path is not None:  # its own output went to run.log
+                    log(f"  {kind} {component.label}: {measured.timing[f'{component.label}_s']:.1f} s")
                 hardware_bound = kind == "profiler" and getattr(plugin, "hardware_bound", False)
                 add_outcome(measured, component, outcome, hardware_bound)
         measured.model_params, measured.model_bytes = count_model(model)

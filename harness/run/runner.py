@@ -19,6 +19,7 @@ from harness.errors import first_line
 from harness.models import resolve_device
 from harness.plugins import get_plugins
 from harness.run.env import RunEnv, RunOptions, log
+from harness.run.quiet import run_log
 from harness.run.session import ModelSession, open_session
 from harness.store import ResultStore
 
@@ -58,7 +59,8 @@ class SuiteRunner:
         self.options = options
         self.plugins = get_plugins()
         self.store = ResultStore(Path(options.results_root) / suite.name)
-        self.env = RunEnv(suite, options, self.plugins, self.store, self.resolve_device())
+        self.runlog = run_log(self.store.root, options.verbose)
+        self.env = RunEnv(suite, options, self.plugins, self.store, self.resolve_device(), self.runlog)
         self.summary = RunSummary(self.store.root)
         self.trackers = Trackers(suite, self.plugins, self.store.root)
 
@@ -66,6 +68,10 @@ class SuiteRunner:
         return resolve_device(self.suite.device)
 
     def run(self) -> RunSummary:
+        with self.runlog.open():
+            return self._run()
+
+    def _run(self) -> RunSummary:
         for name, error in self.plugins.failures.items():
             log(f"warning: plugin {name!r} failed to load and is skipped: {error}")
         self.trackers.call("start", self.suite, None, self.store.root)
