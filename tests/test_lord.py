@@ -124,13 +124,15 @@ def test_costs_count_the_new_bias_and_compact_keeps_ranks_costs_errors():
 
 
 def test_options_resolve_to_what_this_harness_collects(monkeypatch):
-    assert "out_mean" not in harness.STAT_KINDS  # the core collects no output mean yet
-    opts = parse_options(LoRD.Options, {}, "methods.lord")
-    assert opts.centre is False and LoRD().needs == frozenset({"out_cov"})
-    with pytest.raises(harness.HarnessError, match="out_mean"):
-        parse_options(LoRD.Options, {"centre": True}, "methods.lord")
+    assert "out_mean" in harness.STAT_KINDS  # the core collects the output mean
+    # a harness without the statistic: unset means uncentred, and centre = true is refused
+    with monkeypatch.context() as patched:
+        patched.setattr(harness_lord, "mean_collected", lambda: False)
+        opts = parse_options(LoRD.Options, {}, "methods.lord")
+        assert opts.centre is False and LoRD().needs == frozenset({"out_cov"})
+        with pytest.raises(harness.HarnessError, match="out_mean"):
+            parse_options(LoRD.Options, {"centre": True}, "methods.lord")
     # with the statistic collected, unset means centred, and the factorization is the centred one
-    monkeypatch.setattr(harness_lord, "mean_collected", lambda: True)
     opts = parse_options(LoRD.Options, {}, "methods.lord")
     assert opts.centre is True and LoRD().needs == frozenset({"out_cov", "out_mean"})
     W, X = planted()

@@ -58,6 +58,7 @@ def stats_for(W: torch.Tensor, X: torch.Tensor, fisher_in: torch.Tensor | None =
         abs_mean=X.abs().mean(0),
         sq_mean=X.square().mean(0),
         out_cov=Y.T @ Y,
+        out_mean=Y.mean(0),
         fisher_in=fisher_in,
         fisher_out=None,
     )
@@ -69,7 +70,7 @@ def factorize(decomposer, W, stats, **options):
 
 
 def product(fact, rank) -> torch.Tensor:
-    A, B = fact.factors(rank)
+    A, B, *_ = fact.factors(rank)  # a centred factorization adds its bias
     return A.double() @ B.double()
 
 
@@ -194,10 +195,12 @@ def test_asvd_alpha_zero_is_plain_svd_and_rms_mode_uses_sq_mean():
 
 
 # ---------------------------------------------------------------- sfsd / lord
-@pytest.mark.parametrize("decomposer", [SFSD(), LoRD()], ids=["sfsd", "lord"])
-def test_output_projection_is_optimal_for_outputs(decomposer):
+@pytest.mark.parametrize(
+    "decomposer, options", [(SFSD(), {}), (LoRD(), {"centre": False})], ids=["sfsd", "lord-uncentred"]
+)
+def test_output_projection_is_optimal_for_outputs(decomposer, options):
     W, X = planted()
-    fact = factorize(decomposer, W, stats_for(W, X))
+    fact = factorize(decomposer, W, stats_for(W, X), **options)
     sigma = torch.linalg.svdvals(W @ X.T)  # brute force: Eckart-Young on the outputs W X^T
     for k in fact.ranks:
         A, _ = fact.factors(k)
@@ -250,11 +253,18 @@ def test_factorization_contract(decomposer):
     assert list(fact.ranks) == list(range(min(M, N) + 1))
     errors = [fact.error(k) for k in fact.ranks]
     assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
-    A, B = fact.factors(4)
+    A, B, *bias = fact.factors(4)
     assert A.shape == (M, 4) and B.shape == (4, N) and A.dtype == torch.float32
+    assert [b.shape for b in bias] in ([], [(M,)])  # a centred factorization carries its own bias
     (replacement,) = fact.materialize(4).values()
-    assert isinstance(replacement, harness.LowRank) and replacement.rank == 4
-    assert fact.params(4) == 4 * (M + N)
+    x = X[:5].float()
+    expected = x @ B.T @ A.T + (bias[0] if bias else 0)
+    if isinstance(replacement, harness.LowRank):
+        assert replacement.rank == 4 and not bias
+        torch.testing.assert_close(x @ replacement.B.T @ replacement.A.T, expected)
+    else:  # a module of its own (LoRD's centred layer: A (B x) + bias)
+        torch.testing.assert_close(replacement(x), expected)
+    assert fact.params(4) == 4 * (M + N) + M * len(bias)
     assert decomposer.needs <= set(harness.STAT_KINDS) and decomposer.needs
 
 
