@@ -92,8 +92,32 @@ def build_module(original: nn.Linear, replacement: Replacement, dense: bool) -> 
     if isinstance(replacement, Dense):
         return _dense_linear(original, replacement.weight.to(device, dtype))
     if isinstance(replacement, nn.Module):
-        return replacement.to(device)
+        if bias is None or getattr(replacement, "own_bias", False):
+            return replacement.to(device)
+        return WithBias(replacement.to(device), bias)
     raise TypeError(f"unsupported replacement {type(replacement).__name__}")
+
+
+class WithBias(nn.Module):
+    """A replacement module plus the replaced Linear's bias: y = module(x) + b.
+
+    A plugin's replacement module stands for ``W x``; the layer's own bias is
+    added here unless the module sets ``own_bias = True`` (it computes the
+    whole output, bias included, as LoRD's centred layer does)."""
+
+    def __init__(self, module: nn.Module, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.bias = nn.Parameter(bias.clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) + self.bias
+
+    def harness_params(self) -> int:
+        return module_params(self.module) + self.bias.numel()
+
+    def harness_bytes(self) -> int:
+        return module_bytes(self.module) + self.bias.numel() * self.bias.element_size()
 
 
 def _dense_linear(original: nn.Linear, weight: torch.Tensor) -> nn.Linear:

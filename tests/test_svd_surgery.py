@@ -11,7 +11,7 @@ from torch import nn
 import harness
 from harness.api import FactorizeContext
 from harness.budget import saves
-from harness.surgery import FactoredLinear, count_layers, count_model, find_linears, replaced
+from harness.surgery import FactoredLinear, count_layers, count_model, find_linears, module_params, replaced
 from harness.targets import Target
 
 CTX = FactorizeContext(seed=0, device=torch.device("cpu"))
@@ -181,3 +181,25 @@ def test_gram_svd_of_a_rank_deficient_weight_has_no_nans():
     assert torch.isfinite(U).all() and torch.isfinite(Vt).all()
     assert (s[3:] == 0).all()
     assert torch.allclose((U[:, :3] * s[:3]) @ Vt[:3], weight, atol=1e-8)
+
+
+def test_a_replacement_module_gets_the_replaced_linears_bias_unless_it_owns_one():
+    from harness.surgery import replaced
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=True))
+    bias = model[0].bias.detach().clone()
+    x = torch.randn(3, 6)
+
+    class Half(torch.nn.Module):  # stands for W x only
+        def forward(self, inputs):
+            return 0.5 * inputs[:, :4]
+
+    class Owned(Half):
+        own_bias = True
+
+    with replaced(model, {"0": Half()}):
+        torch.testing.assert_close(model(x), 0.5 * x[:, :4] + bias)
+        assert module_params(model[0]) == 4  # the bias; Half stores nothing
+    with replaced(model, {"0": Owned()}):
+        torch.testing.assert_close(model(x), 0.5 * x[:, :4])

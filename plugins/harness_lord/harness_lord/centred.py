@@ -28,6 +28,9 @@ import harness
 class BiasedLowRankLinear(nn.Module):
     """y = A (B x) + bias: LoRD's factored layer, the bias included in what it stores."""
 
+    own_bias = True
+    """Its bias stands for the layer's whole output offset: the harness adds no other (harness.surgery)."""
+
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
         self.A = nn.Parameter(A.contiguous(), requires_grad=False)
