@@ -170,12 +170,12 @@ class BlockFactorizer:
             job.reference = self.reference(cell, job)
             jobs.append(job)
         needs = set().union(*(job.needs for job in jobs))
-        config = self.env.suite.calibration
+        config, n = self.env.suite.calibration, len(jobs)
         log(
-            f"calibration: propagated inputs, {len(jobs)} streams: {', '.join(sorted(needs))} block by block for "
-            f"{', '.join(job.label for job in jobs)}; per block and stream a statistics forward and a forward "
-            f"through the compressed block, each stream holding its own {config.samples} x {config.seqlen} "
-            f"activations (up to {len(jobs)}x those of original inputs)"
+            f"calibration: propagated inputs, {n} stream{'' if n == 1 else 's'}: {', '.join(sorted(needs))} "
+            f"block by block for {', '.join(job.label for job in jobs)}; per block and stream a statistics "
+            f"forward and a forward through the compressed block, each stream holding its own "
+            f"{config.samples} x {config.seqlen} activations (up to {n}x those of original inputs)"
         )
         self._pass(pipeline.run_propagated, jobs, f"calibration (blocks, propagated), {len(jobs)} streams")
         self._streams.update({cell.id: job for cell, job in zip(cells, jobs, strict=True)})
