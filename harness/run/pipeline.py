@@ -1,6 +1,6 @@
 """Layer-sequential calibration and factorization: one decoder block at a time.
 
-``[calibration] pipeline = "blocks"`` (``original`` input mode, issue 16 point 1)
+``[calibration] pipeline = "blocks"`` (issue 16 point 1; ``original`` inputs by default)
 replaces "collect every layer's statistics for the whole model, then factorize"
 by one pass through the model's decoder blocks:
 
@@ -47,11 +47,39 @@ Decoders whose blocks the pipeline cannot find (target layers outside one
 blocks of differing attention types, whose keyword arguments differ per block)
 are served by the whole-model path: ``block_plan`` returns why.
 
-A ``propagated`` input mode (inputs through the already-compressed earlier
-blocks) would replace, after each block's factorizations, the block's outputs
-by those of the block with its layers replaced at each job's chosen ranks:
-one activation stream per (job, target), so factorizations then depend on the
-target and the cost of a pass multiplies by the number of targets. Not built.
+Propagated inputs (``[calibration] inputs = "propagated"``, ``run_propagated``):
+block b's statistics are collected on the outputs of blocks 0..b-1 with their
+target layers already replaced by their compressed versions (SFSD's code,
+SVD-LLM's update). What a block is compressed to depends on the ranks, so the
+factorizations depend on the cell: the pass runs one job, and one activation
+stream, per (method, allocator, target) of the methods it serves. Per block
+and stream: a forward through the uncompressed block collecting the
+statistics, the factorizations of the groups now complete, the job's
+*reference ranks* for them (``Job.reference``: the cell's allocator run on
+those groups alone, its target restricted to their share of the model,
+``harness.run.allocate.block_target``), and a forward through the block with
+those layers replaced (``harness.surgery.replaced``, the suite's
+``surgery.mode``) whose outputs are the stream's next inputs. For a local
+allocator (uniform) the reference ranks are the cell's final ones; for a
+global one (energy, global-greedy, welore, sensitivity, ...) they are a
+per-block approximation of its final choice, which it then makes as usual over
+the cell's own factorizations. Allocators that score a calibration loss score
+a block's candidates on the whole model with the earlier blocks at their
+reference ranks. A layer whose group waits for a later block (a group
+spanning blocks) passes on uncompressed through its own block (logged); the
+group is compressed from its last block on. Jobs start as one stream (block
+0's captured inputs: one statistics forward serves them) and split where
+their methods or ranks differ. Cost: up to two block forwards per stream
+instead of one per pass, and each stream holds its own captured activations
+(samples x seqlen x hidden), so both multiply by the number of streams (cells);
+the statistics stay one block's (streams are collected one after another) and
+each cell's factors are kept only up to what its own (allocator, target) can
+choose. Fisher methods keep the whole-model pass on original inputs, and
+methods without statistics are unaffected; only the served methods' cells
+carry ``inputs`` in their identity (``harness.run.identity.propagated_inputs``).
+A model the pipeline cannot run is refused under propagated inputs (one
+line naming ``calibration.inputs``) rather than silently given original ones,
+and so is ``--executor ray``, whose tasks share one factorization per method.
 """
 
 from __future__ import annotations
