@@ -211,6 +211,85 @@ def find_layers(tmp_path, model_dir):
     return find_linears(load_model(str(model_dir), "float32", "cpu").model)
 
 
+# ---------------------------------------------------------------- groups spanning blocks
+class Truncated:
+    """A minimal factorization of a group: each member's truncated SVD (all the pass materializes)."""
+
+    def __init__(self, names, weights):
+        self.names, self.weights = tuple(names), weights
+
+    def materialize(self, rank):
+        return {n: truncated(self.weights[n], rank) for n in self.names}
+
+
+def truncated(weight: torch.Tensor, rank: int):
+    from harness.factorization import LowRank
+
+    U, s, Vt = torch.linalg.svd(weight.double(), full_matrices=False)
+    return LowRank((U[:, :rank] * s[:rank]).float(), Vt[:rank].float())
+
+
+def test_a_group_spanning_blocks_passes_on_uncompressed_until_its_last_block():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.surgery import find_linears
+
+    torch.manual_seed(4)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    batches = torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(5))
+    layers = find_linears(model)
+    o0, o1 = "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"
+    groups = [[o0, o1], *([x.name] for x in layers if x.name not in (o0, o1))]
+    weights = {x.name: model.get_submodule(x.name).weight.detach().clone() for x in layers}
+    job = pipeline.Job(
+        "pairs",
+        frozenset({"gram"}),
+        groups,
+        lambda g, s: Truncated(g, {n: weights[n] for n in g}),
+        method="pairs",
+        reference=lambda job, indices: [2] * len(indices),
+    )
+    calls, said = [], []
+    hook = model.model.layers[2].register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True
+    )
+    try:
+        pipeline.run_propagated(
+            model, layers, batches, [job], device=CPU, batch_size=2, progress=False, log=said.append
+        )
+    finally:
+        hook.remove()
+    assert job.error is None and len(calls) == 3  # block 2, the last: its statistics forward only
+    # every group complete before the last block got its reference rank (the pair at block 1)
+    assert job.ranks == {i: 2 for i, g in enumerate(groups) if ".layers.2." not in g[-1]} and 0 in job.ranks
+    assert said == [
+        "calibration: propagated inputs: pairs: 1 layer in groups that span blocks pass on uncompressed through "
+        "their own blocks (a group is compressed from its last block on)"
+    ]
+    got = torch.cat(calls)
+
+    def inputs_of_block2(compressed):
+        with replaced(model, {n: truncated(weights[n], 2) for n in compressed}):
+            return block_inputs(model, model.model.layers[2], batches)
+
+    before_block2 = [x.name for x in layers if ".layers.2." not in x.name]
+    expected = inputs_of_block2(
+        [n for n in before_block2 if n != o0]
+    )  # o_proj of block 0 uncompressed, of block 1 compressed
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got - inputs_of_block2(before_block2)).abs().max() > 1e-3  # not block 0 o_proj compressed too
+    assert (got - inputs_of_block2([n for n in before_block2 if n not in (o0, o1)])).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- the suite option
 def test_bad_inputs_values_are_refused_with_file_key_and_value(tmp_path, tiny_model_dir):
     path = write_suite(tmp_path / "bad.toml", suite_text(tiny_model_dir, inputs="forward"))

@@ -593,6 +593,7 @@ def _log_spanning(jobs: Sequence[Job], done_at: dict[str, int], log: Callable[[s
             early += sum(1 for s in steps if s < max(steps))
         if early:
             log(
-                f"calibration: propagated inputs: {method}: {early} layers in groups that span blocks pass on "
-                f"uncompressed through their own blocks (a group is compressed from its last block on)"
+                f"calibration: propagated inputs: {method}: {early} layer{'' if early == 1 else 's'} in groups that "
+                f"span blocks pass on uncompressed through their own blocks (a group is compressed from its last "
+                f"block on)"
             )
