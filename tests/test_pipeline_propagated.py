@@ -58,7 +58,8 @@ def suite_text(model_dir, inputs: str | None = "propagated", targets: str = f"[{
 
 def open_session(tmp_path, model_dir, name="s", **kwargs):
     suite = load_suite(write_suite(tmp_path / f"{name}.toml", suite_text(model_dir, **kwargs)))
-    return suite, SuiteRunner(suite, RunOptions(tmp_path / name, progress=False)).open_session(str(model_dir))
+    options = RunOptions(tmp_path / name, progress=False, calibration_cache=tmp_path / f"cache-{name}")
+    return suite, SuiteRunner(suite, options).open_session(str(model_dir))
 
 
 def block_inputs(model, block, batches, batch_size=2) -> torch.Tensor:
@@ -326,6 +327,19 @@ def test_only_the_cells_it_changes_get_new_ids(tmp_path, tiny_model_dir):
     assert {label: v for label, v in calib.items() if v} == dict.fromkeys(moved, "propagated")
 
 
+def test_fisher_methods_keep_original_inputs_and_say_so(tmp_path, tiny_model_dir, capsys):
+    facts = {}
+    for inputs in ("original", "propagated"):
+        # (each mode collects its own statistics: open_session gives each its own calibration cache)
+        suite, session = open_session(tmp_path, tiny_model_dir, name=inputs, inputs=inputs, methods=["fwsvd"])
+        facts[inputs], _ = session.factorize(suite.methods[0])
+    err = capsys.readouterr().err
+    assert err.count("calibration: fwsvd needs fisher: the whole-model pass on original inputs") == 1
+    for a, b in zip(facts["original"], facts["propagated"], strict=True):
+        ((x,),), ((y,),) = [a.materialize(4).values()], [b.materialize(4).values()]
+        assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+
+
 # ---------------------------------------------------------------- end to end
 def test_a_propagated_run_changes_only_its_cells_and_resumes_per_cell(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from harness.cli import main
@@ -364,7 +378,7 @@ def test_a_propagated_run_changes_only_its_cells_and_resumes_per_cell(tmp_path, 
 
 # ---------------------------------------------------------------- the plan
 def test_plan_counts_activations_and_kept_factors_once_per_stream(tmp_path, tiny_model_dir):
-    from harness.plan import activations_bytes, kept_bytes, linear_layers, model_config, plan_model
+    from harness.plan import activations_bytes, kept_bytes, linear_layers, model_config, plan_model, refusal
 
     targets = "[0.6, 0.8, {rank = 0.5}]"
     plans = {}
@@ -372,7 +386,10 @@ def test_plan_counts_activations_and_kept_factors_once_per_stream(tmp_path, tiny
         text = suite_text("random:tiny-llama", inputs, targets, methods=["svd-llm", "svd", "fwsvd"])
         text = text.replace('allocators = ["uniform"]', 'allocators = ["uniform", "energy"]')
         suite = load_suite(write_suite(tmp_path / f"{inputs}.toml", text))
-        plans[inputs] = {s.name: s for s in plan_model(suite, "random:tiny-llama", "cpu").stages}
+        plan = plan_model(suite, "random:tiny-llama", "cpu")
+        plans[inputs] = {s.name: s for s in plan.stages}
+    plan.host_memory = plans["propagated"]["load"].host  # the calibration stage does not fit
+    assert 'fewer targets x allocators, or calibration.inputs = "original"' in refusal(plan, suite)
     streams = 3 * 2  # svd-llm's targets x allocators; svd needs no statistics, fwsvd keeps the whole-model pass
     config = model_config("random:tiny-llama", None, False)
     activations = activations_bytes(5, 24, config["hidden_size"], 4)

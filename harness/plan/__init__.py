@@ -339,7 +339,8 @@ def refusal(plan: Plan, suite: Suite) -> str | None:
         "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto" or --layers',
         "calibration": f"lower calibration.samples ({cal.samples}), calibration.seqlen ({cal.seqlen}) or "
         f"calibration.batch_size ({cal.batch_size})"
-        + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"'),
+        + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"')
+        + ("" if cal.inputs == "original" else ', fewer targets x allocators, or calibration.inputs = "original"'),
         "factorization": (
             'set [factorization] storage_dtype = "float32", ' if suite.factorization.storage_dtype != "float32" else ""
         )

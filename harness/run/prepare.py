@@ -92,6 +92,11 @@ class Prepared:
         if self.blockwise(decomposer):
             return self.blocks.factorize(method)
         suite = self.env.suite
+        if decomposer.needs and suite.calibration.inputs == "propagated":
+            log(
+                f"calibration: {method.label} needs {', '.join(sorted(decomposer.needs))}: the whole-model pass on "
+                f"original inputs (calibration.inputs = 'propagated' applies to forward statistics only)"
+            )
         stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
         groups = decomposer.groups(self.layers, method.options)
         allocators = [self.env.plugins.get("allocator", a.name) for a in method.allocators]
