@@ -123,12 +123,25 @@ class CalibrationConfig:
     """"blocks": statistics and factorizations block by block (harness/run/pipeline.py), one block's
     statistics alive at a time; "whole": every layer's statistics at once (disk-cached), then factorize.
     The same numbers either way, so not part of any cell's identity."""
+    inputs: str = "original"
+    """What each block's statistics are collected on under ``pipeline = "blocks"``: "original": the
+    uncompressed model's activations (the same numbers as "whole"); "propagated": the outputs of the earlier
+    blocks with their layers already compressed (SFSD's code, SVD-LLM's update), one activation stream per
+    cell of the methods the pipeline serves (harness/run/pipeline.py). Part of those cells' identity only
+    when "propagated" (harness/run/identity.py)."""
 
     def __post_init__(self) -> None:
         from harness.data import TEXT_SOURCES
 
         if self.pipeline not in ("whole", "blocks"):
             raise ValueError(f"pipeline: expected 'whole' or 'blocks', got {self.pipeline!r}")
+        if self.inputs not in ("original", "propagated"):
+            raise ValueError(f"inputs: expected 'original' or 'propagated', got {self.inputs!r}")
+        if self.inputs == "propagated" and self.pipeline != "blocks":
+            raise ValueError(
+                f"inputs: expected 'original' with pipeline = {self.pipeline!r} ('propagated' needs the "
+                f"layer-sequential pipeline, pipeline = 'blocks'), got 'propagated'"
+            )
 
         if self.source not in TEXT_SOURCES:
             raise ValueError(f"source: expected one of {', '.join(TEXT_SOURCES)}, got {self.source!r}")

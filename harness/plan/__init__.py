@@ -15,7 +15,9 @@ interpreter with torch and transformers imported; allocator slack and
 fragmentation are not modelled. The calibration figures are checked against a
 measured peak RSS (tests/test_plan.py: within 15 %); the factorization working
 sets are the float64 tensors of each method's math, an estimate (LAPACK's own
-workspace is not counted).
+workspace is not counted). Under ``calibration.inputs = "propagated"`` the
+captured activations and the block pass's kept factors count once per stream
+(one per cell of the methods the pipeline serves: ``propagated_streams``).
 
 Decodable layers: Llama-family decoders (llama, mistral, qwen2, qwen3: every
 config in harness/shapes) are laid out from the config (q, k, v, o, gate, up,
@@ -188,7 +190,8 @@ def plan_model(
         forward = frozenset().union(*(n for _, n, _, _ in methods if "fisher" not in n)) & forward
     by_name = {x.name: x for x in targets_layers}
     tokens = cal.batch_size * cal.seqlen
-    activations = activations_bytes(cal.samples, cal.seqlen, hidden, wb)
+    streams = propagated_streams(suite, methods)
+    activations = activations_bytes(cal.samples, cal.seqlen, hidden, wb) * max(1, streams)
     calibration_peak = (weights, 0)  # the model stays where it was loaded
     notes = []
     disk = 0
@@ -201,6 +204,8 @@ def plan_model(
         else:
             calibration_peak = (weights + accumulators + activations + transient, accumulators + finished)
         notes.append(f"blocks: {', '.join(sorted(forward))}, one block's statistics")
+        if streams:
+            notes.append(f"propagated inputs: {streams} streams of activations")
     if whole_kinds:
         acc, fin = whole_stats_bytes(targets_layers, whole_kinds)
         transient = batch_transient_bytes(targets_layers, whole_kinds, tokens, config, wb)
@@ -217,7 +222,7 @@ def plan_model(
 
     storage = DTYPE_BYTES[suite.factorization.storage_dtype]
     kept_all = 0
-    passed = 0  # the block pass keeps every method it served until the session ends (Prepared._jobs)
+    passed = 0  # the block pass's methods are all alive after it, each until its last cell (Prepared.release)
     rows = []
     for method, needs, groups, allocators in methods:
         group_layers = [[by_name[n] for n in g if n in by_name] for g in groups]
@@ -227,6 +232,9 @@ def plan_model(
         blockwise = cal.pipeline == "blocks" and bool(needs) and "fisher" not in needs
         if blockwise:  # the statistics of the largest group's blocks, held while it is factorized
             held = sum(block_stats_bytes(b, needs)[1] for b in blocks_of(max(group_layers, key=len, default=[])))
+            if streams:  # one set of factors per cell, each kept for that cell's (target, allocator) alone
+                pairs = [(t, a) for t in method.targets for a in allocators]
+                kept = sum(kept_bytes(targets_layers, [t], [a], storage) for t, a in pairs)
             passed += kept
         else:
             held = sum(whole_stats_bytes(targets_layers, needs)) if needs else 0
@@ -260,6 +268,16 @@ def plan_model(
         evaluation = (weights + replaced + logits, 0, "model + largest replaced layer set")
     plan.stages.append(stage("evaluation", evaluation[0], evaluation[1], disk_w, evaluation[2]))
     return plan
+
+
+def propagated_streams(suite: Suite, methods: list) -> int:
+    """Activation streams of a ``calibration.inputs = "propagated"`` pass: one per cell (target x allocator)
+    of every method the pipeline serves (forward statistics only); 0 under ``original``."""
+    if suite.calibration.inputs != "propagated":
+        return 0
+    forward = frozenset({"gram", "abs_mean", "out_cov"})
+    served = [(m, a) for m, needs, _, a in methods if needs and needs <= forward]
+    return sum(len(m.targets) * len(allocators) for m, allocators in served)
 
 
 def resolved_dtype(setting: str, device: str) -> str:
@@ -338,7 +356,8 @@ def refusal(plan: Plan, suite: Suite) -> str | None:
         "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto", offload = "cpu" or --layers',
         "calibration": f"lower calibration.samples ({cal.samples}), calibration.seqlen ({cal.seqlen}) or "
         f"calibration.batch_size ({cal.batch_size})"
-        + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"'),
+        + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"')
+        + ("" if cal.inputs == "original" else ', fewer targets x allocators, or calibration.inputs = "original"'),
         "factorization": (
             'set [factorization] storage_dtype = "float32", ' if suite.factorization.storage_dtype != "float32" else ""
         )

@@ -4,7 +4,7 @@ target, materialized into replacement layers, and the per-matrix rank report."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,12 +13,16 @@ from harness.errors import HarnessError
 from harness.provenance import seed_everything
 from harness.run.env import log
 from harness.run.prepare import materialize
+from harness.targets import BytesTarget
 
 if TYPE_CHECKING:
+    from harness.api import LayerInfo
     from harness.factorization import Factorization
     from harness.run.cells import Cell
     from harness.run.env import RunEnv
     from harness.run.prepare import Prepared
+    from harness.suite import Component, Method
+    from harness.targets import Target
 
 
 @dataclass
@@ -37,22 +41,10 @@ def compress(
 ) -> Compressed:
     dtype_bytes = prepared.loaded.model.dtype.itemsize
     check_reachable(env, prepared, cell, factorizations, dtype_bytes)
-    plugins, suite = env.plugins, env.suite
-    allocator = plugins.get("allocator", cell.allocator.name)
-    uses_data = bool(plugins.get("decomposer", cell.method.name).needs) or allocator.uses_calibration
-    ctx = AllocationContext(
-        seed=suite.seed,
-        layers={layer.name: layer for layer in prepared.layers},
-        calibration_loss=prepared.calibration_loss(factorizations) if uses_data else None,
-        dtype_bytes=dtype_bytes,
-        log=log,
-    )
-    seed_everything(suite.seed)
+    loss = prepared.calibration_loss(factorizations) if uses_data(env, cell.method, cell.allocator) else None
     started = time.perf_counter()
-    assignment = allocator.allocate(factorizations, cell.target, cell.allocator.options, ctx)
+    assignment = allocate_ranks(env, prepared.layers, cell.allocator, cell.target, factorizations, loss, dtype_bytes)
     allocate_s = time.perf_counter() - started
-    if len(assignment) != len(factorizations):
-        raise RuntimeError(f"allocator returned {len(assignment)} ranks for {len(factorizations)} groups")
     ranks = layer_ranks(factorizations, assignment)
     return Compressed(
         materialize(factorizations, assignment),
@@ -61,6 +53,50 @@ def compress(
         factorization_info={f"{'+'.join(f.names)}": f.info for f in factorizations if f.info},
         artifacts=rank_report(env, prepared, cell, ranks),
     )
+
+
+def uses_data(env: RunEnv, method: Method, allocator: Component) -> bool:
+    """Whether the allocator is handed a calibration loss: the method needs statistics or it scores one."""
+    decomposer, scorer = env.plugins.get("decomposer", method.name), env.plugins.get("allocator", allocator.name)
+    return bool(decomposer.needs) or scorer.uses_calibration
+
+
+def allocate_ranks(
+    env: RunEnv,
+    layers: Sequence[LayerInfo],
+    allocator: Component,
+    target: Target,
+    factorizations: Sequence[Factorization],
+    calibration_loss: Callable[[Sequence[int | None]], float] | None,
+    dtype_bytes: int,
+) -> list[int | None]:
+    """``allocator``'s rank (None: dense) per factorization for ``target``, after ``seed_everything``: a
+    cell's choice, and the pipeline's reference ranks for one block (``block_target``)."""
+    suite = env.suite
+    ctx = AllocationContext(
+        seed=suite.seed,
+        layers={layer.name: layer for layer in layers},
+        calibration_loss=calibration_loss,
+        dtype_bytes=dtype_bytes,
+        log=log,
+    )
+    seed_everything(suite.seed)
+    assignment = env.plugins.get("allocator", allocator.name).allocate(factorizations, target, allocator.options, ctx)
+    if len(assignment) != len(factorizations):
+        raise RuntimeError(f"allocator returned {len(assignment)} ranks for {len(factorizations)} groups")
+    return list(assignment)
+
+
+def block_target(target: Target, share: float) -> Target:
+    """``target`` restricted to groups holding ``share`` of the model's decomposable parameters.
+
+    Every built-in kind but ``bytes`` states its budget relative to the groups an allocator is given
+    (params, bits: a fraction of their dense size; rank: of their full ranks), so it is itself; a bytes
+    budget (absolute, for the whole model) is scaled by ``share``.
+    """
+    if isinstance(target, BytesTarget):
+        return BytesTarget(target.value * share)
+    return target
 
 
 def layer_ranks(factorizations: Sequence[Factorization], assignment: Sequence[int | None]) -> dict[str, int | None]:

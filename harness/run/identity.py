@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import harness
 from harness import data as data_mod
-from harness.run.cells import Cell, expand
+from harness.run.cells import Cell, content_hash, expand
 
 if TYPE_CHECKING:
     from harness.models import LoadedModel
@@ -21,9 +21,32 @@ def calibration_identity(suite: Suite) -> dict[str, Any]:
     """The suite's calibration settings with the sha256 of the calibration text."""
     config = dataclasses.asdict(suite.calibration)
     del config["pipeline"]  # "whole" and "blocks" compute the same numbers (tests/test_pipeline.py): not identity
+    del config["inputs"]  # part of a cell's identity only where it changes its numbers: ``propagated_inputs``
     text = data_mod.text_source(suite.calibration.source, "calibration")
     config["data"] = data_mod.sha256_texts(text.texts)
     return config
+
+
+def propagates(suite: Suite, plugins: Plugins, method: Method) -> bool:
+    """True where ``method``'s factorizations are computed on propagated inputs (``calibration.inputs``):
+    the layer-sequential pipeline serves it (forward statistics only); fisher methods and methods
+    without statistics are computed as under ``original``."""
+    from harness.run.calibration import FORWARD_KINDS
+
+    needs = set(plugins.get("decomposer", method.name).needs)
+    return suite.calibration.inputs == "propagated" and bool(needs) and needs <= FORWARD_KINDS
+
+
+def propagated_inputs(suite: Suite, plugins: Plugins, cells: list[Cell]) -> list[Cell]:
+    """``cells`` with ``"inputs": "propagated"`` in the calibration settings (and so the id) of the cells
+    whose numbers it changes (``propagates``); the others, and every cell under ``original``, as they were."""
+    out = []
+    for cell in cells:
+        if cell.method is not None and "calibration" in cell.config and propagates(suite, plugins, cell.method):
+            config = {**cell.config, "calibration": {**cell.config["calibration"], "inputs": "propagated"}}
+            cell = dataclasses.replace(cell, id=content_hash(config), config=config)
+        out.append(cell)
+    return out
 
 
 def needs_calibration(plugins: Plugins, method: Method, allocator: Component) -> bool:
@@ -66,7 +89,7 @@ def model_cells(env: RunEnv, loaded: LoadedModel) -> list[Cell]:
 
     needs_any = any(calibrated(m, a) for m in suite.methods for a in m.allocators)
     fingerprints = {"model": loaded.fingerprint, "data": data_fingerprints(suite, plugins)}
-    return expand(
+    cells = expand(
         suite,
         loaded.model_id,
         fingerprints,
@@ -75,3 +98,4 @@ def model_cells(env: RunEnv, loaded: LoadedModel) -> list[Cell]:
         calibrated=calibrated,
         calibration=calibration_identity(suite) if needs_any else None,
     )
+    return propagated_inputs(suite, plugins, cells)

@@ -1,6 +1,6 @@
 """Layer-sequential calibration and factorization: one decoder block at a time.
 
-``[calibration] pipeline = "blocks"`` (``original`` input mode, issue 16 point 1)
+``[calibration] pipeline = "blocks"`` (issue 16 point 1; ``original`` inputs by default)
 replaces "collect every layer's statistics for the whole model, then factorize"
 by one pass through the model's decoder blocks:
 
@@ -47,11 +47,39 @@ Decoders whose blocks the pipeline cannot find (target layers outside one
 blocks of differing attention types, whose keyword arguments differ per block)
 are served by the whole-model path: ``block_plan`` returns why.
 
-A ``propagated`` input mode (inputs through the already-compressed earlier
-blocks) would replace, after each block's factorizations, the block's outputs
-by those of the block with its layers replaced at each job's chosen ranks:
-one activation stream per (job, target), so factorizations then depend on the
-target and the cost of a pass multiplies by the number of targets. Not built.
+Propagated inputs (``[calibration] inputs = "propagated"``, ``run_propagated``):
+block b's statistics are collected on the outputs of blocks 0..b-1 with their
+target layers already replaced by their compressed versions (SFSD's code,
+SVD-LLM's update). What a block is compressed to depends on the ranks, so the
+factorizations depend on the cell: the pass runs one job, and one activation
+stream, per (method, allocator, target) of the methods it serves. Per block
+and stream: a forward through the uncompressed block collecting the
+statistics, the factorizations of the groups now complete, the job's
+*reference ranks* for them (``Job.reference``: the cell's allocator run on
+those groups alone, its target restricted to their share of the model,
+``harness.run.allocate.block_target``), and a forward through the block with
+those layers replaced (``harness.surgery.replaced``, the suite's
+``surgery.mode``) whose outputs are the stream's next inputs. For a local
+allocator (uniform) the reference ranks are the cell's final ones; for a
+global one (energy, global-greedy, welore, sensitivity, ...) they are a
+per-block approximation of its final choice, which it then makes as usual over
+the cell's own factorizations. Allocators that score a calibration loss score
+a block's candidates on the whole model with the earlier blocks at their
+reference ranks. A layer whose group waits for a later block (a group
+spanning blocks) passes on uncompressed through its own block (logged); the
+group is compressed from its last block on. Jobs start as one stream (block
+0's captured inputs: one statistics forward serves them) and split where
+their methods or ranks differ. Cost: up to two block forwards per stream
+instead of one per pass, and each stream holds its own captured activations
+(samples x seqlen x hidden), so both multiply by the number of streams (cells);
+the statistics stay one block's (streams are collected one after another) and
+each cell's factors are kept only up to what its own (allocator, target) can
+choose. Fisher methods keep the whole-model pass on original inputs, and
+methods without statistics are unaffected; only the served methods' cells
+carry ``inputs`` in their identity (``harness.run.identity.propagated_inputs``).
+A model the pipeline cannot run is refused under propagated inputs (one
+line naming ``calibration.inputs``) rather than silently given original ones,
+and so is ``--executor ray``, whose tasks share one factorization per method.
 """
 
 from __future__ import annotations
@@ -69,7 +97,7 @@ import torch
 from torch import nn
 
 from harness.api import LayerInfo, LayerStats
-from harness.run.blocks import BlockPlan, block_plan, capture_inputs, on_all
+from harness.run.blocks import BlockPlan, block_plan, capture_inputs, move_tensors, on_all
 from harness.run.calibration import FORWARD_KINDS, INPUT_KINDS, KIND_FIELDS, _eval_mode, _input_sums, _LayerSums
 
 Factorize = Callable[[Sequence[str], dict[str, LayerStats]], Any]
@@ -95,6 +123,13 @@ class Job:
     seconds: float = 0.0
     error: BaseException | None = None
     rng: tuple | None = None
+    method: str = ""
+    """Propagated inputs: the method's label (jobs of one method at the same reference ranks share a stream)."""
+    reference: Callable[[Job, Sequence[int]], Sequence[int | None]] | None = None
+    """Propagated inputs: ``reference(job, indices)``, the ranks (None: dense) its just factorized groups
+    ``indices`` are compressed at before the block's outputs pass on (``run_propagated``)."""
+    ranks: dict[int, int | None] = field(default_factory=dict)
+    """Propagated inputs: each factorized group's reference rank (group index -> rank)."""
 
 
 class LiveStats:
@@ -242,6 +277,116 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+# ---------------------------------------------------------------- shared steps
+def _done_at(plan: BlockPlan) -> dict[str, int]:
+    """The step (block index; ``len(plan.blocks)`` for the head) at which each target layer's statistics are in."""
+    done_at = {name: b for b, names in enumerate(plan.members) for name in names}
+    done_at.update({name: len(plan.blocks) for name in plan.head})
+    return done_at
+
+
+class _Pending:
+    """The groups of some jobs still to factorize, by the step they become complete at, and the statistics
+    held for them (a group spanning blocks keeps its earlier members' statistics until its last block)."""
+
+    def __init__(self, jobs: Sequence[Job], done_at: dict[str, int], log: Callable[[str], None]) -> None:
+        self.log = log
+        self.held: dict[str, LayerStats] = {}
+        self.schedule: dict[int, list[tuple[Job, int]]] = {}
+        for job in jobs:  # when each group is complete: -1 for groups without any target member (no statistics)
+            for index, group in enumerate(job.groups):
+                step = max((done_at[n] for n in group if n in done_at), default=-1)
+                self.schedule.setdefault(step, []).append((job, index))
+
+    def ready(self, step: int) -> list[tuple[Job, int]]:
+        """Factorize the groups complete at ``step``; the (job, index) that succeeded. Drops what none waits for."""
+        done = []
+        for job, index in self.schedule.pop(step, []):
+            if job.error is not None:
+                continue
+            group = job.groups[index]
+            stats = {n: restrict(self.held[n], job.needs) for n in group if n in self.held}
+            _set_rng_state(job.rng)
+            started = time.perf_counter()
+            try:
+                job.factorizations[index] = job.factorize(group, stats)
+                done.append((job, index))
+            except Exception as exc:  # the job's cells fail with it; the other jobs go on
+                job.error = exc
+                self.log(f"factorize {job.label}: {type(exc).__name__}: {exc}")
+            finally:
+                job.seconds += time.perf_counter() - started
+                job.rng = _rng_state()
+        self.prune()
+        return done
+
+    def prune(self) -> None:
+        later = [(job, i) for items in self.schedule.values() for job, i in items if job.error is None]
+        waiting = {n for job, i in later for n in job.groups[i]}
+        for name in list(self.held):
+            if name not in waiting:
+                del self.held[name]
+
+    def subset(self, jobs: Sequence[Job]) -> _Pending:
+        """The part of this schedule of ``jobs`` alone, holding (the same) statistics only for them."""
+        ids = {id(job) for job in jobs}
+        part = _Pending((), {}, self.log)
+        part.schedule = {step: [(j, i) for j, i in items if id(j) in ids] for step, items in self.schedule.items()}
+        part.held = dict(self.held)
+        part.prune()
+        return part
+
+    def rest(self) -> None:
+        """Groups of layers the pass did not reach (none: every step runs)."""
+        for step in sorted(self.schedule):
+            self.ready(step)
+
+
+def _start(jobs: Sequence[Job], seed: Callable[[], None]) -> None:
+    """Every job starts from the random state ``seed()`` leaves, with no factorizations yet."""
+    for job in jobs:
+        job.factorizations = [None] * len(job.groups)
+    seed()
+    initial = _rng_state()
+    for job in jobs:
+        job.rng = initial
+
+
+def _step(
+    model: nn.Module,
+    plan: BlockPlan,
+    b: int,
+    inputs: list,
+    kinds: frozenset[str],
+    shapes: dict[str, tuple[int, int]],
+    device: torch.device,
+    tracker: LiveStats | None,
+    outputs: str,
+) -> dict[str, LayerStats]:
+    """Run step ``b`` (a block, or the head after the last block) over ``inputs`` collecting ``kinds`` for
+    its target layers; their finished statistics. ``outputs``: "replace" puts each batch's block output in
+    its place in ``inputs``, "drop" frees each batch once used, "keep" leaves ``inputs`` as they were."""
+    is_head = b == len(plan.blocks)
+    names = plan.head if is_head else plan.members[b]
+    collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker)
+    modules = [plan.final_norm, *(model.get_submodule(n) for n in names)] if is_head else [plan.blocks[b]]
+    with _hooks(model, names if kinds else [], collector), on_all(modules, device):
+        for i, batch in enumerate(inputs):
+            collector.start_batch()
+            if is_head:
+                x = plan.final_norm(batch.hidden)
+                for name in names:
+                    model.get_submodule(name)(x)
+                continue
+            out = plan.blocks[b](batch.hidden, *batch.args, **batch.kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if outputs == "replace":
+                inputs[i] = dataclasses.replace(batch, hidden=out)
+            elif outputs == "drop":
+                inputs[i] = None
+    return collector.finish() if kinds else {}
+
+
 # ---------------------------------------------------------------- the pass
 def run_blocks(
     model: nn.Module,
@@ -259,7 +404,8 @@ def run_blocks(
     desc: str = "calibration (blocks)",
 ) -> None:
     """Collect the jobs' forward statistics block by block and factorize each job's groups as soon as they
-    are complete (see the module docstring); results land in each ``Job``.
+    are complete (see the module docstring); results land in each ``Job``. Original inputs: one stream of
+    activations, the uncompressed model's (``run_propagated``: through the compressed blocks).
 
     ``seed()`` is called once; every job then draws from its own copy of the
     random state it left (Python, NumPy, torch), as though it ran alone after
@@ -269,74 +415,185 @@ def run_blocks(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    plan = plan if plan is not None else block_plan(model, layers)
-    if isinstance(plan, str):
-        raise ValueError(f"layer-sequential pipeline: unsupported model: {plan}")
+    plan = _checked(plan if plan is not None else block_plan(model, layers))
     kinds = frozenset().union(*(job.needs for job in jobs)) & FORWARD_KINDS
     shapes = {layer.name: tuple(layer.shape) for layer in layers}
     steps = len(plan.blocks) + (1 if plan.head else 0)
-    done_at = {name: b for b, names in enumerate(plan.members) for name in names}
-    done_at.update({name: len(plan.blocks) for name in plan.head})
-
-    # when each group is complete: -1 for groups without any target member (no statistics)
-    schedule: dict[int, list[tuple[Job, int]]] = {}
-    for job in jobs:
-        job.factorizations = [None] * len(job.groups)
-        for index, group in enumerate(job.groups):
-            step = max((done_at[n] for n in group if n in done_at), default=-1)
-            schedule.setdefault(step, []).append((job, index))
-    seed()
-    initial = _rng_state()
-    for job in jobs:
-        job.rng = initial
-
-    held: dict[str, LayerStats] = {}
-
-    def factorize_ready(step: int) -> None:
-        for job, index in schedule.pop(step, []):
-            if job.error is not None:
-                continue
-            group = job.groups[index]
-            stats = {n: restrict(held[n], job.needs) for n in group if n in held}
-            _set_rng_state(job.rng)
-            started = time.perf_counter()
-            try:
-                job.factorizations[index] = job.factorize(group, stats)
-            except Exception as exc:  # the job's cells fail with it; the other jobs go on
-                job.error = exc
-                log(f"factorize {job.label}: {type(exc).__name__}: {exc}")
-            finally:
-                job.seconds += time.perf_counter() - started
-                job.rng = _rng_state()
-        waiting = {n for later in schedule.values() for job, i in later if job.error is None for n in job.groups[i]}
-        for name in list(held):
-            if name not in waiting:
-                del held[name]
-
-    factorize_ready(-1)
+    pending = _Pending(jobs, _done_at(plan), log)
+    _start(jobs, seed)
+    pending.ready(-1)
     with _eval_mode(model), torch.no_grad():
         inputs = capture_inputs(model, plan.blocks[0], batches, batch_size, device) if steps else []
         for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
-            is_head = b == len(plan.blocks)
-            names = plan.head if is_head else plan.members[b]
-            collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker)
-            modules = [plan.final_norm, *(model.get_submodule(n) for n in names)] if is_head else [plan.blocks[b]]
             last = b == steps - 1
-            with _hooks(model, names if kinds else [], collector), on_all(modules, device):
-                for i, batch in enumerate(inputs):
-                    collector.start_batch()
-                    if is_head:
-                        x = plan.final_norm(batch.hidden)
-                        for name in names:
-                            model.get_submodule(name)(x)
-                        continue
-                    out = plan.blocks[b](batch.hidden, *batch.args, **batch.kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    inputs[i] = None if last else dataclasses.replace(batch, hidden=out)
+            stats = _step(model, plan, b, inputs, kinds, shapes, device, tracker, "drop" if last else "replace")
             if last:
                 inputs = []
-            held.update(collector.finish() if kinds else {})
-            del collector
-            factorize_ready(b)
-    for step in sorted(schedule):  # groups of layers the pipeline did not reach (none: every step ran)
-        factorize_ready(step)
+            pending.held.update(stats)
+            del stats
+            pending.ready(b)
+    pending.rest()
+
+
+def _checked(plan: BlockPlan | str) -> BlockPlan:
+    if isinstance(plan, str):
+        raise ValueError(f"layer-sequential pipeline: unsupported model: {plan}")
+    return plan
+
+
+# ---------------------------------------------------------------- propagated inputs
+@dataclass
+class _Stream:
+    """Jobs whose blocks so far saw the very same inputs (same method, same reference ranks): one collection
+    forward serves them all, and their next inputs are one list."""
+
+    jobs: list[Job]
+    inputs: list
+    pending: _Pending
+
+
+def run_propagated(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: torch.Tensor,
+    jobs: Sequence[Job],
+    *,
+    device: torch.device,
+    batch_size: int = 4,
+    seed: Callable[[], None] = lambda: None,
+    plan: BlockPlan | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    tracker: LiveStats | None = None,
+    desc: str = "calibration (blocks, propagated)",
+    dense: bool = False,
+) -> None:
+    """``run_blocks`` with propagated inputs: each job (one cell: method, allocator, target) gets block b's
+    statistics from the outputs of blocks 0..b-1 with their layers replaced at the job's reference ranks.
+
+    Every job needs ``reference(job, indices)``: the ranks (None: dense) of its groups ``indices``, just
+    factorized, at which the block is compressed before its outputs pass on (``job.ranks`` keeps them).
+    Per block and stream: one forward through the uncompressed block collecting the statistics, the
+    factorizations and reference ranks, then one forward through the block with those layers replaced
+    (``harness.surgery.replaced``; ``dense``: ``surgery.mode = "dense"``) per distinct (method, ranks).
+    A layer whose group waits for a later block passes on uncompressed. Jobs start as one stream (block 0's
+    captured inputs) and split where their ranks differ; a job that failed leaves its stream.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    plan = _checked(plan if plan is not None else block_plan(model, layers))
+    shapes = {layer.name: tuple(layer.shape) for layer in layers}
+    steps = len(plan.blocks) + (1 if plan.head else 0)
+    done_at = _done_at(plan)
+    pending = _Pending(jobs, done_at, log)
+    _start(jobs, seed)
+    for job in jobs:
+        job.ranks = {}
+    _log_spanning(jobs, done_at, log)
+    pending.ready(-1)
+    with _eval_mode(model), torch.no_grad():
+        streams = [_Stream(list(jobs), capture_inputs(model, plan.blocks[0], batches, batch_size, device), pending)]
+        streams = streams if steps else []
+        for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
+            last = b == steps - 1
+            following: list[_Stream] = []
+            for stream in streams:
+                kinds = frozenset().union(*(job.needs for job in stream.jobs)) & FORWARD_KINDS
+                stats = _step(model, plan, b, stream.inputs, kinds, shapes, device, tracker, "drop" if last else "keep")
+                stream.pending.held.update(stats)
+                del stats
+                done = stream.pending.ready(b)
+                following += [stream] if last else _branch(model, plan, b, stream, done, device, dense, log)
+                stream.inputs = []
+            streams = following
+    for part in [s.pending for s in streams] or [pending]:  # groups of layers the pass did not reach (none)
+        part.rest()
+
+
+def _branch(
+    model: nn.Module,
+    plan: BlockPlan,
+    b: int,
+    stream: _Stream,
+    done: list[tuple[Job, int]],
+    device: torch.device,
+    dense: bool,
+    log: Callable[[str], None],
+) -> list[_Stream]:
+    """The streams after block ``b``: the stream's jobs by (method, reference ranks of the block's groups),
+    each with the block's outputs, the block's layers replaced at those ranks. The last one reuses the
+    stream's list of inputs (one batch at a time), so the activations alive grow by one list per split."""
+    members = set(plan.members[b])
+    buckets: dict[tuple, tuple[list[Job], dict]] = {}
+    for job in stream.jobs:
+        if job.error is not None:
+            continue
+        indices = [i for j, i in done if j is job]
+        try:
+            ranks = list(job.reference(job, indices)) if indices else []
+            if len(ranks) != len(indices):
+                raise RuntimeError(f"reference ranks: {len(ranks)} for {len(indices)} groups")
+            replacements = {}
+            for index, rank in zip(indices, ranks, strict=True):
+                job.ranks[index] = rank
+                if rank is not None:
+                    made = job.factorizations[index].materialize(rank)
+                    replacements.update({n: r for n, r in made.items() if n in members})
+        except Exception as exc:  # the job's cells fail with it; the other jobs go on
+            job.error = exc
+            log(f"propagate {job.label}: block {b}: {type(exc).__name__}: {exc}")
+            continue
+        key = (job.method or job.label, tuple(zip(indices, ranks, strict=True)))
+        buckets.setdefault(key, ([], replacements))[0].append(job)
+    streams = []
+    for k, (jobs, replacements) in enumerate(buckets.values()):
+        in_place = k == len(buckets) - 1
+        inputs = _compressed_outputs(model, plan, b, stream.inputs, replacements, device, dense, in_place)
+        streams.append(_Stream(jobs, inputs, stream.pending.subset(jobs)))
+    return streams
+
+
+def _compressed_outputs(
+    model: nn.Module,
+    plan: BlockPlan,
+    b: int,
+    inputs: list,
+    replacements: dict,
+    device: torch.device,
+    dense: bool,
+    in_place: bool,
+) -> list:
+    """Block ``b``'s outputs for ``inputs`` with ``replacements`` in place of its layers (in ``inputs`` itself
+    where ``in_place``, each batch replaced by its output)."""
+    from harness.surgery import replaced
+
+    outputs = inputs if in_place else [None] * len(inputs)
+    moved = {name: move_tensors(r, device) for name, r in replacements.items()}
+    block = plan.blocks[b]
+    with on_all([block], device), replaced(model, moved, dense):
+        for i, batch in enumerate(inputs):
+            out = block(batch.hidden, *batch.args, **batch.kwargs)
+            outputs[i] = dataclasses.replace(batch, hidden=out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def _log_spanning(jobs: Sequence[Job], done_at: dict[str, int], log: Callable[[str], None]) -> None:
+    """Say, once per method, how many layers pass on uncompressed through their own block because their
+    group is complete only at a later block (cross-layer groups)."""
+    said = set()
+    for job in jobs:
+        method = job.method or job.label
+        if method in said:
+            continue
+        said.add(method)
+        early = 0
+        for group in job.groups:
+            steps = [done_at[n] for n in group if n in done_at]
+            early += sum(1 for s in steps if s < max(steps))
+        if early:
+            log(
+                f"calibration: propagated inputs: {method}: {early} layer{'' if early == 1 else 's'} in groups that "
+                f"span blocks pass on uncompressed through their own blocks (a group is compressed from its last "
+                f"block on)"
+            )

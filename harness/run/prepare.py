@@ -17,6 +17,7 @@ from harness.files import cache_dir
 from harness.models import LoadedModel
 from harness.provenance import seed_everything
 from harness.run import calibration
+from harness.run.blocks import move_tensors
 from harness.run.blockwise import BlockFactorizer
 from harness.run.env import RunEnv, log
 from harness.run.factors import factorize_group, keep
@@ -26,6 +27,7 @@ from harness.surgery import replaced
 
 if TYPE_CHECKING:
     from harness.factorization import Factorization
+    from harness.run.cells import Cell
     from harness.suite import Method
 
 
@@ -37,7 +39,7 @@ class Prepared:
         self.loaded = loaded
         self.layers = layers
         self._batches: torch.Tensor | None = None
-        self.blocks = BlockFactorizer(env, loaded, layers, self.batches, self.calibration_oom)
+        self.blocks = BlockFactorizer(env, loaded, layers, self.batches, self.calibration_oom, self.calibration_loss)
 
     def batches(self) -> torch.Tensor:
         if self._batches is None:
@@ -90,6 +92,11 @@ class Prepared:
         if self.blockwise(decomposer):
             return self.blocks.factorize(method)
         suite = self.env.suite
+        if decomposer.needs and suite.calibration.inputs == "propagated":
+            log(
+                f"calibration: {method.label} needs {', '.join(sorted(decomposer.needs))}: the whole-model pass on "
+                f"original inputs (calibration.inputs = 'propagated' applies to forward statistics only)"
+            )
         stats = self.stats(set(decomposer.needs)) if decomposer.needs else {}
         groups = decomposer.groups(self.layers, method.options)
         allocators = [self.env.plugins.get("allocator", a.name) for a in method.allocators]
@@ -107,9 +114,23 @@ class Prepared:
         return factorizations, time.perf_counter() - started
 
     # ------------------------------------------------------------ the layer-sequential pipeline
-    def expect(self, methods: Sequence[Method]) -> None:
-        """The methods the session will ask ``factorize`` for: the pipeline's one pass serves them all."""
-        self.blocks.expect(methods)
+    def expect(self, methods: Sequence[Method], cells: Sequence[Cell] = ()) -> None:
+        """The methods the session will ask ``factorize`` for (and, for propagated inputs, the cells it will
+        ask ``factorize_cell`` for): the pipeline's one pass serves them all."""
+        self.blocks.expect(methods, cells)
+
+    def propagated(self, method: Method) -> bool:
+        """True where ``method``'s cells each have their own factorizations (``calibration.inputs =
+        "propagated"`` and the pipeline serves the method): the session asks ``factorize_cell``."""
+        return self.blocks.propagated(method)
+
+    def factorize_cell(self, cell: Cell) -> tuple[list[Factorization], float]:
+        """The factorizations of one cell of a ``propagated`` method and the seconds they took."""
+        return self.blocks.factorize_cell(cell)
+
+    def release(self, method: Method, cell: Cell | None = None) -> None:
+        """Its cells are computed: drop what the pipeline keeps of ``method`` (or of ``cell``)."""
+        self.blocks.release(method, cell)
 
     def blockwise(self, decomposer) -> bool:
         """True where ``decomposer`` is served by the pipeline: forward statistics only, under 'blocks'."""
@@ -123,8 +144,11 @@ class Prepared:
         """Loss on the first ``calibration.loss_samples`` windows with an assignment of ranks applied."""
         suite = self.env.suite
 
+        device = torch.device(self.env.device)
+
         def loss(assignment: Sequence[int | None]) -> float:
-            replacements = materialize(factorizations, assignment)
+            # on the device: factors a block pass left on the host (a no-op for a cell's, already there)
+            replacements = {n: move_tensors(r, device) for n, r in materialize(factorizations, assignment).items()}
             with replaced(self.loaded.model, replacements, suite.surgery.mode == "dense"):
                 return lm_loss(self.loaded.model, self.batches()[: suite.calibration.loss_samples], self.env.device)
 

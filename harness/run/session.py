@@ -102,7 +102,8 @@ class ModelSession:
         else:
             self.sink.skip(baseline)
         methods = self.env.suite.methods
-        self.prepared.expect([m for m in methods if any(c.method is m and self.env.pending(c) for c in method_cells)])
+        pending = [c for c in method_cells if self.env.pending(c)]
+        self.prepared.expect([m for m in methods if any(c.method is m for c in pending)], pending)
         for method in self.env.suite.methods:
             mine = [c for c in method_cells if c.method is method]
             pending = [c for c in mine if self.env.pending(c)]
@@ -113,8 +114,19 @@ class ModelSession:
                 self.run_method(method, pending)
 
     def run_method(self, method: Method, cells: Sequence[Cell]) -> None:
+        """Compute ``cells`` (the method's pending ones), then let go of the method's factorizations: only the
+        current method's and those of methods still waiting stay alive (``Prepared.release``)."""
+        if self.prepared.propagated(method):  # each cell its own factorizations (calibration.inputs)
+            for cell in cells:
+                self.compute_cells([cell], lambda cell=cell: self.prepared.factorize_cell(cell))
+                self.prepared.release(method, cell)
+        else:
+            self.compute_cells(cells, lambda: self.factorize(method))
+        self.prepared.release(method)
+
+    def compute_cells(self, cells: Sequence[Cell], factorize: Callable[[], tuple[list[Factorization], float]]) -> None:
         try:
-            factorizations, seconds = self.factorize(method)
+            factorizations, seconds = factorize()
         except HarnessError:
             raise
         except Exception as exc:  # every cell of the method fails with the factorization's error
