@@ -270,3 +270,33 @@ def test_fisher_methods_keep_the_whole_model_pass(tiny_model_dir, tmp_path):
     assert not session.prepared.blockwise(plugins.get("decomposer", "fwsvd"))
     assert session.prepared.blockwise(plugins.get("decomposer", "svd-llm"))
     assert not session.prepared.blockwise(plugins.get("decomposer", "svd"))
+
+
+def test_output_means_are_the_mean_layer_outputs_on_both_paths():
+    """out_mean against the outputs recorded by a plain hook; the block pipeline gives the same tensors."""
+    from harness.models import load_model
+
+    loaded = load_model("random:tiny-llama", "float32", "cpu")
+    model = loaded.model
+    layers = find_linears(model)
+    batches = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
+    whole = collect_stats(model, layers, batches, {"out_cov", "out_mean"}, device="cpu", batch_size=2, progress=False)
+    got = {}
+
+    def keep(group, stats):
+        got.update(stats)
+
+    job = pipeline.Job("x", frozenset({"out_cov", "out_mean"}), [[x.name] for x in layers], keep)
+    pipeline.run_blocks(model, layers, batches, [job], device=torch.device("cpu"), batch_size=2, progress=False)
+    for layer in layers:
+        assert torch.equal(got[layer.name].out_mean, whole[layer.name].out_mean), layer.name
+    name = layers[3].name
+    outputs = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output: outputs.append(output.reshape(-1, output.shape[-1]).double())
+    )
+    with torch.no_grad():
+        model(input_ids=batches)
+    handle.remove()
+    torch.testing.assert_close(whole[name].out_mean, torch.cat(outputs).mean(0))
+    assert whole[name].tokens == 64

@@ -43,7 +43,8 @@ def compress(
     check_reachable(env, prepared, cell, factorizations, dtype_bytes)
     loss = prepared.calibration_loss(factorizations) if uses_data(env, cell.method, cell.allocator) else None
     started = time.perf_counter()
-    assignment = allocate_ranks(env, prepared.layers, cell.allocator, cell.target, factorizations, loss, dtype_bytes)
+    target = bound_target(prepared, cell.target)
+    assignment = allocate_ranks(env, prepared.layers, cell.allocator, target, factorizations, loss, dtype_bytes)
     allocate_s = time.perf_counter() - started
     ranks = layer_ranks(factorizations, assignment)
     return Compressed(
@@ -94,8 +95,8 @@ def block_target(target: Target, share: float) -> Target:
     (params, bits: a fraction of their dense size; rank: of their full ranks), so it is itself; a bytes
     budget (absolute, for the whole model) is scaled by ``share``.
     """
-    if isinstance(target, BytesTarget):
-        return BytesTarget(target.value * share)
+    if isinstance(target, BytesTarget):  # a whole-model budget (scope = "model", bound) less the rest first
+        return BytesTarget((target.value - target.other_bytes()) * share)
     return target
 
 
@@ -108,12 +109,18 @@ def target_key(env: RunEnv, cell: Cell) -> str:
     return f"{env.suite.file}: methods[{index}].targets[{cell.method.targets.index(cell.target)}]"
 
 
+def bound_target(prepared: Prepared, target: Target) -> Target:
+    """``target`` bound to the loaded model (``Target.for_model``: a whole-model ``bytes`` budget counts the
+    rest of the model; other kinds are themselves)."""
+    return target.for_model(prepared.loaded.model, [layer.name for layer in prepared.layers])
+
+
 def check_reachable(
     env: RunEnv, prepared: Prepared, cell: Cell, factorizations: Sequence[Factorization], dtype_bytes: int
 ) -> None:
     """A params, bytes or bits target below the smallest model (every matrix at rank 1, or at its smallest
     positive rank) is bad input: only removing whole matrices (rank 0) could meet it."""
-    target = cell.target
+    target = bound_target(prepared, cell.target)
     short = target.unreachable(factorizations, dtype_bytes)
     if short is not None:
         least, allowed = short

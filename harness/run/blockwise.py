@@ -185,6 +185,7 @@ class BlockFactorizer:
         restricted to their share of the decomposable parameters (``allocate.block_target``)."""
         from harness.run.allocate import allocate_ranks, block_target, uses_data
 
+        bound = cell.target.for_model(self.loaded.model, [layer.name for layer in self.layers])
         shapes = {layer.name: layer.shape for layer in self.layers}
         dense = [sum(shapes[n][0] * shapes[n][1] for n in group if n in shapes) for group in job.groups]
         total = sum(dense) or 1
@@ -193,7 +194,7 @@ class BlockFactorizer:
 
         def ranks(job: pipeline.Job, indices: Sequence[int]) -> list[int | None]:
             facts = [job.factorizations[i] for i in indices]
-            target = block_target(cell.target, sum(dense[i] for i in indices) / total)
+            target = block_target(bound, sum(dense[i] for i in indices) / total)
             loss = self.reference_loss(job, indices) if scored else None
             return allocate_ranks(self.env, self.layers, cell.allocator, target, facts, loss, dtype_bytes)
 

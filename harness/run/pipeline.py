@@ -98,7 +98,15 @@ from torch import nn
 
 from harness.api import LayerInfo, LayerStats
 from harness.run.blocks import BlockPlan, block_plan, capture_inputs, move_tensors, on_all
-from harness.run.calibration import FORWARD_KINDS, INPUT_KINDS, KIND_FIELDS, _eval_mode, _input_sums, _LayerSums
+from harness.run.calibration import (
+    FORWARD_KINDS,
+    INPUT_KINDS,
+    KIND_FIELDS,
+    OUTPUT_KINDS,
+    _eval_mode,
+    _input_sums,
+    _LayerSums,
+)
 
 Factorize = Callable[[Sequence[str], dict[str, LayerStats]], Any]
 
@@ -169,7 +177,7 @@ class _BlockCollector:
     def __init__(self, shapes: dict[str, tuple[int, int]], kinds: frozenset[str], device, tracker) -> None:
         self.shapes = shapes
         self.input_kinds = kinds & INPUT_KINDS
-        self.out_cov = "out_cov" in kinds
+        self.output_kinds = kinds & OUTPUT_KINDS  # out_cov, out_mean: one output accumulator per layer
         self.device = device
         self.tracker = tracker
         self.inputs: dict[str, _LayerSums] = {}
@@ -208,9 +216,9 @@ class _BlockCollector:
                 sums.add_input(_input_sums(x, "gram" in self.input_kinds, "abs_mean" in self.input_kinds))
                 self._added.add(id(sums))
                 self._seen[id(x)] = (x, sums)
-        if self.out_cov:
+        if self.output_kinds:
             if name not in self.outputs:
-                self.outputs[name] = self._new(frozenset({"out_cov"}), name)
+                self.outputs[name] = self._new(self.output_kinds, name)
             self.outputs[name].add_output(y.detach().reshape(-1, y.shape[-1]).to(torch.float64))
 
     def finish(self) -> dict[str, LayerStats]:
@@ -226,14 +234,14 @@ class _BlockCollector:
                 done = finished[id(sums)]
                 merged.tokens, merged.gram = done.tokens, done.gram
                 merged.abs_mean, merged.sq_mean = done.abs_mean, done.sq_mean
-            if self.out_cov:
-                sums = self.outputs.get(name) or self.outputs.setdefault(name, self._new(frozenset({"out_cov"}), name))
+            if self.output_kinds:
+                sums = self.outputs.get(name) or self.outputs.setdefault(name, self._new(self.output_kinds, name))
                 done = sums.finish()
-                merged.out_cov = done.out_cov
+                merged.out_cov, merged.out_mean = done.out_cov, done.out_mean
                 if not self.input_kinds:
                     merged.tokens = done.tokens
             if self.tracker is not None:
-                for f in ("gram", "abs_mean", "sq_mean", "out_cov"):
+                for f in ("gram", "abs_mean", "sq_mean", "out_cov", "out_mean"):
                     self.tracker.track(getattr(merged, f))
             stats[name] = merged
         self.inputs.clear()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from harness.errors import HarnessError
 from harness.models import LoadedModel, load_model
 from harness.offload import offload_blocks
+from harness.run import diskfactors
 from harness.run.allocate import compress
 from harness.run.env import CellSink, RunEnv, log
 from harness.run.identity import model_cells, used_versions
@@ -162,7 +163,9 @@ class ModelSession:
         return self.prepared.stats(needs)
 
     def factorize(self, method: Method) -> tuple[list[Factorization], float]:
-        return self.prepared.factorize(method)
+        """The method's factorizations: from matching files under ``[factorization] keep = "disk"``, else
+        computed (and, under ``disk``, written per group: ``harness.run.diskfactors``)."""
+        return diskfactors.factorize(self.prepared, method)
 
     def compute_baseline(self, cell: Cell) -> CellRecord:
         return self.finished(cell, measure(self.env, self.prepared, cell, {}, self.dense), ranks={})
