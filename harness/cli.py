@@ -194,6 +194,11 @@ def suite_from_args(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     suite = suite_from_args(args)
+    if args.executor == "ray" and suite.calibration.inputs == "propagated":
+        raise HarnessError(
+            f"{suite.file}: calibration.inputs: expected 'original' under --executor ray (its tasks factorize per "
+            "method, not per cell), got 'propagated'; run this suite with the sequential executor"
+        )
     if not args.no_plan_check:  # from the models' configs, before anything heavy is imported or loaded
         from harness.plan import check_run
 

@@ -467,3 +467,16 @@ def test_a_cells_propagated_factorizations_are_freed_after_it(tmp_path, tiny_mod
     assert seen == [([], 1), ([True], 0)]
     assert len(refs) == 2 and all(r() is None for r in refs)
     assert not session.prepared.blocks._streams
+
+
+def test_ray_refuses_propagated_inputs_before_anything_runs(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "ray.toml"
+    path.write_text(
+        'models = ["random:tiny-llama"]\nmethods = ["svd-llm"]\ntargets = [0.5]\n[calibration]\ninputs = "propagated"\n'
+    )
+    assert main(["run", str(path), "--executor", "ray", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "calibration.inputs: expected 'original' under --executor ray" in err
+    assert not (tmp_path / "r").exists()
