@@ -78,6 +78,8 @@ _EXPORTS: dict[str, str] = {
     # model surgery: parameter and byte counts
     "count_layers": "harness.surgery",
     "count_model": "harness.surgery",
+    # exported compressed models (harness export)
+    "load_compressed": "harness.export",
     # results store
     "atomic_write_json": "harness.store",
     "read_results": "harness.store",
@@ -128,6 +130,7 @@ __all__ = [
     "keep_fraction",
     "kept_rank_fraction",
     "largest_fitting",
+    "load_compressed",
     "lower_triangular_inverse",
     "lowrank_params",
     "read_results",
@@ -183,6 +186,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         tokenize_stream,
     )
     from harness.errors import HarnessError, first_line
+    from harness.export import load_compressed
     from harness.factorization import (
         Dense,
         Factorization,

@@ -120,6 +120,21 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     baseline.add_argument("results_dir", help="e.g. results/smoke")
     baseline.add_argument("-o", "--output", required=True, help="baseline file to write (its tolerances are kept)")
 
+    export = sub.add_parser(
+        "export", help="write a computed cell's compressed model (factored safetensors or a dense checkpoint)"
+    )
+    export.add_argument("suite", help="the suite file the cell was computed from")
+    export.add_argument("cell", help="cell id or an unambiguous prefix of it")
+    export.add_argument("--out", required=True, help="directory to write the model to")
+    export.add_argument(
+        "--format",
+        choices=("factored", "dense"),
+        default="factored",
+        help="factored: two factors per decomposed layer, loaded by harness.load_compressed (default); "
+        "dense: the reconstructed weights as a plain checkpoint of the original architecture",
+    )
+    export.add_argument("--results", default="results", help="results root (default: results)")
+
     for name, command in (plugin_commands()[0] if commands is None else commands).items():
         command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
@@ -351,6 +366,16 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.export import export_cell
+    from harness.suite import load_suite
+
+    exported = export_cell(load_suite(args.suite), Path(args.results), args.cell, Path(args.out), args.format)
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in exported.files.items() if size > 1e5)
+    print(f"{exported.directory}: cell {exported.cell_id} exported {exported.format} ({sizes})")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -362,6 +387,7 @@ COMMANDS = {
     "show": cmd_show,
     "check": cmd_check,
     "baseline": cmd_baseline,
+    "export": cmd_export,
 }
 
 if __name__ == "__main__":
