@@ -335,10 +335,10 @@ def test_mlflow_parent_run_gets_the_reports_and_the_leaderboard_table(tmp_path, 
     MlflowClient reads back row by row; each cell run carries the row tag that lines it up across suites."""
     from types import SimpleNamespace
 
+    from harness_mlflow import TABLE, MLflowOptions, MLflowTracker
     from mlflow.tracking import MlflowClient
 
     from harness.cli import main
-    from harness_mlflow import TABLE, MLflowOptions, MLflowTracker
 
     results = suite_results()
     for result in results:

@@ -8,21 +8,34 @@ optimal for the layer's output:
 
 .. math:: \\min_{\\operatorname{rank}(AB) \\le k} \\|(W - AB) X^\\top\\|_F^2 = \\sum_{i>k} s_i^2
 
-Where G is singular the Cholesky gets jitter on its diagonal (the repo's rule,
-``harness.cholesky_with_jitter``); the objective is then that of
-G + jitter I, and the jitter is recorded in ``Factorization.info``. One SVD
-serves every rank. The repo's optional LoRA "parameter update" stage is not
-part of this decomposer.
+Where G is singular the Cholesky gets jitter on its diagonal (``jitter``:
+the harness's guarded rule or the repo's exact one); the objective is then
+that of G + jitter I, and the jitter is recorded in ``Factorization.info``.
+One SVD serves every rank.
+
+``update = "closed-form"``: the repo's closed-form update of the left factor
+(least squares with the right factor fixed) on the cell's Gram, the right
+factor that of the plain SVD (the repo's update-only mode). With the right
+factor whitened by the same Gram the update is the identity (README), and the
+harness hands a decomposer one Gram per layer, so the paper's step 2
+(whitening on the original inputs, update on the propagated ones) is not
+offered. ``update = "lora"`` is refused: it fine-tunes the whole model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
 
 __version__ = "0.1.0"
+
+LORA_REFUSAL = (
+    "update = 'lora' is not offered: SVD-LLM's LoRA stage fine-tunes the compressed model's factors "
+    "(U, then V) on instruction data through the whole model (the repo's utils/LoRA.py), and a decomposer "
+    "receives one layer's weight and statistics, not the model, data and optimizer"
+)
 
 
 @dataclass(frozen=True)
@@ -32,10 +45,18 @@ class SVDLLMOptions:
     jitter_eps: float = 1e-6
     """Added on top of -lambda_min to the Gram's diagonal where Cholesky fails (SVD-LLM's 1e-6,
     ``harness.CHOLESKY_EPS``; written out here so that reading the options needs no torch)."""
+    jitter: Literal["harness", "repo"] = field(default="harness", metadata={"omit_default": True})
+    """Where Cholesky fails: "harness" adds max(-lambda_min, 0) + eps and grows it tenfold while it still
+    fails; "repo" adds -lambda_min + eps once, as the official code (a second failure fails the layer)."""
+    update: Literal["none", "closed-form", "lora"] = field(default="none", metadata={"omit_default": True})
+    """"none": whitening alone (step 1). "closed-form": the plain SVD's right factor and the least-squares
+    left factor on the cell's Gram (the repo's update-only mode). "lora": refused (``LORA_REFUSAL``)."""
 
     def __post_init__(self) -> None:
         if self.jitter_eps <= 0:
             raise ValueError(f"jitter_eps must be positive, got {self.jitter_eps}")
+        if self.update == "lora":
+            raise ValueError(LORA_REFUSAL)
 
 
 class SVDLLM(harness.SingleMatrixDecomposer):
@@ -45,14 +66,31 @@ class SVDLLM(harness.SingleMatrixDecomposer):
     description = "SVD of W S with S the Cholesky factor of X^T X (truncation-aware whitening)"
 
     def factorize_matrix(self, name, weight, stats, options, ctx):
+        if options.update == "closed-form":
+            return _closed_form(name, weight, stats, options)
         from harness_svdllm.decompose import whitened_svd
 
         dtype = harness.float_dtype(options.dtype)
-        U, s, Vt, S_inv, jitter = whitened_svd(weight, stats.gram, eps=options.jitter_eps, dtype=dtype)
+        U, s, Vt, S_inv, jitter = whitened_svd(
+            weight, stats.gram, eps=options.jitter_eps, dtype=dtype, jitter=options.jitter
+        )
         if jitter:
             ctx.log(f"svd-llm: {name}: Gram not positive definite, added {jitter:.3g} to its diagonal")
         info = {"jitter": jitter, "tokens": stats.tokens}
         return harness.SVDLikeFactorization(name, U, s, Vt, right=S_inv, out_dtype=weight.dtype, info=info)
+
+
+def _closed_form(name, weight, stats, options) -> harness.SVDLikeFactorization:
+    """The plain SVD's right factor with the closed-form left factor at every rank (nested, one Cholesky of
+    B G B^T); ``error(k)`` is the output error ||(W - A_k B_k) X^T||^2 on the cell's inputs."""
+    from harness_svdllm.decompose import orthogonalized_update, plain_right, svd_like
+
+    dtype = harness.float_dtype(options.dtype)
+    gram = stats.gram.to(weight.device)
+    Q, C, jitter = orthogonalized_update(weight, plain_right(weight, dtype), gram)
+    U, s, Vt = (t.to(dtype) for t in svd_like(Q, C))
+    info = {"update": "closed-form", "update_jitter": jitter, "tokens": stats.tokens}
+    return harness.SVDLikeFactorization(name, U, s, Vt, out_dtype=weight.dtype, info=info)
 
 
 @harness.hookimpl
