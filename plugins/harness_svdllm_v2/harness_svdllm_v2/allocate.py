@@ -60,7 +60,7 @@ def rank_within(fact: harness.Factorization, keep: float, min_rank: int) -> int 
     """
     if keep >= 1:
         return None
-    ranks = list(fact.ranks)
+    ranks = fact.ranks  # ascending; costs grow with rank, so bisect on them
     limit = min(keep * fact.dense_params, fact.dense_params - 1)  # saving: strictly below dense
     i = bisect.bisect_right(ranks, limit, key=fact.params) - 1
     rank = ranks[max(i, 0)]
