@@ -283,6 +283,54 @@ def test_greedy_equals_brute_force_at_lagrangian_budgets():
     assert len(seen) >= 8
 
 
+def reference_greedy(facts, target) -> list[int | None]:
+    """The greedy written naively: from every group's floor, repeatedly take, over all groups, the affordable
+    step of best error reduction per unit of cost, a step going from a group's current choice to any later
+    affordable one (the best of which is the next vertex of the upper hull over what is affordable; among
+    equal slopes the farthest); ties between groups to the first. O(G K^2) per step: tiny cases only."""
+    choices = [hand_choices(f) for f in facts]
+    costs = [[target.cost(f, r, DTYPE_BYTES) for r in c] for f, c in zip(facts, choices, strict=True)]
+    errors = [[hand_error(f, r) for r in c] for f, c in zip(facts, choices, strict=True)]
+    at = [0] * len(facts)
+    limit = target.limit(facts, DTYPE_BYTES)
+    spent = sum(c[0] for c in costs)
+    while True:
+        best = None  # (slope, -group, j)
+        for g, (c, e) in enumerate(zip(costs, errors, strict=True)):
+            here = at[g]
+            for j in range(here + 1, len(c)):
+                if spent + c[j] - c[here] <= limit:
+                    slope = (e[here] - e[j]) / (c[j] - c[here])
+                    if best is None or (slope, -g, j) > best:
+                        best = (slope, -g, j)
+        if best is None:
+            return [c[a] for c, a in zip(choices, at, strict=True)]
+        _, minus_g, j = best
+        g = -minus_g
+        spent += costs[g][j] - costs[g][at[g]]
+        at[g] = j
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_equals_the_naive_greedy_at_every_budget(seed):
+    """Mixed shapes, random spectra: at every byte budget from the floors to dense (bytes targets carry no
+    tolerance, so a budget spent exactly tests "at most"), the allocator's choices are the naive greedy's."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(8, 8), (16, 8), (8, 16), (12, 5)]
+    facts = [
+        planted(f"g{i}", m, n, torch.sort(4 * torch.rand(min(m, n), generator=gen) ** 2, descending=True).values, i)
+        for i, (m, n) in enumerate(shapes)
+    ]
+    dense = budget.dense_total(facts)
+    floor = sum(hand_choices(f)[0] * sum(f.shapes[0]) for f in facts)
+    options = GlobalGreedy.Options()
+    for spend in range(floor, dense + 1, 2):
+        target = Target("bytes", float(DTYPE_BYTES * spend))
+        assert target.limit(facts, DTYPE_BYTES) == DTYPE_BYTES * spend
+        ranks = GlobalGreedy().allocate(facts, target, options, context())
+        assert ranks == reference_greedy(facts, target), spend
+
+
 def test_greedy_leaves_no_affordable_step(facts):
     target = Target("params", 0.5)
     ranks = allocate(GlobalGreedy(), facts, target)
@@ -348,6 +396,19 @@ def test_energy_shares_one_fraction_worked_by_hand():
     target = Target("params", 6 * 32 / 512)
     assert Energy().allocate([a, b], target, Energy.Options(), context()) == [1, 5]
     assert GlobalGreedy().allocate([a, b], target, GlobalGreedy.Options(), context())[0] > 1
+
+
+def test_energy_rank_is_the_smallest_rank_keeping_at_least_the_fraction():
+    """Energies 16, 4, 1, 0.25 of 21.25: E = 0, .753, .941, .988, 1. A fraction equal to E(k) is kept by k."""
+    from harness_allocators.energy import energy_curve, energy_rank
+
+    fact = planted("g", 8, 8, torch.tensor([4.0, 2.0, 1.0, 0.5]), seed=0)
+    ranks, curve = energy_curve(fact)
+    assert curve == pytest.approx([0.0, 16 / 21.25, 20 / 21.25, 21 / 21.25, 1.0])
+    for k in range(1, 5):
+        assert energy_rank(ranks, curve, curve[k]) == k
+        assert energy_rank(ranks, curve, curve[k] - 1e-9) == k
+    assert energy_rank(ranks, curve, curve[2] + 1e-9) == 3
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -436,6 +497,9 @@ def test_welore_singular_values_from_error_curve():
     s = torch.tensor([5.0, 3.0, 2.0, 1.0])
     tail = HeavyTail(planted("g", 6, 4, s, seed=0), 0.0)
     assert tail.sorted == pytest.approx(sorted([1.0, 0.5, 0.25, 0.0]))
+    # directions with s_hat < tau are dropped: one at exactly tau is kept
+    assert [tail.rank(tau) for tau in (0.25, 0.26, 0.5, 1.0)] == [3, 2, 2, 1]
+    assert tail.rank(0.0) is None  # nothing dropped: the group stays dense
 
 
 def hand_welore(fact, tau: float) -> int | None:

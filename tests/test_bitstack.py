@@ -158,7 +158,7 @@ def test_scales_are_the_pooled_l2_statistic_an_upper_bound_of_the_repos():
         activation_scales(None, "l2", 16)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (13, 5)])  # 65 signs: 9 bytes, an odd total (params round up)
 def test_bytes_equal_the_formula_and_the_layer_storage(shape):
     m, n = shape
     _, fact = factorize(m, n)
@@ -220,6 +220,13 @@ def test_budget_is_never_exceeded_and_the_prefix_is_longest():
         if loaded < len(order):
             g = order[loaded]
             assert used + facts[g].bytes(ranks[g] + 1) - facts[g].bytes(ranks[g]) > budget
+    # a budget equal to a prefix's total loads exactly that prefix (the budget is "at most", not "below")
+    ranks, total = [1, 1, 1], minimum
+    for g in order:
+        total += facts[g].bytes(ranks[g] + 1) - facts[g].bytes(ranks[g])
+        ranks[g] += 1
+        target = harness.Target("bytes", total)
+        assert allocator.allocate(facts, target, BitStackOrder.Options(), ctx) == ranks
     assert len(calls) == n_calls  # one order served every budget
     bits = allocator.allocate(facts, harness.Target("bits", 12.0), BitStackOrder.Options(), ctx)
     dense = sum(f.dense_params for f in facts)
@@ -235,6 +242,11 @@ def test_loss_score_needs_calibration_and_proxy_does_not():
     opts = parse_options(BitStackOrder.Options, {"score": "proxy"}, "allocators.bitstack-order")
     ranks = BitStackOrder().allocate(facts, harness.Target("bits", 12.0), opts, allocation_ctx())
     assert all(1 <= r <= 6 for r in ranks)
+    # proxy: each level by the error drop per byte of the added block, largest first (ties: earlier group)
+    order = BitStackOrder().order(facts, opts, allocation_ctx())
+    for level in range(1, 6):
+        per_byte = [(f.error(level) - f.error(level + 1)) / (f.bytes(level + 1) - f.bytes(level)) for f in facts]
+        assert order[3 * (level - 1) : 3 * level] == sorted(range(3), key=lambda g: -per_byte[g]), level
 
 
 def test_level_order_puts_failed_scores_last():

@@ -145,6 +145,7 @@ print(digest.hexdigest())
 """
 
 
+@pytest.mark.slow  # three child processes importing torch: ~10 s of CPU, 40 s on a busy 2-core machine
 def test_randomized_methods_give_identical_factors_across_processes():
     """ASVD's ``svd = "lowrank"``, BitStack's ``svd = "lowrank"`` and TRAWL's random init depend on the seed
     and nothing else: not on the process (hash seed), nor on the global RNG state before the call (ASVD,

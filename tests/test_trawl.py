@@ -3,6 +3,8 @@ layer, across the model, per third), both modes, seeds, the rank chosen on held-
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from harness_trawl import TrawlCP, TrawlTucker
@@ -120,6 +122,9 @@ def test_cp_factors_solve_their_least_squares_subproblems():
         torch.testing.assert_close(factor, solve(unfolded, p, q), rtol=1e-4, atol=1e-6 * float(factor.abs().max()))
     residual = float((T - reconstruct(d)).square().sum())
     assert d.sq_error == pytest.approx(residual, rel=1e-9)
+    assert d.rel_error == pytest.approx(math.sqrt(residual) / float(T.norm()), rel=1e-9)
+    for s in range(S):
+        torch.testing.assert_close(d.slice(s), reconstruct(d)[s])
 
 
 def test_tucker_core_is_the_projection_on_orthonormal_factors():
@@ -132,7 +137,11 @@ def test_tucker_core_is_the_projection_on_orthonormal_factors():
         torch.testing.assert_close(factor.T @ factor, torch.eye(factor.shape[1], dtype=torch.float64))
     core = torch.einsum("smn,st,mi,nj->tij", T, d.stack, d.left, d.right)
     torch.testing.assert_close(d.core, core, rtol=1e-6, atol=1e-9)
-    assert d.sq_error == pytest.approx(float((T - reconstruct(d)).square().sum()), rel=1e-9)
+    residual = float((T - reconstruct(d)).square().sum())
+    assert d.sq_error == pytest.approx(residual, rel=1e-9)
+    assert d.rel_error == pytest.approx(math.sqrt(residual) / float(T.norm()), rel=1e-9)
+    for s in range(T.shape[0]):
+        torch.testing.assert_close(d.slice(s), reconstruct(d)[s])
 
 
 def test_cp_error_falls_with_rank_on_weights():
