@@ -16,15 +16,11 @@ import time
 import pytest
 import torch
 from harness_allocators import Energy, GlobalGreedy, Sensitivity, Uniform, WeLore, limits
-from harness_allocators.energy import energy_curve, energy_rank
-from harness_allocators.greedy import choice_error
-from harness_allocators.sensitivity import threshold_assignment
 from harness_allocators.welore import HeavyTail, solve_tau
 
 import harness
 from harness import budget, targets
 from harness.options import parse_options
-from harness.plugins import Plugins
 from harness.targets import Target
 
 DTYPE_BYTES = 2
@@ -61,7 +57,22 @@ def planted(name: str, m: int, n: int, s: torch.Tensor, seed: int) -> harness.SV
     r = len(s)
     U = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
-    return harness.SVDLikeFactorization(name, U, s.double(), V.T)
+    fact = harness.SVDLikeFactorization(name, U, s.double(), V.T)
+    fact.planted = s.double()  # the spectrum, for answers computed without the code under test
+    return fact
+
+
+def hand_error(fact, rank: int | None) -> float:
+    """The planted error at ``rank``: sum of the discarded s_i^2 (0 dense)."""
+    return 0.0 if rank is None else float(fact.planted[rank:].square().sum())
+
+
+def hand_choices(fact, min_rank: int = 1, low: float = 0.0, high: float = 1.0) -> list[int | None]:
+    """Every rank an allocator may pick, written out: floor = max(min_rank, ceil(low r)), ceiling = floor(high r),
+    r = full rank, and only ranks that save, k (m + n) < m n; then dense (None)."""
+    (m, n), full = fact.shapes[0], fact.full_rank
+    floor, ceiling = max(min_rank, math.ceil(low * full - 1e-9)), math.floor(high * full + 1e-9)
+    return [k for k in range(floor, ceiling + 1) if k * (m + n) < m * n] + [None]
 
 
 def model_facts(layers: int = 4, seed: int = 0) -> list[harness.Factorization]:
@@ -89,7 +100,8 @@ def fake_loss(facts, calls: list | None = None):
         if calls is not None:
             calls.append(tuple(assignment))
         return 2.0 + sum(
-            w * choice_error(f, r) / max(f.error(0), 1e-12) for w, f, r in zip(weights, facts, assignment, strict=True)
+            w * hand_error(f, r) / max(hand_error(f, 0), 1e-12)
+            for w, f, r in zip(weights, facts, assignment, strict=True)
         )
 
     return loss
@@ -101,7 +113,10 @@ def context(loss=None) -> harness.AllocationContext:
     )
 
 
-ASVD_FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # ASVD's own candidates (ours default to 0.4..0.9)
+ASVD_FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+"""ASVD's candidates in its stable-rank mode (``calib_sensitivity_stable_rank``), so that targets below 0.4 are
+reachable here; its perplexity mode (``calib_sensitivity_ppl``), which the plugin follows, measures
+0.4 .. 0.9 (the plugin's default ``kept_fractions``), 0.1 .. 1.9 when compressing the KV cache."""
 
 
 def allocate(allocator, facts, target, loss=None, **options):
@@ -115,23 +130,21 @@ def allocate(allocator, facts, target, loss=None, **options):
 def max_step(facts, target, options) -> float:
     """The largest cost of one step between consecutive choices of any group."""
     steps = [0.0]
-    for band in limits.bands(facts, options):
-        costs = [target.cost(band.fact, r, DTYPE_BYTES) for r in band.choices]
+    for fact in facts:
+        costs = [target.cost(fact, r, DTYPE_BYTES) for r in hand_choices_of(fact, options)]
         steps += [b - a for a, b in itertools.pairwise(costs)]
     return max(steps)
+
+
+def hand_choices_of(fact, options) -> list[int | None]:
+    return hand_choices(fact, options.min_rank, options.min_rank_fraction, options.max_rank_fraction)
 
 
 def check_assignment(facts, ranks, target, options=None) -> None:
     options = options or limits.LimitOptions()
     assert len(ranks) == len(facts)
-    for fact, rank, band in zip(facts, ranks, limits.bands(facts, options), strict=True):
-        if rank is None:
-            continue
-        assert budget.saves(fact, rank), f"{fact.names}: rank {rank} saves nothing"
-        assert rank in fact.ranks
-        floor, ceiling = limits.rank_bounds(fact, options)
-        assert floor <= rank <= ceiling
-        assert rank in band.choices
+    for fact, rank in zip(facts, ranks, strict=True):
+        assert rank in hand_choices_of(fact, options), f"{fact.names}: rank {rank} is not allowed"
     cost = target.assignment_cost(facts, ranks, DTYPE_BYTES)
     limit = target.limit(facts, DTYPE_BYTES)
     assert cost <= limit
@@ -206,15 +219,6 @@ def test_options_declared_and_checked(allocator):
         opts.min_rank = 3  # frozen
 
 
-def test_registered_as_plugins():
-    plugins = Plugins()
-    names = plugins.names("allocator")
-    for name in ("uniform", "energy", "global-greedy", "sensitivity", "welore"):
-        assert name in names
-    assert plugins.get("allocator", "sensitivity").uses_calibration
-    assert not plugins.get("allocator", "welore").uses_calibration
-
-
 def test_full_target_keeps_everything_dense(facts):
     for allocator in ALLOCATORS:
         assert allocate(allocator, facts, Target("params", 1.0)) == [None] * len(facts)
@@ -222,17 +226,17 @@ def test_full_target_keeps_everything_dense(facts):
 
 # ---------------------------------------------------------------- global greedy
 def brute_force(facts, target, options) -> float:
-    """Least total error over every combination of choices (floors, ceilings, dense if not saving)."""
+    """Least total planted error over every combination of the allowed choices (written out) within budget."""
     limit = target.limit(facts, DTYPE_BYTES)
     best = math.inf
-    for combo in itertools.product(*(band.choices for band in limits.bands(facts, options))):
+    for combo in itertools.product(*(hand_choices_of(f, options) for f in facts)):
         if target.assignment_cost(facts, combo, DTYPE_BYTES) <= limit:
-            best = min(best, sum(choice_error(f, r) for f, r in zip(facts, combo, strict=True)))
+            best = min(best, sum(hand_error(f, r) for f, r in zip(facts, combo, strict=True)))
     return best
 
 
 def total_error(facts, ranks) -> float:
-    return sum(choice_error(f, r) for f, r in zip(facts, ranks, strict=True))
+    return sum(hand_error(f, r) for f, r in zip(facts, ranks, strict=True))
 
 
 def test_greedy_equals_brute_force_with_equal_steps():
@@ -261,12 +265,11 @@ def test_greedy_equals_brute_force_at_lagrangian_budgets():
         for i, (m, n) in enumerate(shapes)
     ]
     options = parse_options(GlobalGreedy.Options, {"min_rank": 0}, "a")
-    bands = limits.bands(facts, options)
     seen = set()
     for lam in torch.logspace(-4, 2, 120).tolist():
         lagrangian = [
-            min(band.choices, key=lambda r, f=f: choice_error(f, r) + lam * budget.group_params(f, r))
-            for f, band in zip(facts, bands, strict=True)
+            min(hand_choices_of(f, options), key=lambda r, f=f: hand_error(f, r) + lam * budget.group_params(f, r))
+            for f in facts
         ]
         cost = budget.assignment_params(facts, lagrangian)
         if cost in seen:
@@ -280,13 +283,62 @@ def test_greedy_equals_brute_force_at_lagrangian_budgets():
     assert len(seen) >= 8
 
 
+def reference_greedy(facts, target) -> list[int | None]:
+    """The greedy written naively: from every group's floor, repeatedly take, over all groups, the affordable
+    step of best error reduction per unit of cost, a step going from a group's current choice to any later
+    affordable one (the best of which is the next vertex of the upper hull over what is affordable; among
+    equal slopes the farthest); ties between groups to the first. O(G K^2) per step: tiny cases only."""
+    choices = [hand_choices(f) for f in facts]
+    costs = [[target.cost(f, r, DTYPE_BYTES) for r in c] for f, c in zip(facts, choices, strict=True)]
+    errors = [[hand_error(f, r) for r in c] for f, c in zip(facts, choices, strict=True)]
+    at = [0] * len(facts)
+    limit = target.limit(facts, DTYPE_BYTES)
+    spent = sum(c[0] for c in costs)
+    while True:
+        best = None  # (slope, -group, j)
+        for g, (c, e) in enumerate(zip(costs, errors, strict=True)):
+            here = at[g]
+            for j in range(here + 1, len(c)):
+                if spent + c[j] - c[here] <= limit:
+                    slope = (e[here] - e[j]) / (c[j] - c[here])
+                    if best is None or (slope, -g, j) > best:
+                        best = (slope, -g, j)
+        if best is None:
+            return [c[a] for c, a in zip(choices, at, strict=True)]
+        _, minus_g, j = best
+        g = -minus_g
+        spent += costs[g][j] - costs[g][at[g]]
+        at[g] = j
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_equals_the_naive_greedy_at_every_budget(seed):
+    """Mixed shapes, random spectra: at every byte budget from the floors to dense (bytes targets carry no
+    tolerance, so a budget spent exactly tests "at most"), the allocator's choices are the naive greedy's."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(8, 8), (16, 8), (8, 16), (12, 5)]
+    facts = [
+        planted(f"g{i}", m, n, torch.sort(4 * torch.rand(min(m, n), generator=gen) ** 2, descending=True).values, i)
+        for i, (m, n) in enumerate(shapes)
+    ]
+    dense = budget.dense_total(facts)
+    floor = sum(hand_choices(f)[0] * sum(f.shapes[0]) for f in facts)
+    options = GlobalGreedy.Options()
+    for spend in range(floor, dense + 1, 2):
+        target = Target("bytes", float(DTYPE_BYTES * spend))
+        assert target.limit(facts, DTYPE_BYTES) == DTYPE_BYTES * spend
+        ranks = GlobalGreedy().allocate(facts, target, options, context())
+        assert ranks == reference_greedy(facts, target), spend
+
+
 def test_greedy_leaves_no_affordable_step(facts):
     target = Target("params", 0.5)
     ranks = allocate(GlobalGreedy(), facts, target)
     spare = target.limit(facts, DTYPE_BYTES) - budget.assignment_params(facts, ranks)
-    for fact, rank, band in zip(facts, ranks, limits.bands(facts, limits.LimitOptions()), strict=True):
+    for fact, rank in zip(facts, ranks, strict=True):
         if rank is not None:
-            following = band.choices[band.choices.index(rank) + 1]
+            choices = hand_choices(fact)
+            following = choices[choices.index(rank) + 1]
             assert budget.group_params(fact, following) - fact.params(rank) > spare
 
 
@@ -334,16 +386,29 @@ def test_energy_is_scale_free():
     assert greedy[0] > greedy[1]
 
 
-def test_energy_rank_is_smallest_keeping_the_fraction():
-    s = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.01])
-    fact = planted("g", 16, 16, s, seed=0)
-    ranks, fraction = limits.fit_knob(
-        "energy", [fact], limits.bands([fact], Energy.Options()), Target("params", 3 * 32 / 256), DTYPE_BYTES,
-        lambda f: [energy_rank(*energy_curve(fact), f)],
-    )  # fmt: skip
-    assert ranks == [3]
-    energy = (s.double() ** 2).cumsum(0) / (s.double() ** 2).sum()
-    assert float(energy[1]) < fraction <= float(energy[2])  # rank 3 is the smallest keeping the fraction
+def test_energy_shares_one_fraction_worked_by_hand():
+    """A: s = 4, 2, 1, .5, .25, .1, .05, .01 (energies s^2 / 21.3226: E(1) = .750, E(2) = .938);
+    B: eight equal values, E(k) = k / 8. Six ranks of budget (16 x 16, 32 parameters a rank): the largest
+    common fraction is f = 5/8 (A: 1, B: 5; at any f above it B needs 6, seven in all), and the budget is
+    spent exactly, so nothing is topped up: [1, 5] (greedy, on error per parameter, would favour A)."""
+    a = planted("a", 16, 16, torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.01]), seed=0)
+    b = planted("b", 16, 16, torch.ones(8), seed=1)
+    target = Target("params", 6 * 32 / 512)
+    assert Energy().allocate([a, b], target, Energy.Options(), context()) == [1, 5]
+    assert GlobalGreedy().allocate([a, b], target, GlobalGreedy.Options(), context())[0] > 1
+
+
+def test_energy_rank_is_the_smallest_rank_keeping_at_least_the_fraction():
+    """Energies 16, 4, 1, 0.25 of 21.25: E = 0, .753, .941, .988, 1. A fraction equal to E(k) is kept by k."""
+    from harness_allocators.energy import energy_curve, energy_rank
+
+    fact = planted("g", 8, 8, torch.tensor([4.0, 2.0, 1.0, 0.5]), seed=0)
+    ranks, curve = energy_curve(fact)
+    assert curve == pytest.approx([0.0, 16 / 21.25, 20 / 21.25, 21 / 21.25, 1.0])
+    for k in range(1, 5):
+        assert energy_rank(ranks, curve, curve[k]) == k
+        assert energy_rank(ranks, curve, curve[k] - 1e-9) == k
+    assert energy_rank(ranks, curve, curve[2] + 1e-9) == 3
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -384,20 +449,47 @@ def test_sensitivity_spares_the_sensitive_groups(facts):
     assert sum(fractions[2]) / len(fractions[2]) > sum(fractions[0]) / len(fractions[0])
 
 
-def test_sensitivity_is_one_threshold_then_one_group_topped_up(facts):
-    allocator = Sensitivity()
-    target = Target("params", 0.6)
-    ranks = allocate(allocator, facts, target)
-    entries = allocator.cache.get(facts, next(iter(allocator.cache.entries))[1])
-    count = next(
-        j for j in range(len(entries) + 1)
-        if target.fits(facts, threshold_assignment(entries, j, len(facts)), DTYPE_BYTES)
-    )  # fmt: skip
-    rule = threshold_assignment(entries, count, len(facts))
-    differ = [i for i, (a, b) in enumerate(zip(rule, ranks, strict=True)) if a != b]
-    assert len(differ) <= 1
-    for i in differ:
-        assert ranks[i] is None or ranks[i] > rule[i]
+def hand_sensitivity(facts, target, fractions, loss) -> list[int | None]:
+    """ASVD's sensitivity rule written out: candidates k = floor(p m n / (m + n)) per kept fraction p; the loss
+    with one group at one candidate; entries sorted by (loss, group, -rank); the fewest leading entries
+    whose assignment (each group at its smallest admitted rank, dense if none) fits; then the group of the
+    last entry admitted raised to the largest allowed rank below its rank without that entry that fits."""
+    candidates = [
+        sorted({max(1, math.floor(p * f.dense_params / sum(f.shapes[0]))) for p in fractions}, reverse=True)
+        for f in facts
+    ]
+    entries = []
+    for g, ranks in enumerate(candidates):
+        for rank in ranks:
+            one = [None] * len(facts)
+            one[g] = rank
+            entries.append((loss(one), g, -rank))
+    entries.sort()
+
+    def admitted(count):
+        ranks = [None] * len(facts)
+        for _, g, minus in entries[:count]:
+            ranks[g] = -minus if ranks[g] is None else min(ranks[g], -minus)
+        return ranks
+
+    limit = target.limit(facts, DTYPE_BYTES)
+    count = next(j for j in range(len(entries) + 1) if target.assignment_cost(facts, admitted(j), DTYPE_BYTES) <= limit)
+    ranks, before = admitted(count), admitted(count - 1)
+    g = entries[count - 1][1]
+    above = [r for r in hand_choices(facts[g]) if r is None or r > ranks[g]]
+    below = above if before[g] is None else [r for r in above if r is not None and r <= before[g]]
+    for choice in reversed(below):
+        trial = [*ranks[:g], choice, *ranks[g + 1 :]]
+        if target.assignment_cost(facts, trial, DTYPE_BYTES) <= limit:
+            return trial
+    return ranks
+
+
+@pytest.mark.parametrize("keep", [0.45, 0.6, 0.8])
+def test_sensitivity_is_one_loss_threshold_then_one_group_topped_up(facts, keep):
+    target = Target("params", keep)
+    ranks = allocate(Sensitivity(), facts, target)
+    assert ranks == hand_sensitivity(facts, target, ASVD_FRACTIONS, fake_loss(facts))
 
 
 # ---------------------------------------------------------------- welore
@@ -405,21 +497,32 @@ def test_welore_singular_values_from_error_curve():
     s = torch.tensor([5.0, 3.0, 2.0, 1.0])
     tail = HeavyTail(planted("g", 6, 4, s, seed=0), 0.0)
     assert tail.sorted == pytest.approx(sorted([1.0, 0.5, 0.25, 0.0]))
+    # directions with s_hat < tau are dropped: one at exactly tau is kept
+    assert [tail.rank(tau) for tau in (0.25, 0.26, 0.5, 1.0)] == [3, 2, 2, 1]
+    assert tail.rank(0.0) is None  # nothing dropped: the group stays dense
+
+
+def hand_welore(fact, tau: float) -> int | None:
+    """WeLore's rule on the planted spectrum: s_hat = (s - min) / (max - min); drop s_hat < tau; a group
+    losing nothing stays dense, the rest keep at least rank 1 and stay dense where that saves nothing."""
+    s = fact.planted
+    hat = (s - s.min()) / (s.max() - s.min())
+    dropped = int((hat < tau).sum())
+    rank = max(1, len(s) - dropped)
+    (m, n) = fact.shapes[0]
+    return None if dropped == 0 or rank * (m + n) >= m * n else rank
 
 
 def test_welore_solves_a_planted_tau(facts):
     """WeLore's rule at τ = 0.175 (its LLaMA-2-7B setting for 50%): ask for the rank it keeps, get τ back."""
     tau0 = 0.175
-    options = WeLore.Options()
-    bands = limits.bands(facts, options)
-    tails = [HeavyTail(f, 0.0) for f in facts]
-    rule = [band.clamp(tail.rank(tau0)) for band, tail in zip(bands, tails, strict=True)]
+    rule = [hand_welore(f, tau0) for f in facts]
     kept = budget.kept_rank_fraction(facts, rule)
     assert 0.05 < kept < 0.95
-    ranks, tau = solve_tau(facts, Target("rank", kept), options, DTYPE_BYTES)
+    ranks, tau = solve_tau(facts, Target("rank", kept), WeLore.Options(), DTYPE_BYTES)
     assert ranks == rule
     assert tau <= tau0 + 1e-9
-    assert [band.clamp(tail.rank(tau)) for band, tail in zip(bands, tails, strict=True)] == rule
+    assert [hand_welore(f, tau) for f in facts] == rule
 
 
 def test_welore_rank_target_is_rank_removed(facts):

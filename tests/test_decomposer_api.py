@@ -3,6 +3,7 @@ projection, tail sums, dtype names, and plugin entry points that load no torch."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,55 @@ def test_decomposer_options_and_descriptions_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["svd-llm", "True", "False"]
+
+
+DETERMINISM = """
+import hashlib, sys, torch
+import harness
+from harness.provenance import seed_everything
+from harness.options import parse_options
+from harness_asvd import ASVD
+from harness_bitstack import BitStack
+from harness_trawl import TrawlCP
+
+torch.set_num_threads(1)
+torch.manual_seed(int(sys.argv[1]))  # a global RNG state that must not matter (the harness seeds before factorizing)
+ctx = harness.FactorizeContext(seed=int(sys.argv[2]), device=torch.device("cpu"), log=lambda msg: None)
+gen = torch.Generator().manual_seed(0)
+W = torch.randn(24, 16, generator=gen)
+X = torch.randn(64, 16, generator=gen) * torch.logspace(-1, 1, 16)
+name = "model.layers.0.mlp.up_proj"
+stats = {name: harness.LayerStats(tokens=64, abs_mean=X.abs().mean(0), sq_mean=X.square().mean(0))}
+digest = hashlib.sha256()
+asvd = ASVD().factorize({name: W}, stats, parse_options(ASVD.Options, {"svd": "lowrank"}, "m"), ctx)
+for k in (5, 3):
+    digest.update(b"".join(t.numpy().tobytes() for t in asvd.factors(k)))
+seed_everything(ctx.seed)  # what the runner does before a method's factorizations
+bits_options = parse_options(BitStack.Options, {"niter": 3, "k": 2, "svd": "lowrank"}, "m")
+bits = BitStack().factorize({name: W}, stats, bits_options, ctx)
+digest.update(bits.blocks.packed.numpy().tobytes() + bits.blocks.u.numpy().tobytes())
+mlp = {f"model.layers.0.mlp.{k}": torch.randn(*s, generator=gen) for k, s in
+       (("gate_proj", (20, 8)), ("up_proj", (20, 8)), ("down_proj", (8, 20)))}
+cp = TrawlCP().factorize(mlp, {}, parse_options(TrawlCP.Options, {"ranks": [3], "n_iter_max": 5}, "m"), ctx)
+digest.update(cp.decomposition(3).left.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.slow  # three child processes importing torch: ~10 s of CPU, 40 s on a busy 2-core machine
+def test_randomized_methods_give_identical_factors_across_processes():
+    """ASVD's ``svd = "lowrank"``, BitStack's ``svd = "lowrank"`` and TRAWL's random init depend on the seed
+    and nothing else: not on the process (hash seed), nor on the global RNG state before the call (ASVD,
+    TRAWL: private generators), nor on the order ranks are asked for; another seed gives other factors."""
+
+    def digest(global_seed: int, seed: int, hash_seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(
+            [sys.executable, "-c", DETERMINISM, str(global_seed), str(seed)],
+            capture_output=True, text=True, check=True, env=env,
+        )  # fmt: skip
+        return out.stdout.split()[-1]
+
+    first = digest(1, 0, "1")
+    assert digest(2, 0, "2") == first
+    assert digest(1, 1, "1") != first

@@ -8,14 +8,12 @@ import itertools
 import pytest
 import torch
 from harness_asvd import ASVD
-from harness_asvd.decompose import activation_aware_svd, activation_scales
 from harness_fwsvd import FWSVD
 from harness_fwsvd.decompose import fisher_channel_weights
 from harness_lord import LoRD
 from harness_sfsd import SFSD
 from harness_svd import SVD
 from harness_svdllm import SVDLLM
-from harness_svdllm.decompose import whitened_svd
 
 import harness
 from harness import linalg
@@ -92,13 +90,15 @@ ALL = [SVDLLM(), FWSVD(), ASVD(), SFSD(), LoRD()]
 
 # ---------------------------------------------------------------- svd-llm
 def test_svdllm_output_error_is_discarded_energy_and_beats_svd():
+    """X has full column rank, so the rank-k optimum of ||(W - AB) X^T||_F^2 is Eckart-Young on the
+    outputs W X^T: the sum of its discarded squared singular values (computed here, no whitening)."""
     W, X = planted()
     fact = factorize(SVDLLM(), W, stats_for(W, X))
     svd = factorize(SVD(), W, stats_for(W, X))
-    _, s, _, _, _ = whitened_svd(W, X.T @ X)
+    sigma = torch.linalg.svdvals(W @ X.T)
     for k in fact.ranks:
         err = output_error(W, product(fact, k), X)
-        assert err == pytest.approx(float(s[k:].square().sum()), rel=1e-8, abs=1e-8)
+        assert err == pytest.approx(float(sigma[k:].square().sum()), rel=1e-8, abs=1e-8)
         assert err == pytest.approx(fact.error(k), rel=1e-8, abs=1e-8)
         assert err <= output_error(W, product(svd, k), X) * (1 + 1e-9) + 1e-9
     assert fact.info["jitter"] == 0.0
@@ -136,14 +136,6 @@ def test_cholesky_with_jitter_of_positive_definite_gram_adds_nothing():
     torch.testing.assert_close(L @ L.T, X.T @ X)
 
 
-def test_cholesky_jitter_never_subtracts_when_lambda_min_is_positive():
-    G = torch.diag(torch.tensor([1.0, 1e-3], dtype=torch.float64))
-    G[0, 1] = G[1, 0] = 1.0  # indefinite: lambda_min < 0
-    _, jitter = linalg.cholesky_with_jitter(G)
-    lam = float(torch.linalg.eigvalsh(G)[0])
-    assert jitter == pytest.approx(-lam + linalg.CHOLESKY_EPS)
-
-
 # ---------------------------------------------------------------- fwsvd
 def test_fwsvd_weighted_error_is_exact_and_beats_svd():
     W, X = planted()
@@ -169,29 +161,40 @@ def test_fwsvd_zero_fisher_channels_are_guarded():
 
 
 # ---------------------------------------------------------------- asvd
-def test_asvd_full_rank_reproduces_weight_and_error_is_exact():
+def asvd_scales(X: torch.Tensor, magnitude: str = "abs_mean", alpha: float = 0.5) -> torch.Tensor:
+    """ASVD's S = diag(m_j^alpha) written out from the inputs: m_j = mean_t |x_tj| (the paper's) or
+    sqrt(mean_t x_tj^2) (``scaling = "rms"``), plus the repo's 1e-6 guard before the power."""
+    m = X.abs().mean(0) if magnitude == "abs_mean" else X.square().mean(0).sqrt()
+    return (m + 1e-6) ** alpha
+
+
+@pytest.mark.parametrize(("scaling", "alpha"), [("abs_mean", 0.5), ("abs_mean", 1.0), ("rms", 0.5)])
+def test_asvd_minimises_the_activation_scaled_error(scaling, alpha):
+    """At every rank, ||(W - AB) S||_F^2 equals the discarded energy of W S (Eckart-Young, computed here),
+    the factors reach it and plain SVD does no better; full rank gives W back."""
     W, X = planted()
     stats = stats_for(W, X)
-    fact = factorize(ASVD(), W, stats)
+    fact = factorize(ASVD(), W, stats, scaling=scaling, alpha=alpha)
     torch.testing.assert_close(product(fact, fact.full_rank), W)
     assert fact.error(fact.full_rank) == pytest.approx(0, abs=1e-9)
-    scales = activation_scales(stats.abs_mean, 0.5)
+    scales = asvd_scales(X, scaling, alpha)
+    sigma = torch.linalg.svdvals(W * scales)
     svd = factorize(SVD(), W, stats)
     for k in fact.ranks:
         err = weighted_error(W, product(fact, k), scales)
+        assert err == pytest.approx(float(sigma[k:].square().sum()), rel=1e-8, abs=1e-8)
         assert err == pytest.approx(fact.error(k), rel=1e-8, abs=1e-8)
         assert err <= weighted_error(W, product(svd, k), scales) * (1 + 1e-9) + 1e-9
 
 
-def test_asvd_alpha_zero_is_plain_svd_and_rms_mode_uses_sq_mean():
+def test_asvd_alpha_zero_is_plain_svd_and_the_scaling_modes_differ():
     W, X = planted()
     stats = stats_for(W, X)
     flat = factorize(ASVD(), W, stats, alpha=0.0)
     svd = factorize(SVD(), W, stats)
     torch.testing.assert_close(product(flat, 5), product(svd, 5))
-    rms = factorize(ASVD(), W, stats, scaling="rms")
-    _, s, _ = activation_aware_svd(W, activation_scales(stats.sq_mean.sqrt(), 0.5))
-    assert rms.error(5) == pytest.approx(float(s[5:].square().sum()))
+    rms, mean = factorize(ASVD(), W, stats, scaling="rms"), factorize(ASVD(), W, stats)
+    assert not torch.allclose(product(rms, 5), product(mean, 5))
 
 
 # ---------------------------------------------------------------- sfsd / lord
@@ -234,18 +237,6 @@ def test_planted_low_rank_weight_is_recovered_exactly(decomposer):
 
 
 @pytest.mark.parametrize("decomposer", ALL, ids=lambda d: d.name)
-def test_seeded_runs_give_identical_factors(decomposer):
-    results = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        W, X = planted(seed=int(torch.randint(0, 1000, ())))
-        fact = factorize(decomposer, W.float(), stats_for(W, X, fisher_like()))
-        results.append(fact.factors(5))
-    for first, second in zip(*results, strict=True):
-        assert torch.equal(first, second)
-
-
-@pytest.mark.parametrize("decomposer", ALL, ids=lambda d: d.name)
 def test_factorization_contract(decomposer):
     W, X = planted()
     fact = factorize(decomposer, W.float(), stats_for(W, X, fisher_like()))
@@ -282,11 +273,3 @@ def test_invalid_option_values_fail():
         parse_options(ASVD.Options, {"alpha": -1.0}, "methods.asvd")
     with pytest.raises(harness.HarnessError):
         parse_options(ASVD.Options, {"scaling": "abs_max"}, "methods.asvd")
-
-
-def test_plugins_are_registered_through_entry_points():
-    from harness.plugins import Plugins
-
-    names = Plugins().names("decomposer")
-    for expected in ("fwsvd", "asvd", "svd-llm", "lord", "sfsd"):
-        assert expected in names

@@ -3,6 +3,8 @@ layer, across the model, per third), both modes, seeds, the rank chosen on held-
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from harness_trawl import TrawlCP, TrawlTucker
@@ -14,7 +16,6 @@ from torch import nn
 
 import harness
 from harness.options import parse_options
-from harness.plugins import Plugins
 from harness.surgery import count_layers, find_linears, replaced
 
 CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
@@ -71,6 +72,13 @@ def planted_cp(S=4, m=20, n=15, r=3, seed=0) -> torch.Tensor:
     return torch.einsum("sr,mr,nr->smn", A, B, C)
 
 
+def reconstruct(d) -> torch.Tensor:
+    """The model written out from the factors: CP T_s = L diag(a_s) R^T; Tucker T_s = L (sum_t U_st G_t) R^T."""
+    if d.core is None:
+        return torch.einsum("sr,mr,nr->smn", d.stack, d.left, d.right)
+    return torch.einsum("st,tij,mi,nj->smn", d.stack, d.core, d.left, d.right)
+
+
 # ---------------------------------------------------------------- known answers
 def test_planted_cp_tensor_is_recovered():
     T = planted_cp()
@@ -89,6 +97,51 @@ def test_planted_tucker_tensor_is_recovered():
     result = tucker_stack(T, (2, 3, 3), seed=0, n_iter_max=200, tol=1e-14)
     assert result.rel_error < 1e-8  # exact multilinear rank (2, 3, 3): recovered to 1e-8 relative
     assert result.core.shape == (2, 3, 3) and result.stack.shape == (4, 2)
+
+
+def test_cp_factors_solve_their_least_squares_subproblems():
+    """ALS's fixed point, checked without tensorly: with the other two factors fixed, each CP factor is the
+    least-squares solution of its unfolding, T_(1) = L (A kr R)^T etc. (kr: Khatri-Rao), solved here."""
+    weights = mlp_weights(seed=2)
+    opts = options(TrawlCP, ranks=[3], dtype="float64", n_iter_max=3000, tol=1e-16)
+    clear_cache()
+    d = TrawlCP().factorize(weights, {}, opts, CTX).decomposition(3)
+    T = stack(weights, torch.float64)
+    S, m, n = T.shape
+    A, L, R = d.stack, d.left, d.right
+
+    def solve(unfolded, left, right):  # argmin_F || unfolded - F (left kr right)^T ||
+        kr = torch.einsum("ar,br->abr", left, right).reshape(-1, left.shape[1])
+        return torch.linalg.lstsq(kr, unfolded.T).solution.T
+
+    for factor, unfolded, (p, q) in (
+        (L, T.permute(1, 0, 2).reshape(m, S * n), (A, R)),
+        (R, T.permute(2, 0, 1).reshape(n, S * m), (A, L)),
+        (A, T.reshape(S, m * n), (L, R)),
+    ):
+        torch.testing.assert_close(factor, solve(unfolded, p, q), rtol=1e-4, atol=1e-6 * float(factor.abs().max()))
+    residual = float((T - reconstruct(d)).square().sum())
+    assert d.sq_error == pytest.approx(residual, rel=1e-9)
+    assert d.rel_error == pytest.approx(math.sqrt(residual) / float(T.norm()), rel=1e-9)
+    for s in range(S):
+        torch.testing.assert_close(d.slice(s), reconstruct(d)[s])
+
+
+def test_tucker_core_is_the_projection_on_orthonormal_factors():
+    """HOOI keeps orthonormal factors, and the least-squares core given them is T x_1 U^T x_2 L^T x_3 R^T."""
+    weights = mlp_weights(seed=4)
+    opts = options(TrawlTucker, ranks=[3], stack_rank=2, dtype="float64", n_iter_max=50, tol=1e-12)
+    d = TrawlTucker().factorize(weights, {}, opts, CTX).decomposition(3)
+    T = stack(weights, torch.float64)
+    for factor in (d.stack, d.left, d.right):
+        torch.testing.assert_close(factor.T @ factor, torch.eye(factor.shape[1], dtype=torch.float64))
+    core = torch.einsum("smn,st,mi,nj->tij", T, d.stack, d.left, d.right)
+    torch.testing.assert_close(d.core, core, rtol=1e-6, atol=1e-9)
+    residual = float((T - reconstruct(d)).square().sum())
+    assert d.sq_error == pytest.approx(residual, rel=1e-9)
+    assert d.rel_error == pytest.approx(math.sqrt(residual) / float(T.norm()), rel=1e-9)
+    for s in range(T.shape[0]):
+        torch.testing.assert_close(d.slice(s), reconstruct(d)[s])
 
 
 def test_cp_error_falls_with_rank_on_weights():
@@ -164,8 +217,10 @@ def test_denoise_gives_dense_slices_of_the_reconstruction(decomposer):
         n: tuple(w.shape) for n, w in weights.items()
     }
     assert fact.params(4) == fact.dense_params == 3 * FF * D
-    full = fact.decomposition(4).full()
-    assert torch.allclose(replacements["model.layers.0.mlp.down_proj"].weight, full[2].T)
+    full = reconstruct(fact.decomposition(4))
+    for s, name in enumerate(weights):  # slices [gate, up, down^T]
+        expected = full[s].T if name.endswith("down_proj") else full[s]
+        assert torch.allclose(replacements[name].weight, expected, atol=1e-6)
     error = sum(((w - replacements[n].weight) ** 2).sum() for n, w in weights.items())
     assert error.item() == pytest.approx(fact.error(4), rel=1e-4)
 
@@ -181,7 +236,7 @@ def test_compress_modules_match_the_reconstruction_and_count_honestly(decomposer
     assert fact.params(rank) == formula
     replacements = fact.materialize(rank)
     assert all(isinstance(r, StackSliceLinear) for r in replacements.values())
-    full = fact.decomposition(rank).full().float()
+    full = reconstruct(fact.decomposition(rank)).float()
     x = torch.randn(5, D)
     for s, name in enumerate(names):
         module = replacements[name]
@@ -209,14 +264,6 @@ def test_seeded_runs_are_identical_and_cached():
     other_ctx = harness.FactorizeContext(seed=1, device=torch.device("cpu"))
     other = TrawlCP().factorize(weights, {}, opts, other_ctx).decomposition(3)
     assert not torch.equal(other.left, first.left)
-
-
-def test_registered_through_the_hook():
-    import harness_trawl
-
-    plugins = Plugins(load_entry_points=False)
-    plugins.register(harness_trawl, name="trawl")
-    assert {"trawl-cp", "trawl-tucker"} <= set(plugins.names("decomposer"))
 
 
 # ---------------------------------------------------------------- across the model, per third
