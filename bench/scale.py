@@ -106,9 +106,14 @@ class Stages:
     """The stage running now (a stack: a factorization inside the block pass), each stage's peak RSS and its
     own seconds; a thread samples the RSS every ``interval`` s."""
 
-    def __init__(self, interval: float = 0.005) -> None:
+    def __init__(self, interval: float = 0.005, cuda: bool = False) -> None:
         self.stack = ["start"]
         self.peak: dict[str, int] = {}
+        self.cuda = cuda
+        """Also each stage's peak of CUDA memory allocated by torch (``max_memory_allocated``, reset per stage)."""
+        self.device_peak: dict[str, int] = {}
+        self.on_switch = None
+        """Called (with this object) after every stage boundary: gpu_check.py saves its progress there."""
         self.seconds: dict[str, float] = {}
         self.since = time.perf_counter()
         self.maxrss = rss_peak()
@@ -137,12 +142,20 @@ class Stages:
                 self._charge(top)
                 self.maxrss = top
             stage = self.stack[-1]
+            if self.cuda:
+                import torch
+
+                used = torch.cuda.max_memory_allocated()
+                self.device_peak[stage] = max(self.device_peak.get(stage, 0), used)
+                torch.cuda.reset_peak_memory_stats()
             self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.since
             self.since = now
             if push is None:
                 self.stack.pop()
             else:
                 self.stack.append(push)
+        if self.on_switch is not None:
+            self.on_switch(self)
 
     @contextmanager
     def stage(self, name: str):
@@ -197,13 +210,31 @@ def child(config: dict) -> dict:
     import torch
 
     torch.set_num_threads(config["threads"])
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        path = Path(tmp) / "suite.toml"
+        path.write_text(suite_text(config["method"], config["pipeline"], config))
+        measured = measure_suite(path, Path(tmp))
+    return {**{k: config[k] for k in ("method", "pipeline", "blocks", "scale")}, **measured}
+
+
+def measure_suite(path: Path, work: Path, model: str | None = None, device: str | None = None, on_switch=None) -> dict:
+    """``harness run`` of the suite file ``path`` in this process (results and statistics under ``work``),
+    each stage's peak RSS and seconds (and peak CUDA memory on a CUDA device), the bytes counted."""
+    from dataclasses import replace
+
     from harness.run import blockwise, pipeline, prepare, session
     from harness.run.env import RunOptions
     from harness.run.runner import run_suite
     from harness.suite import load_suite
 
+    suite = load_suite(path)
+    if model is not None:
+        suite = replace(suite, models=[model])
+    if device is not None:
+        suite = replace(suite, device=device)
     runtime_rss = rss_now()
-    stages = Stages()
+    stages = Stages(cuda=suite.device.startswith("cuda"))
+    stages.on_switch = on_switch
     counts = {"stats_whole": 0, "stats_blocks": 0, "kept": 0, "raw": 0, "groups": 0, "model_rss": 0}
     trackers: list = []
     patches: list = []
@@ -253,37 +284,28 @@ def child(config: dict) -> dict:
         return "cell" if replacements else "baseline"
 
     stages.wrap(session, "measure", cell_or_baseline, patches)
-
-    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        path = Path(tmp) / "suite.toml"
-        path.write_text(suite_text(config["method"], config["pipeline"], config))
-        suite = load_suite(path)
-        options = RunOptions(
-            results_root=Path(tmp) / "results", force=True, progress=False, calibration_cache=Path(tmp) / "cal"
-        )
-        for p in patches:
-            p.start()
-        started = time.perf_counter()
-        try:
-            summary = run_suite(suite, options)
-        finally:
-            for p in reversed(patches):
-                p.stop()
-        wall = time.perf_counter() - started
-        stages.stop()
-        failed = [f"{r.cell_id}: {r.error and r.error.get('message')}" for r in summary.results if not r.ok]
-        metrics = {k: v for r in summary.results if r.method for k, v in r.metrics.items()}
+    options = RunOptions(results_root=work / "results", force=True, progress=False, calibration_cache=work / "cal")
+    for p in patches:
+        p.start()
+    started = time.perf_counter()
+    try:
+        summary = run_suite(suite, options)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+    wall = time.perf_counter() - started
+    stages.stop()
     counts["stats_blocks"] = max((t.peak for t in trackers), default=0)
     return {
-        **{k: config[k] for k in ("method", "pipeline", "blocks", "scale")},
         "runtime_rss": runtime_rss,
         "peak_rss": rss_peak(),
         "stage_peak": {s: stages.peak.get(s, 0) for s in STAGES if s in stages.seconds},
+        "stage_device_peak": {s: stages.device_peak[s] for s in STAGES if s in stages.device_peak},
         "stage_seconds": {s: round(stages.seconds[s], 3) for s in STAGES if s in stages.seconds},
         "wall_seconds": round(wall, 3),
         **counts,
-        "failed": failed,
-        "metrics": metrics,
+        "failed": [f"{r.cell_id}: {r.error and r.error.get('message')}" for r in summary.results if not r.ok],
+        "metrics": {k: v for r in summary.results if r.method for k, v in r.metrics.items()},
     }
 
 
@@ -329,15 +351,16 @@ def plan_decomposer(method: str):
 
 # ---------------------------------------------------------------- the parent
 def configurations(args) -> list[dict]:
-    """Full width: ``--full-width-methods`` at N = 1; reduced width (``--scale``): every method at each N."""
+    """Reduced width (``--scale``): every method at each N; then full width: ``--full-width-methods`` at N = 1
+    (last: the longest, and the largest peaks)."""
     runs = []
-    for method in args.full_width_methods:
-        for pipeline in ("whole", "blocks"):
-            runs.append({"method": method, "pipeline": pipeline, "blocks": 1, "scale": 1})
     for method in args.methods:
         for blocks in args.blocks:
             for pipeline in ("whole", "blocks"):
                 runs.append({"method": method, "pipeline": pipeline, "blocks": blocks, "scale": args.scale})
+    for method in args.full_width_methods:
+        for pipeline in ("blocks", "whole"):
+            runs.append({"method": method, "pipeline": pipeline, "blocks": 1, "scale": 1})
     return runs
 
 
@@ -378,7 +401,13 @@ def run(args) -> dict:
         row["plan"] = plan_figures(row["method"], row["pipeline"], {**c, "scale": row["scale"]}, row["blocks"])
         print(f"[scale] {label}: peak {row['peak_rss'] / GiB:.2f} GiB, {row['wall_seconds']:.0f} s", file=sys.stderr)
         rows.append(row)
-    extrapolated = extrapolate(rows, c)
+        if args.json:  # the figures so far, in case a later configuration does not finish
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(outcome(rows, c, args.threads), indent=2) + "\n")
+    return outcome(rows, c, args.threads)
+
+
+def outcome(rows: list[dict], c: dict, threads: int) -> dict:
     return {
         "config": {
             **c,
@@ -389,9 +418,9 @@ def run(args) -> dict:
             "models": sorted({spec(r["blocks"], r["scale"]) for r in rows}),
             "shapes": {str(s): shape_of(s) for s in sorted({r["scale"] for r in rows})},
         },
-        "machine": machine_info(args.threads),
+        "machine": machine_info(threads),
         "rows": rows,
-        "extrapolated": extrapolated,
+        "extrapolated": extrapolate(rows, c),
     }
 
 
@@ -602,7 +631,7 @@ def parse():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="at the reduced width")
     parser.add_argument("--full-width-methods", nargs="*", default=["svd-llm"], choices=METHODS, help="at N = 1")
     parser.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 4], help="depths at the reduced width")
-    parser.add_argument("--scale", type=int, default=4, help="the reduced width's divisor (random:...&scale=F)")
+    parser.add_argument("--scale", type=int, default=8, help="the reduced width's divisor (random:...&scale=F)")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -53,6 +53,8 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
     batch_transient_bytes,
     block_stats_bytes,
     blocks_of,
+    evaluation_tokens_bytes,
+    held_stats_bytes,
     input_groups,
     input_stats_bytes,
     kept_bytes,
@@ -213,7 +215,7 @@ def plan_model(
         kept_all += kept
         blockwise = cal.pipeline == "blocks" and bool(needs) and "fisher" not in needs
         if blockwise:  # the statistics of the largest group's blocks, held while it is factorized
-            held = sum(block_stats_bytes(b, needs)[1] for b in blocks_of(max(group_layers, key=len, default=[])))
+            held = held_stats_bytes(targets_layers, max(group_layers, key=len, default=[]), forward)
             passed += kept
         else:
             held = sum(whole_stats_bytes(targets_layers, needs)) if needs else 0
@@ -240,9 +242,23 @@ def plan_model(
         )
     )
     replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
-    logits = cal.batch_size * cal.seqlen * int(c["vocab_size"]) * 4
-    plan.stages.append(stage("evaluation", weights + replaced + logits, 0, 0, "model + largest replaced layer set"))
+    logits = evaluation_tokens_bytes(evaluation_tokens(suite), int(c["vocab_size"]))
+    alive = passed + max((own for _, _, own in rows), default=0)  # the kept factors stay in host memory
+    note = "model + largest replaced layer set + one batch's logits; kept factors on the host"
+    plan.stages.append(stage("evaluation", weights + replaced + logits, alive, 0, note))
     return plan
+
+
+def evaluation_tokens(suite: Suite) -> int:
+    """Tokens of one evaluation batch: the largest batch_size x seqlen among the evaluators' options that
+    have both (perplexity's), else the calibration's."""
+    sizes = [
+        c.options.batch_size * c.options.seqlen
+        for c in suite.evaluators
+        if isinstance(getattr(c.options, "batch_size", None), int)
+        and isinstance(getattr(c.options, "seqlen", None), int)
+    ]
+    return max(sizes, default=suite.calibration.batch_size * suite.calibration.seqlen)
 
 
 def resolved_dtype(setting: str, device: str) -> str:

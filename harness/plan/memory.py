@@ -83,6 +83,29 @@ def pipeline_stats_peak(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> i
     return max((sum(block_stats_bytes(b, kinds)) for b in blocks_of(layers)), default=0)
 
 
+def held_stats_bytes(layers: Sequence[LayerInfo], group: Sequence[LayerInfo], kinds: frozenset[str]) -> int:
+    """Bytes of statistics alive while the block pipeline factorizes ``group``: every statistic of each block
+    the group reaches, for every kind the pass collects (the held statistics are trimmed only after all of a
+    block's groups are factorized), accumulators and finished copies both (a Gram or output covariance is
+    finished in place: its accumulator is the statistic the factorization reads).
+
+    (Before: the finished copies of the group's own members only, which left out the Grams themselves,
+    1.28 GiB for a Llama-2-7B block.)
+    """
+    touched = {x.index for x in group}
+    return sum(sum(block_stats_bytes(b, kinds)) for b in blocks_of(layers) if b[0].index in touched)
+
+
+def evaluation_tokens_bytes(tokens: int, vocab: int) -> int:
+    """The logits of one evaluation batch of ``tokens`` (batch x seqlen) at their peak: three float32
+    copies of tokens x vocab (the model's logits or their float32 cast, the contiguous copy of the shifted
+    slice, and log_softmax's output inside the cross entropy; bench/scale.py, tests/test_plan.py).
+
+    (Before: one copy.)
+    """
+    return 3 * 4 * tokens * vocab
+
+
 def whole_stats_bytes(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> tuple[int, int]:
     """(accumulators, finished) of the whole-model pass: every layer's own statistics at once."""
     totals = [block_stats_bytes(b, kinds, shared=False) for b in blocks_of(layers)]
