@@ -102,10 +102,10 @@ def render(outcome: dict) -> str:
         "| stage | device peak GiB | plan device GiB | host peak GiB | plan host GiB | seconds |",
         "|---|---|---|---|---|---|",
     ]
-    for stage in ("load", "calibration", "factorization", "baseline", "cell"):
+    for stage in ("load", "data", "calibration", "factorization", "baseline", "cell"):
         if stage not in m["stage_seconds"]:
             continue
-        p = plan.get(PLAN_STAGE.get(stage, "evaluation"))
+        p = plan[PLAN_STAGE.get(stage, {"data": "calibration"}.get(stage, "evaluation"))]
         device = f"{m['stage_device_peak'].get(stage, 0) / GiB:.2f}" if on_cuda else "-"
         plan_device = f"{p['device'] / GiB:.2f}" if on_cuda else "-"
         lines.append(

@@ -11,7 +11,8 @@ statistics pass, ``factorize_group`` + ``keep``, the cell's ``compress`` +
 ``measure``), and ``ru_maxrss`` read at every boundary makes each stage's peak
 exact where the process's peak fell in it.
 
-Stages: load; calibration (statistics; on the block path everything of
+Stages: load; data (reading and tokenizing the calibration text, once);
+calibration (statistics; on the block path everything of
 ``run_blocks`` except the factorizations it calls); factorization (every
 ``factorize_group`` + ``keep``); baseline (the dense model's perplexity); cell
 (allocation, surgery and perplexity of the one compressed cell).
@@ -51,7 +52,7 @@ from bench.common import add_common_arguments, machine, new_parser, script_main 
 GiB = 2**30
 MiB = 2**20
 METHODS = ("svd-llm", "sfsd", "fwsvd", "svd", "bitstack")
-STAGES = ("load", "calibration", "factorization", "baseline", "cell")
+STAGES = ("load", "data", "calibration", "factorization", "baseline", "cell")
 PLAN_STAGE = {"load": "load", "calibration": "calibration", "factorization": "factorization", "cell": "evaluation"}
 METHOD_TOML = {
     "bitstack": 'name = "bitstack"\noptions = { niter = 16, k = 16, svd = "lowrank" }\n'
@@ -257,6 +258,7 @@ def measure_suite(path: Path, work: Path, model: str | None = None, device: str 
         return result
 
     patches.append(mock.patch.object(prepare.Prepared, "stats", stats))
+    stages.wrap(prepare.Prepared, "batches", "data", patches)
     for module in (prepare, blockwise):
         stages.wrap(module, "factorize_group", "factorization", patches)
         keep_original = module.keep
@@ -357,10 +359,12 @@ def configurations(args) -> list[dict]:
     for method in args.methods:
         for blocks in args.blocks:
             for pipeline in ("whole", "blocks"):
-                runs.append({"method": method, "pipeline": pipeline, "blocks": blocks, "scale": args.scale})
+                if pipeline in args.paths:
+                    runs.append({"method": method, "pipeline": pipeline, "blocks": blocks, "scale": args.scale})
     for method in args.full_width_methods:
         for pipeline in ("blocks", "whole"):
-            runs.append({"method": method, "pipeline": pipeline, "blocks": 1, "scale": 1})
+            if pipeline in args.paths:
+                runs.append({"method": method, "pipeline": pipeline, "blocks": 1, "scale": 1})
     return runs
 
 
@@ -381,7 +385,12 @@ def replan(outcome: dict) -> dict:
 
 def run(args) -> dict:
     if args.replan:
-        return replan(json.loads(Path(args.replan).read_text()))
+        merged = json.loads(args.replan[0].read_text())
+        for more in args.replan[1:]:
+            merged["rows"] += json.loads(more.read_text())["rows"]
+        merged["config"]["models"] = sorted({spec(r["blocks"], r["scale"]) for r in merged["rows"]})
+        merged["config"]["shapes"] = {str(s): shape_of(s) for s in sorted({r["scale"] for r in merged["rows"]})}
+        return replan(merged)
     if args.quick:
         args.full_width_methods, args.methods, args.blocks, args.scale = [], ["svd-llm"], [1, 2], 16
         args.samples, args.seqlen, args.eval_windows = 2, 128, 1
@@ -439,21 +448,13 @@ def machine_info(threads: int) -> dict:
     return {"device": "cpu", **machine()}
 
 
-def fit(points: list[tuple[int, int]]) -> tuple[float, float]:
-    """Least squares a + b N through the points (a single point: b = 0)."""
-    if len(points) == 1:
-        return float(points[0][1]), 0.0
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return my - b * mx, b
-
-
 def extrapolate(rows: list[dict], c: dict) -> list[dict]:
-    """Per (method, path, width): the measured calibration and factorization peaks fitted linearly in N (with
-    one N, the measured per-block growth: weights and kept factors, plus statistics on the whole path) at 32
-    and 80 blocks, the plan's figure for the same depth beside each; and the per-block bytes."""
+    """Per (method, path, width): the per-block bytes measured (statistics, kept factors, float64 before
+    compaction) against the plan's, and the calibration and factorization peaks at 32 and 80 blocks: the
+    peak measured at the largest N plus, per further block, what grows per block as measured (its weights
+    and kept factors; the statistics too where every block's are alive at once), the plan's figure for the
+    same depth beside each. (A linear fit of the RSS over N = 1, 2, 4 would extrapolate the allocator's
+    noise: at a reduced width a block adds less than that noise.)"""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "error" not in r:
@@ -461,38 +462,34 @@ def extrapolate(rows: list[dict], c: dict) -> list[dict]:
     out = []
     for (method, pipeline, scale), members in groups.items():
         members.sort(key=lambda r: r["blocks"])
+        last = members[-1]
         cc = {**c, "scale": scale}
+        per_block_kept = last["kept"] / last["blocks"]
+        every_block = pipeline == "whole" or "fisher" in plan_decomposer(method).needs
+        per_block_stats = last["stats_whole"] / last["blocks"] if every_block else last["stats_blocks"]
         entry = {
             "method": method,
             "pipeline": pipeline,
             "scale": scale,
             "measured_blocks": [r["blocks"] for r in members],
-        }
-        first = members[0]
-        per_block_kept = first["kept"] / first["blocks"]
-        per_block_stats = (first["stats_whole"] or first["stats_blocks"]) / (
-            first["blocks"] if first["stats_whole"] else 1
-        )
-        entry["per_block"] = {
-            "kept": per_block_kept,
-            "raw_float64": first["raw"] / first["blocks"],
-            "stats": per_block_stats,
-            "plan_kept": first["plan"]["kept_per_block"],
-            "plan_stats": first["plan"]["stats_per_block"],
+            "per_block": {
+                "kept": per_block_kept,
+                "raw_float64": last["raw"] / last["blocks"],
+                "stats": per_block_stats,
+                "plan_kept": last["plan"]["kept_per_block"],
+                "plan_stats": last["plan"]["stats_per_block"],
+                "weights": last["plan"]["weights_per_block"],
+            },
         }
         for stage in ("calibration", "factorization"):
-            points = [(r["blocks"], r["stage_peak"].get(stage, 0)) for r in members if r["stage_peak"].get(stage)]
-            if not points:
+            measured = last["stage_peak"].get(stage)
+            if not measured:
                 continue
-            a, b = fit(points)
-            if len(points) == 1:  # one depth measured: what grows per block, measured
-                grows = first["plan"]["weights_per_block"] + per_block_kept * (stage == "factorization")
-                if pipeline == "whole" or "fisher" in plan_decomposer(method).needs:
-                    grows += per_block_stats
-                a, b = points[0][1] - grows * points[0][0], grows
+            grows = last["plan"]["weights_per_block"] + (per_block_stats if every_block else 0)
+            grows += per_block_kept * (stage == "factorization")
             for depth in (32, 80):
                 entry.setdefault(stage, {})[str(depth)] = {
-                    "measured": a + b * depth,
+                    "measured": measured + grows * (depth - last["blocks"]),
                     "plan": plan_figures(method, pipeline, cc, depth)["host"][stage],
                 }
         out.append(entry)
@@ -606,7 +603,7 @@ def per_block_table(extrapolated: list[dict]) -> list[str]:
 def extrapolation_table(extrapolated: list[dict]) -> list[str]:
     lines = [
         "",
-        "peak RSS GiB extrapolated to 32 and 80 blocks: measured fit [plan]",
+        "peak RSS GiB at 32 and 80 blocks: measured at the largest N + measured bytes per further block [plan]",
         "| method | width | path | calibration 32 | 80 | factorization 32 | 80 |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -628,7 +625,8 @@ def working(r: dict, without_kept: bool = True) -> int:
 
 def parse():
     parser = new_parser(__doc__)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="at the reduced width")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="at the reduced width")
+    parser.add_argument("--paths", nargs="+", default=["whole", "blocks"], choices=["whole", "blocks"])
     parser.add_argument("--full-width-methods", nargs="*", default=["svd-llm"], choices=METHODS, help="at N = 1")
     parser.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 4], help="depths at the reduced width")
     parser.add_argument("--scale", type=int, default=8, help="the reduced width's divisor (random:...&scale=F)")
@@ -640,7 +638,9 @@ def parse():
     parser.add_argument(
         "--quick", action="store_true", help="a minute's smoke: svd-llm and sfsd at width 256, N = 1, 2"
     )
-    parser.add_argument("--replan", type=Path, help="recompute the plan's figures for the measured figures in FILE")
+    parser.add_argument(
+        "--replan", type=Path, nargs="+", help="the measured figures of FILE(s), merged, with the plan's figures afresh"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_common_arguments(parser)
     parser.set_defaults(threads=2)

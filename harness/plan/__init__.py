@@ -204,7 +204,8 @@ def plan_model(
         notes.append(f"whole: {', '.join(sorted(whole_kinds))}, every layer's statistics, cached on disk")
     plan.stages.append(stage("calibration", *calibration_peak, disk, "; ".join(notes) or "no statistics"))
 
-    storage = DTYPE_BYTES[suite.factorization.storage_dtype]
+    storage = min(DTYPE_BYTES[suite.factorization.storage_dtype], wb)  # never wider than the model (compact)
+    kept_dtype = suite.factorization.storage_dtype if DTYPE_BYTES[suite.factorization.storage_dtype] <= wb else dtype
     kept_all = 0
     passed = 0  # the block pass keeps every method it served until the session ends (Prepared._jobs)
     rows = []
@@ -223,7 +224,7 @@ def plan_model(
     if rows:
         label, math, own = max(rows, key=lambda r: r[1] + r[2])
         note = (
-            f"{label}: largest group's float64 math; kept factors ({suite.factorization.storage_dtype}) of "
+            f"{label}: largest group's float64 math; kept factors ({kept_dtype}) of "
             f"{'every method of the block pass' if passed else 'the method'}"
         )
         plan.stages.append(stage("factorization", weights + math, passed + own, 0, note))
@@ -242,7 +243,7 @@ def plan_model(
         )
     )
     replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
-    logits = evaluation_tokens_bytes(evaluation_tokens(suite), int(c["vocab_size"]))
+    logits = evaluation_tokens_bytes(evaluation_tokens(suite), int(c["vocab_size"]), wb)
     alive = passed + max((own for _, _, own in rows), default=0)  # the kept factors stay in host memory
     note = "model + largest replaced layer set + one batch's logits; kept factors on the host"
     plan.stages.append(stage("evaluation", weights + replaced + logits, alive, 0, note))

@@ -96,14 +96,16 @@ def held_stats_bytes(layers: Sequence[LayerInfo], group: Sequence[LayerInfo], ki
     return sum(sum(block_stats_bytes(b, kinds)) for b in blocks_of(layers) if b[0].index in touched)
 
 
-def evaluation_tokens_bytes(tokens: int, vocab: int) -> int:
-    """The logits of one evaluation batch of ``tokens`` (batch x seqlen) at their peak: three float32
-    copies of tokens x vocab (the model's logits or their float32 cast, the contiguous copy of the shifted
-    slice, and log_softmax's output inside the cross entropy; bench/scale.py, tests/test_plan.py).
+def evaluation_tokens_bytes(tokens: int, vocab: int, dtype_bytes: int) -> int:
+    """The logits of one evaluation batch of ``tokens`` (batch x seqlen) at their peak: tokens x vocab values
+    of (dtype_bytes + 8) bytes. The model's logits in its dtype, their float32 cast (a new tensor for a 16-bit
+    model; for a float32 model the contiguous copy of the shifted slice instead) and log_softmax's float32
+    output inside the cross entropy: 12 bytes a value in float32 (measured: tests/test_plan.py), 10 in
+    bfloat16 (measured on a CPU: 9; bench/gpu_check.sh).
 
-    (Before: one copy.)
+    (Before: one float32 copy, of the calibration's batch.)
     """
-    return 3 * 4 * tokens * vocab
+    return (dtype_bytes + 8) * tokens * vocab
 
 
 def whole_stats_bytes(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> tuple[int, int]:
