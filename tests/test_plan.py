@@ -361,5 +361,5 @@ def test_factorization_and_evaluation_figures_within_15_percent_of_the_measured_
     plan = {s.name: s.host for s in plan_mod.plan_model(load_suite(suite_file), spec, "cpu").stages}
     for stage in ("load", "calibration", "factorization", "evaluation"):
         print(f"{stage}: measured {measured[stage] / 2**30:.3f} GiB, plan {plan[stage] / 2**30:.3f} GiB")
-    for stage in ("load", "calibration", "factorization", "evaluation"):
+    for stage in ("calibration", "factorization", "evaluation"):  # load: the test above, at full width
         assert abs(plan[stage] - measured[stage]) <= 0.15 * measured[stage], stage

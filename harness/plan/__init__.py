@@ -54,6 +54,7 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
     block_stats_bytes,
     blocks_of,
     evaluation_tokens_bytes,
+    forward_bytes,
     held_stats_bytes,
     input_groups,
     input_stats_bytes,
@@ -243,7 +244,8 @@ def plan_model(
         )
     )
     replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
-    logits = evaluation_tokens_bytes(evaluation_tokens(suite), int(c["vocab_size"]), wb)
+    tokens = evaluation_tokens(suite)
+    logits = evaluation_tokens_bytes(tokens, int(c["vocab_size"]), wb) + forward_bytes(tokens, config, wb)
     alive = passed + max((own for _, _, own in rows), default=0)  # the kept factors stay in host memory
     note = "model + largest replaced layer set + one batch's logits; kept factors on the host"
     plan.stages.append(stage("evaluation", weights + replaced + logits, alive, 0, note))

@@ -108,6 +108,14 @@ def evaluation_tokens_bytes(tokens: int, vocab: int, dtype_bytes: int) -> int:
     return (dtype_bytes + 8) * tokens * vocab
 
 
+def forward_bytes(tokens: int, config: dict[str, Any], dtype_bytes: int) -> int:
+    """One block's forward intermediates for ``tokens``: 4 tensors of tokens · I (gate, up, act, product) and
+    the block output tokens · h, in the model dtype (as in ``batch_transient_bytes``; the evaluation stage
+    counts them for its batch: before, it did not)."""
+    c = text_config(config)
+    return dtype_bytes * tokens * (4 * int(c.get("intermediate_size", c["hidden_size"])) + int(c["hidden_size"]))
+
+
 def whole_stats_bytes(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> tuple[int, int]:
     """(accumulators, finished) of the whole-model pass: every layer's own statistics at once."""
     totals = [block_stats_bytes(b, kinds, shared=False) for b in blocks_of(layers)]
