@@ -261,3 +261,105 @@ def test_calibration_host_figure_within_15_percent_of_the_measured_peak_rss(tmp_
     print(f"plan: load {load / 2**30:.3f} GiB, calibration {calibration / 2**30:.3f} GiB")
     assert abs(calibration - measured["peak"]) <= 0.15 * measured["peak"]
     assert abs(load - measured["loaded"]) <= 0.15 * measured["loaded"]
+
+
+STAGES_CHILD = textwrap.dedent(
+    """
+    import gc, json, sys
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from harness import shapes
+    from harness.api import AllocationContext, FactorizeContext
+    from harness.models import random_parameters
+    from harness.plugins import get_plugins
+    from harness.run import pipeline
+    from harness.run.factors import factorize_group, keep
+    from harness.suite import load_suite
+    from harness.surgery import find_linears, replaced
+    from harness_perplexity.scoring import perplexity
+
+    def hwm():  # the peak resident set since the last reset (VmHWM)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    def reset():  # the peak back to the resident set now (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    torch.set_num_threads(1)
+    suite, spec = load_suite(sys.argv[1]), sys.argv[2]
+    settings = shapes.parse_random_spec(spec).config()
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    random_parameters(model, 0, torch.device("cpu"))
+    model.eval().requires_grad_(False)
+    peaks = {"load": hwm()}
+    layers = find_linears(model, suite.surgery.kinds, suite.surgery.lm_head)
+    cal, method, plugins = suite.calibration, suite.methods[0], get_plugins()
+    vocab = config.vocab_size
+    decomposer = plugins.get("decomposer", method.name)
+    allocators = [plugins.get("allocator", a.name) for a in method.allocators]
+    ctx = FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda message: None)
+
+    def factorize(group, stats):  # as harness.run.blockwise does
+        if "calibration" not in peaks:  # one block: its statistics are complete
+            peaks["calibration"] = hwm()
+            reset()
+        raw = factorize_group(decomposer, model, group, stats, method.options, ctx)
+        return keep(raw, method.targets, allocators, suite.factorization.storage_dtype)
+
+    groups = decomposer.groups(layers, method.options)
+    job = pipeline.Job(method.label, frozenset(decomposer.needs), groups, factorize)
+    batches = torch.randint(0, vocab, (cal.samples, cal.seqlen), generator=torch.Generator().manual_seed(0))
+    reset()
+    pipeline.run_blocks(model, layers, batches, [job], device=torch.device("cpu"), batch_size=cal.batch_size,
+                        progress=False)
+    assert job.error is None, job.error
+    peaks["factorization"] = hwm()
+    gc.collect()
+    reset()  # a cell: the allocator's ranks, the factored layers in place, perplexity (the factors stay alive)
+    allocation = AllocationContext(seed=0, layers={x.name: x for x in layers}, dtype_bytes=4)
+    ranks = allocators[0].allocate(job.factorizations, method.targets[0], method.allocators[0].options, allocation)
+    replacements = {}
+    for fact, rank in zip(job.factorizations, ranks):
+        replacements.update(fact.materialize(rank))
+    evaluator = suite.evaluators[0].options  # one batch of the perplexity evaluator's windows
+    shape = (evaluator.batch_size, evaluator.seqlen)
+    windows = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+    with replaced(model, replacements):
+        perplexity(model, windows, torch.device("cpu"), evaluator.batch_size)
+    peaks["evaluation"] = hwm()
+    print(json.dumps(peaks))
+    """
+)
+
+
+@pytest.mark.memory
+@pytest.mark.parametrize("method", ["svd-llm", "sfsd"])
+def test_factorization_and_evaluation_figures_within_15_percent_of_the_measured_peaks(tmp_path, method):
+    """One block of a Llama-2-7B shape at half width (2048 wide, intermediate 5504; down_proj only, the layer
+    with the widest input and so the largest statistics and factorization), the block pipeline factorizing
+    with the method's plugin and keeping what its cells can use, then one cell's perplexity on one batch of
+    the evaluator's windows with the factored layer in place and the kept factors alive: each stage's peak
+    resident set (VmHWM, reset between stages) against the plan's host figure."""
+    from harness.suite import load_suite
+
+    spec = "random:llama-2-7b?layers=1&scale=2"
+    suite_file = write(tmp_path, f'name = "{method}"', extra='[surgery]\nkinds = ["down_proj"]', model=spec)
+    text = suite_file.read_text().replace(
+        "seqlen = 64, max_windows = 2", "seqlen = 512, max_windows = 4, batch_size = 4"
+    )
+    suite_file.write_text(text)  # an evaluation batch of 4 x 512 tokens: 0.75 GiB of logits at 12 bytes a value
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", STAGES_CHILD, str(suite_file), spec], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    plan = {s.name: s.host for s in plan_mod.plan_model(load_suite(suite_file), spec, "cpu").stages}
+    for stage in ("load", "calibration", "factorization", "evaluation"):
+        print(f"{stage}: measured {measured[stage] / 2**30:.3f} GiB, plan {plan[stage] / 2**30:.3f} GiB")
+    for stage in ("calibration", "factorization", "evaluation"):  # load: the test above, at full width
+        assert abs(plan[stage] - measured[stage]) <= 0.15 * measured[stage], stage

@@ -50,6 +50,9 @@ def test_the_shape_files_ship_with_the_package():
         ("random:llama-2-7b?layers=33", "layers: expected 1 to 32 (the blocks of shape 'llama-2-7b'), got 33"),
         ("random:llama-2-7b?layer=2", "got 'layer=2' (did you mean 'layers'?)"),
         ("random:llama-2-7b?layers=two", "expected layers=<non-negative integer>"),
+        ("random:llama-2-7b?scale=0", "scale: expected a positive integer (the widths' divisor), got 0"),
+        ("random:llama-2-7b?scale=3", "expected a divisor of every width of shape 'llama-2-7b', got 3 (hidden_size"),
+        ("random:llama-2-70b?scale=16", "got 16 (num_key_value_heads = 8)"),
     ],
 )
 def test_bad_specs_are_one_line_errors(spec, expected):
@@ -69,13 +72,48 @@ def test_specs_parse_and_canonicalize():
     assert parse_random_spec("random:llama-2-7b?layers=2", layers=5).layers == 5  # --layers wins
 
 
+def test_scale_divides_the_widths_and_keeps_heads_128_wide():
+    spec = parse_random_spec("random:llama-2-7b?layers=2&scale=4&seed=1")
+    assert spec.canonical == "random:llama-2-7b?layers=2&scale=4&seed=1"
+    assert parse_random_spec("random:llama-2-7b?scale=1").canonical == "random:llama-2-7b"
+    config = spec.config()
+    full = shape_config("llama-2-7b")
+    assert {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")} == {
+        "hidden_size": 1024,
+        "intermediate_size": 2752,
+        "num_attention_heads": 8,
+    }
+    assert config["num_key_value_heads"] == 8 and config["hidden_size"] // config["num_attention_heads"] == 128
+    assert (config["vocab_size"], config["num_hidden_layers"]) == (full["vocab_size"], 2)
+    assert parse_random_spec("random:llama-2-7b?scale=4", layers=3).canonical == "random:llama-2-7b?layers=3&scale=4"
+
+
+def test_a_scaled_model_has_the_divided_shapes():
+    from harness.models import load_model
+
+    loaded = load_model("random:tiny-llama?scale=2", "float32", "cpu")
+    block = loaded.model.model.layers[0]
+    assert block.self_attn.q_proj.weight.shape == (32, 32)  # 2 heads of 16 (tiny-llama: 4 of 16)
+    assert block.self_attn.k_proj.weight.shape == (16, 32)  # 1 key/value head of 16
+    assert block.mlp.down_proj.weight.shape == (32, 88)
+    assert loaded.model.lm_head.weight.shape == (4096, 32)
+    assert loaded.model_id == "random:tiny-llama?scale=2"
+    assert loaded.model(loaded.tokenizer("a b c", return_tensors="pt")["input_ids"]).logits.shape[-1] == 4096
+
+
 def test_fingerprints_differ_between_shapes_layers_seeds_and_dtypes():
     prints = {
         parse_random_spec(spec).fingerprint(dtype)
-        for spec in ("random:llama-2-7b", "random:mistral-7b", "random:llama-2-7b?layers=2", "random:llama-2-7b?seed=1")
+        for spec in (
+            "random:llama-2-7b",
+            "random:mistral-7b",
+            "random:llama-2-7b?layers=2",
+            "random:llama-2-7b?seed=1",
+            "random:llama-2-7b?scale=2",
+        )
         for dtype in ("float32", "bfloat16")
     }
-    assert len(prints) == 8
+    assert len(prints) == 10
     assert parse_random_spec("random:llama-2-7b").fingerprint("float32") == parse_random_spec(
         "random:llama-2-7b?layers=32"
     ).fingerprint("float32")

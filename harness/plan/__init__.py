@@ -55,6 +55,9 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
     batch_transient_bytes,
     block_stats_bytes,
     blocks_of,
+    evaluation_tokens_bytes,
+    forward_bytes,
+    held_stats_bytes,
     input_groups,
     input_stats_bytes,
     kept_bytes,
@@ -220,7 +223,8 @@ def plan_model(
     calibration_peak = (calibration_peak[0], calibration_peak[1] + host_w)
     plan.stages.append(stage("calibration", *calibration_peak, disk + disk_w, "; ".join(notes) or "no statistics"))
 
-    storage = DTYPE_BYTES[suite.factorization.storage_dtype]
+    storage = min(DTYPE_BYTES[suite.factorization.storage_dtype], wb)  # never wider than the model (compact)
+    kept_dtype = suite.factorization.storage_dtype if DTYPE_BYTES[suite.factorization.storage_dtype] <= wb else dtype
     kept_all = 0
     passed = 0  # the block pass's methods are all alive after it, each until its last cell (Prepared.release)
     rows = []
@@ -231,7 +235,7 @@ def plan_model(
         kept_all += kept
         blockwise = cal.pipeline == "blocks" and bool(needs) and "fisher" not in needs
         if blockwise:  # the statistics of the largest group's blocks, held while it is factorized
-            held = sum(block_stats_bytes(b, needs)[1] for b in blocks_of(max(group_layers, key=len, default=[])))
+            held = held_stats_bytes(targets_layers, max(group_layers, key=len, default=[]), forward)
             if streams:  # one set of factors per cell, each kept for that cell's (target, allocator) alone
                 pairs = [(t, a) for t in method.targets for a in allocators]
                 kept = sum(kept_bytes(targets_layers, [t], [a], storage) for t, a in pairs)
@@ -242,7 +246,7 @@ def plan_model(
     if rows:
         label, math, own = max(rows, key=lambda r: r[1] + r[2])
         note = (
-            f"{label}: largest group's float64 math; kept factors ({suite.factorization.storage_dtype}) of "
+            f"{label}: largest group's float64 math; kept factors ({kept_dtype}) of "
             f"{'every method of the block pass' if passed else 'the method'}"
         )
         plan.stages.append(stage("factorization", weights + math, host_w + passed + own, disk_w, note))
@@ -261,11 +265,15 @@ def plan_model(
         )
     )
     replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
-    logits = cal.batch_size * cal.seqlen * int(c["vocab_size"]) * 4
+    tokens = evaluation_tokens(suite)
+    logits = evaluation_tokens_bytes(tokens, int(c["vocab_size"]), wb) + forward_bytes(tokens, config, wb)
+    alive = passed + max((own for _, _, own in rows), default=0)  # the kept factors stay in host memory
     if suite.offload:  # replacements are offloaded as the Linears they replace (host memory)
-        evaluation = (weights + logits, host_w + replaced, "resident model + one block; replacements on the host")
+        note = "resident model + one block; replacements on the host; kept factors on the host"
+        evaluation = (weights + logits, host_w + replaced + alive, note)
     else:
-        evaluation = (weights + replaced + logits, 0, "model + largest replaced layer set")
+        note = "model + largest replaced layer set + one batch's logits; kept factors on the host"
+        evaluation = (weights + replaced + logits, alive, note)
     plan.stages.append(stage("evaluation", evaluation[0], evaluation[1], disk_w, evaluation[2]))
     return plan
 
@@ -275,9 +283,21 @@ def propagated_streams(suite: Suite, methods: list) -> int:
     of every method the pipeline serves (forward statistics only); 0 under ``original``."""
     if suite.calibration.inputs != "propagated":
         return 0
-    forward = frozenset({"gram", "abs_mean", "out_cov"})
+    forward = frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
     served = [(m, a) for m, needs, _, a in methods if needs and needs <= forward]
     return sum(len(m.targets) * len(allocators) for m, allocators in served)
+
+
+def evaluation_tokens(suite: Suite) -> int:
+    """Tokens of one evaluation batch: the largest batch_size x seqlen among the evaluators' options that
+    have both (perplexity's), else the calibration's."""
+    sizes = [
+        c.options.batch_size * c.options.seqlen
+        for c in suite.evaluators
+        if isinstance(getattr(c.options, "batch_size", None), int)
+        and isinstance(getattr(c.options, "seqlen", None), int)
+    ]
+    return max(sizes, default=suite.calibration.batch_size * suite.calibration.seqlen)
 
 
 def resolved_dtype(setting: str, device: str) -> str:

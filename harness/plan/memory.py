@@ -83,6 +83,39 @@ def pipeline_stats_peak(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> i
     return max((sum(block_stats_bytes(b, kinds)) for b in blocks_of(layers)), default=0)
 
 
+def held_stats_bytes(layers: Sequence[LayerInfo], group: Sequence[LayerInfo], kinds: frozenset[str]) -> int:
+    """Bytes of statistics alive while the block pipeline factorizes ``group``: every statistic of each block
+    the group reaches, for every kind the pass collects (the held statistics are trimmed only after all of a
+    block's groups are factorized), accumulators and finished copies both (a Gram or output covariance is
+    finished in place: its accumulator is the statistic the factorization reads).
+
+    (Before: the finished copies of the group's own members only, which left out the Grams themselves,
+    1.28 GiB for a Llama-2-7B block.)
+    """
+    touched = {x.index for x in group}
+    return sum(sum(block_stats_bytes(b, kinds)) for b in blocks_of(layers) if b[0].index in touched)
+
+
+def evaluation_tokens_bytes(tokens: int, vocab: int, dtype_bytes: int) -> int:
+    """The logits of one evaluation batch of ``tokens`` (batch x seqlen) at their peak: tokens x vocab values
+    of (dtype_bytes + 8) bytes. The model's logits in its dtype, their float32 cast (a new tensor for a 16-bit
+    model; for a float32 model the contiguous copy of the shifted slice instead) and log_softmax's float32
+    output inside the cross entropy: 12 bytes a value in float32 (measured: tests/test_plan.py), 10 in
+    bfloat16 (measured on a CPU: 9; bench/gpu_check.sh).
+
+    (Before: one float32 copy, of the calibration's batch.)
+    """
+    return (dtype_bytes + 8) * tokens * vocab
+
+
+def forward_bytes(tokens: int, config: dict[str, Any], dtype_bytes: int) -> int:
+    """One block's forward intermediates for ``tokens``: 4 tensors of tokens · I (gate, up, act, product) and
+    the block output tokens · h, in the model dtype (as in ``batch_transient_bytes``; the evaluation stage
+    counts them for its batch: before, it did not)."""
+    c = text_config(config)
+    return dtype_bytes * tokens * (4 * int(c.get("intermediate_size", c["hidden_size"])) + int(c["hidden_size"]))
+
+
 def whole_stats_bytes(layers: Sequence[LayerInfo], kinds: frozenset[str]) -> tuple[int, int]:
     """(accumulators, finished) of the whole-model pass: every layer's own statistics at once."""
     totals = [block_stats_bytes(b, kinds, shared=False) for b in blocks_of(layers)]
