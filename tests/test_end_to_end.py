@@ -193,5 +193,5 @@ def test_library_output_goes_to_run_log_and_the_leaderboard_comes_last(suite_run
     log = (suite_run["results"] / "run.log").read_text()
     assert "`pretrained` model kwarg" in log and "evaluator lm-eval" in log
     assert "[harness]   evaluator lm-eval:" in first.stderr  # one line per evaluator instead
-    *_, footer, summary = first.stdout.rstrip().splitlines()
+    *_, footer, summary = [line for line in first.stdout.splitlines() if line.strip()]
     assert footer.startswith("- ") and summary.startswith("3 cells computed")  # the leaderboard, then one line
