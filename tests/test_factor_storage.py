@@ -194,7 +194,8 @@ def tiny_facts(tiny_model_dir):
         Y = X @ W.double().T
         stats[name] = harness.LayerStats(
             tokens=X.shape[0], gram=X.T @ X, abs_mean=X.abs().mean(0), sq_mean=X.square().mean(0),
-            out_cov=Y.T @ Y, fisher_in=torch.rand(X.shape[1], generator=gen, dtype=torch.float64) ** 2,
+            out_cov=Y.T @ Y, out_mean=Y.mean(0),
+            fisher_in=torch.rand(X.shape[1], generator=gen, dtype=torch.float64) ** 2,
             fisher_out=None,
         )  # fmt: skip
     return {
@@ -265,7 +266,8 @@ def test_every_allocator_chooses_the_same_on_compacted_factorizations(tiny_facts
                     a, b = fact.materialize(rank), small.materialize(rank)
                     (low, *_), (kept_low, *_) = a.values(), b.values()
                     assert torch.equal(low.A, kept_low.A) and torch.equal(low.B, kept_low.B)
-    assert refused < 5  # the comparison is mostly of assignments, not of refusals
+    # the comparison is mostly of assignments, not of refusals (a mean bias, as centred lord's and sfsd's, costs m more)
+    assert refused < 8
 
 
 # ---------------------------------------------------------------- the suite option

@@ -1,20 +1,23 @@
-"""SFSD: surgical feature-space decomposition (Chavan et al. 2024; nyunAI/SFSD-LLM).
+"""SFSD: surgical feature-space decomposition (Chavan, Lele, Gupta, ACL 2024, arXiv:2405.13039;
+code nyunAI/SFSD-LLM).
 
-Decompose in the layer's output (feature) space rather than its weight space:
-with C = Y^T Y the covariance of the layer's outputs on calibration data
-(uncentered, summed over tokens) and U_k its top-k eigenvectors, W ~ U_k (U_k^T W),
-i.e. A = U_k and B = U_k^T W:
+Two components:
 
-.. math:: \\min_{U^\\top U = I_k} \\|(I - U U^\\top) W X^\\top\\|_F^2 = \\sum_{i>k} \\lambda_i(C)
+- decomposer ``sfsd``: each Linear decomposed in its output (feature) space, as the
+  code's ``DecomposeLinearEigen`` does: the top-k eigenvectors U_k of the *centred*
+  covariance of the layer's outputs, A = U_k, B = U_k^T W, and a bias that puts the
+  discarded directions back at the outputs' mean mu, (I - U_k U_k^T) mu
+  (``harness_sfsd.feature``). ``centre = false`` is the uncentred projection onto the
+  eigenvectors of Y^T Y with no bias (the numbers of this plugin before 0.2.0, the
+  factors of uncentred ``lord`` and, with a full-rank Gram, of ``svd-llm``);
+  ``compensate = false`` keeps the centred eigenvectors without the bias, which is
+  what the code computes (its compensation term evaluates to zero, README.md).
+- allocator ``surgical``: the code's perplexity-based surgical rank search
+  (``perplexity_test.py``), last layer to first (``harness_sfsd.surgical``).
 
-Since U_k spans the top-k left singular vectors of W X^T, the projection is
-the best rank-k approximation of the outputs (Eckart-Young on W X^T). One
-eigendecomposition serves every rank. The "surgical" part of SFSD, the
-last-to-first rank search against task accuracy or perplexity, is a rank
-allocator, not part of this decomposer.
-
-Reference: A. Chavan, N. Lele, D. Gupta. Rethinking Compression: Reduced Order
-Modelling of Latent Features in Large Language Models. arXiv:2312.07046.
+SFSD's code collects each layer's statistics on the progressively decomposed model;
+a suite gets that with ``[calibration] inputs = "propagated"`` (suites/sfsd_paper.toml).
+The decomposer cannot see the suite, so it cannot check it.
 """
 
 from __future__ import annotations
@@ -24,26 +27,63 @@ from typing import Literal
 
 import harness
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+MEAN_STAT = "out_mean"
 
 
 @dataclass(frozen=True)
 class SFSDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision the factors are kept in until truncation (the eigendecomposition is float64)."""
+    centre: bool = True
+    """Eigenvectors of the centred output covariance (the code's ``torch.cov``); false: of Y^T Y, uncentred."""
+    compensate: bool | None = None
+    """Bias (I - U_k U_k^T) mu for the discarded directions. Unset: as ``centre`` (true with the centred
+    covariance; false with the uncentred one, today's ``sfsd`` numbers)."""
+
+    def __post_init__(self) -> None:
+        if self.compensate is None:
+            object.__setattr__(self, "compensate", self.centre)
 
 
 class SFSD(harness.SingleMatrixDecomposer):
     name = "sfsd"
-    needs = frozenset({"out_cov"})
+    needs = frozenset({"out_cov", MEAN_STAT})
     Options = SFSDOptions
-    description = "projection onto the top eigenvectors of the output covariance Y^T Y (feature space)"
+    description = "feature space: top eigenvectors of the centred output covariance plus a mean bias (SFSD)"
 
     def factorize_matrix(self, name, weight, stats, options, ctx):
         dtype = harness.float_dtype(options.dtype)
-        return harness.ProjectionFactorization.from_output_covariance(name, weight, stats.out_cov, dtype=dtype)
+        if stats is None or stats.out_cov is None:
+            raise RuntimeError(f"sfsd: no 'out_cov' statistic for {name}")
+        if not options.centre and not options.compensate:
+            return harness.ProjectionFactorization.from_output_covariance(name, weight, stats.out_cov, dtype=dtype)
+        mean = getattr(stats, MEAN_STAT, None)
+        if mean is None:
+            raise RuntimeError(f"sfsd: no {MEAN_STAT!r} statistic for {name}; centre and compensate need it")
+        from harness_sfsd.feature import FeatureFactorization
+
+        # layer_bias: the harness hands decomposers no Linear bias (README.md, "Deviations")
+        return FeatureFactorization(
+            name,
+            weight,
+            stats.out_cov,
+            mean,
+            stats.tokens,
+            centre=options.centre,
+            compensate=options.compensate,
+            dtype=dtype,
+        )
 
 
 @harness.hookimpl
 def register_decomposers(register):
     register(SFSD())
+
+
+@harness.hookimpl
+def register_rank_allocators(register):
+    from harness_sfsd.surgical import Surgical
+
+    register(Surgical())
