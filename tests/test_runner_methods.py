@@ -146,6 +146,7 @@ def suite_text(model: Path, level2: int) -> str:
     targets = [{KEEP}]
     [[methods]]
     name = "sfsd"
+    options = {{ centre = false }}
     targets = [{KEEP}]
     [[methods]]
     name = "asvd"
@@ -289,9 +290,10 @@ def reference_svd(W, X, k):
 
 def reference_output_projection(W, X, k):
     """The rank-k map closest on the outputs: P_k W, P_k the top-k left singular vectors of Y^T = W X^T
-    (SFSD and uncentred LoRD by definition - the suite runs lord with centre = false; its centred form is
-    checked against its closed form in tests/test_lord.py; SVD-LLM's SVD_k(W S) S^-1 = P_k W too, since the left singular
-    vectors of W S are those of W S S^T W^T = W X^T X W^T, jitter aside)."""
+    (SFSD and LoRD uncentred by definition: the suite runs both with centre = false, their centred forms
+    are checked against closed forms in tests/test_sfsd.py and tests/test_lord.py; SVD-LLM's
+    SVD_k(W S) S^-1 = P_k W too, since the left singular vectors of W S are those of
+    W S S^T W^T = W X^T X W^T, jitter aside)."""
     P = torch.linalg.svd(W @ X.T, full_matrices=False)[0][:, :k]
     return P @ (P.T @ W)
 

@@ -17,6 +17,7 @@ and usually better at equal rank (tests/test_lord.py checks both on planted data
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -116,10 +117,11 @@ class CentredProjectionFactorization(harness.Factorization):
         top = self.U.shape[1] if max_rank is None else max(0, min(int(max_rank), self.U.shape[1]))
         keep_dtype = self.U.dtype if dtype is None else dtype
         where = self.U.device if device is None else torch.device(device)
-        self.U = self.U[:, :top].to(where, keep_dtype).contiguous()
-        self.UtW = self.UtW[:top].to(where, keep_dtype).contiguous()
-        self.mean = self.mean.to(where)
-        return self
+        kept = copy.copy(self)  # a new factorization: the uncompacted one stays as it was
+        kept.U = self.U[:, :top].to(where, keep_dtype).contiguous()
+        kept.UtW = self.UtW[:top].to(where, keep_dtype).contiguous()
+        kept.mean = self.mean.to(where)
+        return kept
 
     @property
     def stored_rank(self) -> int:
