@@ -391,6 +391,62 @@ TARGETS = [
             ),
         ),
     ),
+    # the methods that landed beside issue 21 (basis sharing, svd-llm v2, sfsd as published)
+    Target(
+        "basis-sharing",
+        f"{P}/harness_basis_sharing/harness_basis_sharing/decompose.py",
+        ("tests/test_basis_sharing.py",),
+        (
+            M("basis without sigma", "basis = (s[:, None] * Qt)", "basis = (Qt)"),
+            M("S^-1 not applied", "@ harness.lower_triangular_inverse(S).to(dtype)", "@ S.to(dtype)"),
+            M("weights not whitened", "for w in weights]) @ S", "for w in weights])"),
+        ),
+    ),
+    Target(
+        "svd-llm-v2",
+        f"{P}/harness_svdllm_v2/harness_svdllm_v2/decompose.py",
+        ("tests/test_svdllm_v2.py",),
+        (
+            M("eigenvalues not square-rooted", "values.clamp_min(0).sqrt()", "values.clamp_min(0)"),
+            M("eigenvectors ascending", "values, vectors = values.flip(0), vectors.flip(1)", "pass"),
+            M("pinv transposed", "inverse_root[:, None] * vectors.T", "inverse_root[:, None] * vectors"),
+        ),
+    ),
+    Target(
+        "svd-llm-v2-allocator",
+        f"{P}/harness_svdllm_v2/harness_svdllm_v2/allocate.py",
+        ("tests/test_svdllm_v2.py",),
+        (
+            M("score ln not inverted", "return [1.0 / math.log(scale * x)", "return [math.log(scale * x)"),
+            M("removed fraction not normalized", "removed * s * total / weighted", "removed * s"),
+            M("no rescale below e", "scale = 1.0 if least >= math.e else math.e / least", "scale = 1.0"),
+        ),
+    ),
+    Target(
+        "sfsd",
+        f"{P}/harness_sfsd/harness_sfsd/feature.py",
+        ("tests/test_sfsd.py",),
+        (
+            M("centring sign", "S - tokens * torch.outer(mu, mu)", "S + tokens * torch.outer(mu, mu)"),
+            M("eigenvectors ascending", "U = U.flip(1)  # descending eigenvalues", "U = U"),
+            M("bias keeps the projected part", "bias = self.shift - U64 @ (U64.T @ self.shift)", "bias = self.shift"),
+            M("bias not counted", "(m if self.compensate else 0)", "(0 if self.compensate else 0)"),
+        ),
+    ),
+    Target(
+        "surgical",
+        f"{P}/harness_sfsd/harness_sfsd/surgical.py",
+        ("tests/test_sfsd.py",),
+        (
+            M("tolerance strict", "if loss(trial) <= allowed:", "if loss(trial) < allowed - 1e-3:"),
+            M("first layer to last", "for i in reversed(range(start, n)):", "for i in range(start, n):"),
+            M(
+                "candidates off by one",
+                "FRACTIONS = tuple(0.1 + i * 0.1 for i in range(10))",
+                "FRACTIONS = tuple(0.1 + i * 0.1 for i in range(9))",
+            ),
+        ),
+    ),
 ]
 RUNNER = "tests/test_runner_methods.py"
 
