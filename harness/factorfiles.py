@@ -348,6 +348,19 @@ class MethodFiles:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def stored_complete(files: MethodFiles) -> bool:
+    """True where ``files``' directory has a manifest of its identity and every group file it lists: what
+    ``load`` would read (its files are not opened here; an unreadable one is found, and redone, by ``load``)."""
+    try:
+        manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("tag") != files.tag:
+        return False
+    groups = manifest.get("groups")
+    return isinstance(groups, list) and all((files.directory / str(name)).is_file() for name in groups)
+
+
 def disk_bytes(directory: Path) -> int:
     """Bytes of the files under ``directory`` (a method's factor files: what ``keep = "disk"`` costs)."""
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

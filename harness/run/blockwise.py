@@ -20,12 +20,13 @@ from harness.api import FactorizeContext, LayerInfo
 from harness.errors import HarnessError
 from harness.factorization import StoredLowRank
 from harness.provenance import seed_everything
-from harness.run import blocks, calibration, pipeline
+from harness.run import blocks, calibration, diskfactors, pipeline
 from harness.run.env import RunEnv, log
 from harness.run.factors import factorize_group, keep
 from harness.run.memory import out_of_memory_as
 
 if TYPE_CHECKING:
+    from harness.factorfiles import MethodFiles
     from harness.factorization import Factorization
     from harness.models import LoadedModel
     from harness.run.cells import Cell
@@ -134,8 +135,11 @@ class BlockFactorizer:
             factorizations = [on_device(f, device) for f in factorizations]
         return factorizations, job.seconds
 
-    def job(self, method: Method, label: str, targets, allocators: Sequence[Component]) -> pipeline.Job:
-        """``method``'s part of a pass, its factors kept for ``targets`` x ``allocators`` (``factors.keep``)."""
+    def job(
+        self, method: Method, label: str, targets, allocators: Sequence[Component], files: MethodFiles | None = None
+    ) -> pipeline.Job:
+        """``method``'s part of a pass, its factors kept for ``targets`` x ``allocators`` (``factors.keep``);
+        with ``files``, each group written as soon as it is factorized and its memory-mapped copy kept."""
         suite, model = self.env.suite, self.loaded.model
         host = torch.device("cpu")
         offload = torch.device(self.env.device).type != "cpu"
@@ -146,6 +150,8 @@ class BlockFactorizer:
         def factorize(group, stats):
             raw = factorize_group(decomposer, model, group, stats, method.options, ctx)
             fact = keep(raw, targets, plugins, suite.factorization.storage_dtype)
+            if files is not None:
+                fact = diskfactors.put(files, fact)
             # a compacted factorization is on the host already and brings its factors to the device itself
             return blocks.move_tensors(fact, host) if offload and fact is raw else fact
 
@@ -164,9 +170,12 @@ class BlockFactorizer:
     def run_streams(self, cells: Sequence[Cell]) -> None:
         """One pass on propagated inputs: a job and an activation stream per cell; each one's result in
         ``_streams``. The pass's forward cost and its captured activations grow with the number of cells."""
-        jobs = []
+        jobs, files = [], []
         for cell in cells:
-            job = self.job(cell.method, cell.label, [cell.target], [cell.allocator])
+            files.append(diskfactors.cell_files(self.env, self.loaded.fingerprint, cell))
+            if files[-1] is not None:
+                files[-1].reset()
+            job = self.job(cell.method, cell.label, [cell.target], [cell.allocator], files[-1])
             job.reference = self.reference(cell, job)
             jobs.append(job)
         needs = set().union(*(job.needs for job in jobs))
@@ -178,6 +187,9 @@ class BlockFactorizer:
             f"{config.samples} x {config.seqlen} activations (up to {n}x those of original inputs)"
         )
         self._pass(pipeline.run_propagated, jobs, f"calibration (blocks, propagated), {len(jobs)} streams")
+        for job, where in zip(jobs, files, strict=True):
+            if where is not None and job.error is None:  # the manifest: a rerun reuses the cell's files
+                job.factorizations = diskfactors.store(where, job.factorizations, job.seconds)
         self._streams.update({cell.id: job for cell, job in zip(cells, jobs, strict=True)})
 
     def reference(self, cell: Cell, job: pipeline.Job) -> Callable:

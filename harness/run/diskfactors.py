@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.factorfiles import FactorFileError, Incomplete, MethodFiles
+from harness.factorfiles import FactorFileError, Incomplete, MethodFiles, stored_complete
 from harness.ray import factstore
 from harness.run.cells import content_hash
 from harness.run.env import log
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from harness.factorization import Factorization
+    from harness.run.cells import Cell
     from harness.run.env import RunEnv
     from harness.run.prepare import Prepared
     from harness.suite import Method
@@ -78,6 +79,27 @@ def method_files(
 _OPEN: dict[tuple[str, str, str], MethodFiles] = {}
 
 
+def cell_files(env: RunEnv, fingerprint: str, cell: Cell, device: torch.device | None = None) -> MethodFiles | None:
+    """Propagated inputs: one cell's own files (its factorizations depend on its target and allocator), in
+    ``<method directory>@<cell id>``; None under ``keep = "memory"``."""
+    if env.suite.factorization.keep != "disk":
+        return None
+    method = cell.method
+    where = directory(env, fingerprint, method)
+    where = where.with_name(f"{where.name}@{cell.id[:16]}")
+    what = {**identity(env, fingerprint, method), "cell": cell.id}
+    key = (str(where), content_hash(what, 32), str(device))
+    if key not in _OPEN:
+        _OPEN[key] = MethodFiles(where, what, factstore.plugin_roots(env.plugins), device)
+    return _OPEN[key]
+
+
+def stored(files: MethodFiles | None, force: bool = False) -> bool:
+    """True where ``files`` hold a complete set of this identity's factorizations (not read: a manifest with
+    this identity's tag, every group file present); a rerun reuses them, so no pass need compute them."""
+    return files is not None and not force and stored_complete(files)
+
+
 def reuse(files: MethodFiles, force: bool = False) -> tuple[list[Factorization], float] | None:
     """The stored factorizations where they match and read; None (a line logged where unreadable) to factorize."""
     if force:
@@ -90,6 +112,15 @@ def reuse(files: MethodFiles, force: bool = False) -> tuple[list[Factorization],
     if found is not None:
         log(f"factorizations reused from {files.directory}")
     return found
+
+
+def put(files: MethodFiles, fact: Factorization) -> Factorization:
+    """``fact`` written as the next group file, its memory-mapped copy returned; ``fact`` itself where it cannot
+    be stored (``store`` then says so, once, and keeps the method's factorizations in memory)."""
+    try:
+        return files.put(fact)
+    except factstore.Unsupported:
+        return fact
 
 
 def store(files: MethodFiles, factorizations: list[Factorization], seconds: float) -> list[Factorization]:
@@ -115,3 +146,15 @@ def factorize(prepared: Prepared, method: Method) -> tuple[list[Factorization], 
     files.reset()
     factorizations, seconds = prepared.factorize(method)
     return store(files, factorizations, seconds), seconds
+
+
+def factorize_cell(prepared: Prepared, cell: Cell) -> tuple[list[Factorization], float]:
+    """``prepared.factorize_cell(cell)`` (propagated inputs), kept as the suite says: under ``keep = "disk"``
+    read from the cell's matching files where a run wrote them; else the pass computes them and writes each
+    group as it is factorized (``BlockFactorizer.run_streams``), keeping the memory-mapped ones."""
+    env = prepared.env
+    files = cell_files(env, prepared.loaded.fingerprint, cell)
+    found = reuse(files, env.options.force) if files is not None else None
+    if found is not None:
+        return found
+    return prepared.factorize_cell(cell)

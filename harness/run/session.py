@@ -104,7 +104,7 @@ class ModelSession:
             self.sink.skip(baseline)
         methods = self.env.suite.methods
         pending = [c for c in method_cells if self.env.pending(c)]
-        self.prepared.expect([m for m in methods if any(c.method is m for c in pending)], pending)
+        self.prepared.expect(*self.to_compute(methods, pending))
         for method in self.env.suite.methods:
             mine = [c for c in method_cells if c.method is method]
             pending = [c for c in mine if self.env.pending(c)]
@@ -114,12 +114,21 @@ class ModelSession:
             if pending:
                 self.run_method(method, pending)
 
+    def to_compute(self, methods: Sequence[Method], pending: Sequence[Cell]) -> tuple[list[Method], list[Cell]]:
+        """The methods (and cells) whose factorizations the pipeline's one pass must compute: those with pending
+        cells, less those whose files a run wrote under ``keep = "disk"`` (they are read back instead)."""
+        env, fingerprint = self.env, self.prepared.loaded.fingerprint
+        force = env.options.force
+        cells = [c for c in pending if not diskfactors.stored(diskfactors.cell_files(env, fingerprint, c), force)]
+        stored = {m.label for m in methods if diskfactors.stored(diskfactors.method_files(env, fingerprint, m), force)}
+        return [m for m in methods if m.label not in stored and any(c.method is m for c in pending)], cells
+
     def run_method(self, method: Method, cells: Sequence[Cell]) -> None:
         """Compute ``cells`` (the method's pending ones), then let go of the method's factorizations: only the
         current method's and those of methods still waiting stay alive (``Prepared.release``)."""
         if self.prepared.propagated(method):  # each cell its own factorizations (calibration.inputs)
             for cell in cells:
-                self.compute_cells([cell], lambda cell=cell: self.prepared.factorize_cell(cell))
+                self.compute_cells([cell], lambda cell=cell: diskfactors.factorize_cell(self.prepared, cell))
                 self.prepared.release(method, cell)
         else:
             self.compute_cells(cells, lambda: self.factorize(method))
