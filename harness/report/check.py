@@ -21,6 +21,12 @@ patterns (shell globs; a row is "model method allocator target", e.g.
   better, uncompressed / current where lower is better (perplexity).
 - ``ignore``: not compared (e.g. timings).
 
+A row may carry a ``source`` (a string: where its numbers come from, e.g. a
+paper's table, for baselines that hold published figures rather than a run's,
+suites/baselines/papers/); it is never compared, ``harness check`` prints it
+under the table for the rows it shows, and ``harness baseline`` refuses to
+overwrite a file whose rows have one. Baselines without it load as before.
+
 Hardware-bound metrics (latency, memory, energy) are not in the main table and
 are not compared. A compressed row whose cell failed, a missing row or metric
 fails the check; a row the baseline does not have is listed and not checked.
@@ -79,6 +85,8 @@ class Entry:
     allowed: float | None = None
     recovery: float | None = None
     note: str = ""
+    source: str = ""
+    """The baseline row's ``source`` (published figures), if it has one."""
 
     @property
     def delta(self) -> float | None:
@@ -174,13 +182,22 @@ def make_baseline(results_dir: Path, command: str, tolerances: list[dict] | None
 
 
 def write_baseline(results_dir: Path, out: Path, command: str) -> dict[str, Any]:
-    """Write the baseline of ``results_dir`` to ``out``, keeping the tolerances ``out`` already has."""
+    """Write the baseline of ``results_dir`` to ``out``, keeping the tolerances ``out`` already has.
+
+    A file holding published figures (rows with a ``source``) is never overwritten by a run's numbers.
+    """
     tolerances = None
     if Path(out).exists():
         try:
-            tolerances = load_baseline(Path(out))["tolerances"]
+            existing = load_baseline(Path(out))
         except HarnessError:
-            tolerances = None
+            existing = None
+        if existing is not None and any("source" in row for row in existing["rows"]):
+            raise HarnessError(
+                f"-o: expected a baseline of a run to overwrite, got {out}: it holds published figures "
+                "(rows with a source); write the run's baseline to another file"
+            )
+        tolerances = existing["tolerances"] if existing is not None else None
     document = make_baseline(results_dir, command, tolerances)
     text = json.dumps(document, indent=2, allow_nan=True) + "\n"
     try:
@@ -216,6 +233,9 @@ def load_baseline(path: Path) -> dict[str, Any]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("metrics"), dict) or any(k not in row for k in KEY):
             raise HarnessError(f"{path}: rows[{i}]: expected {', '.join(KEY)} and metrics, got {row!r}")
+        if "source" in row and not isinstance(row["source"], str):
+            got = row["source"]
+            raise HarnessError(f"{path}: rows[{i}].source: expected a string (the citation), got {got!r}")
     return document
 
 
@@ -296,6 +316,7 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
             report.entries.append(Entry(label, "*", None, None, "FAIL", note=note))
             continue
         reference = references.get(key[0]) or {}
+        source = row.get("source", "")
         for metric, base in row["metrics"].items():
             value = current[key].get(metric)
             is_compressed = key[1] != "baseline"
@@ -305,7 +326,9 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
                 else None
             )
             rule = rule_for(document["rules"], label, metric)
-            report.entries.append(compare_number(label, metric, float(base), value, rule, recovery))
+            entry = compare_number(label, metric, float(base), value, rule, recovery)
+            entry.source = source
+            report.entries.append(entry)
     for key in chosen:
         if key not in seen:
             report.entries.append(Entry(row_label(key), "*", None, None, "NEW", note="row not in the baseline"))
@@ -342,6 +365,10 @@ def render(report: CheckReport) -> str:
         headers = ["row", "metric", "baseline", "current", "delta", "rel", "recovery", "allowed", "status", "note"]
         lines.append(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
         lines.append("")
+        sources = dict.fromkeys((e.row, e.source) for e in shown if e.source)
+        lines += [f"source of {row}: {source}" for row, source in sources]
+        if sources:
+            lines.append("")
     lines += [f"note: {note}" for note in report.notes]
     compared = [e for e in report.entries if e.status in ("ok", "moved", "FAIL") and e.metric != "*"]
     rows = {e.row for e in report.entries if e.status != "NEW"}
