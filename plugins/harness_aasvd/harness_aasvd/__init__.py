@@ -13,10 +13,10 @@ then ``gram`` is X'^T X' and ``anchor_cross`` is X^T X' (the core keeps a
 stream of the original model's activations beside each compressed one). On
 original inputs X' = X and the factors are SVD-LLM's, bit for bit.
 
-The paper's block-level refinement (fine-tuning each block's factors to the
-original block's outputs) is not offered: a decomposer sees one group's weight
-and statistics, not a block, its activations and an optimizer. ``refine.py``
-holds the step itself and README.md names the core hook it needs.
+The paper's block-level refinement (fine-tuning each block to the original
+block's outputs, a weight optimization) is not offered: a decomposer sees one
+group's weight and statistics, not a block, its activations and an optimizer.
+README.md names the core hook it needs.
 """
 
 from __future__ import annotations
