@@ -26,7 +26,7 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
+STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "anchor_cross")
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
@@ -38,6 +38,10 @@ STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
 - ``fisher``: empirical Fisher of the LM loss, sum of squared gradients of the
   weight, reduced per input channel (``fisher_in``, (n,)) and per output row
   (``fisher_out``, (m,)).
+- ``anchor_cross``: X^T X' (n, n), float64, summed over tokens: the original
+  model's inputs X against the inputs X' the layer receives under
+  ``calibration.inputs = "propagated"`` (token by token, the same windows);
+  under original inputs X' = X and it is the Gram (AA-SVD's anchor).
 """
 
 
@@ -53,6 +57,7 @@ class LayerStats:
     out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
+    anchor_cross: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,8 @@ def plan_model(
         methods.append(
             (method, frozenset(decomposer.needs), decomposer.groups(targets_layers, method.options), allocators)
         )
-    forward = frozenset().union(*(n for _, n, _, _ in methods)) & frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
+    forward_kinds = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross"})
+    forward = frozenset().union(*(n for _, n, _, _ in methods)) & forward_kinds
     whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
     if cal.pipeline == "blocks":
         whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))
@@ -283,7 +284,7 @@ def propagated_streams(suite: Suite, methods: list) -> int:
     of every method the pipeline serves (forward statistics only); 0 under ``original``."""
     if suite.calibration.inputs != "propagated":
         return 0
-    forward = frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
+    forward = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross"})
     served = [(m, a) for m, needs, _, a in methods if needs and needs <= forward]
     return sum(len(m.targets) * len(allocators) for m, allocators in served)
 

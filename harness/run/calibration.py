@@ -46,8 +46,10 @@ from harness.api import STAT_KINDS, LayerInfo, LayerStats
 from harness.errors import HarnessError
 from harness.store import atomic_write, canonical_json
 
-FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
-INPUT_KINDS = frozenset({"gram", "abs_mean"})
+FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross"})
+INPUT_KINDS = frozenset({"gram", "abs_mean", "anchor_cross"})
+GRAM_KINDS = frozenset({"gram", "anchor_cross"})
+"""Kinds whose sums need X^T X per batch (on original inputs ``anchor_cross`` is the Gram itself)."""
 OUTPUT_KINDS = frozenset({"out_cov", "out_mean"})
 CACHE_FORMAT = 1
 KIND_FIELDS = {
@@ -56,6 +58,7 @@ KIND_FIELDS = {
     "out_cov": ("tokens", "out_cov"),
     "out_mean": ("tokens", "out_mean"),
     "fisher": ("fisher_in", "fisher_out"),
+    "anchor_cross": ("tokens", "anchor_cross", "sq_mean"),
 }
 """LayerStats fields stored in each kind's cache file."""
 
@@ -73,14 +76,21 @@ def check_needs(needs: set[str] | frozenset[str]) -> frozenset[str]:
 
 # ---------------------------------------------------------------- accumulation
 class _LayerSums:
-    """Running float64 sums of one Linear layer's statistics."""
+    """Running float64 sums of one Linear layer's statistics.
 
-    def __init__(self, kinds: frozenset[str], shape: tuple[int, int], device: torch.device) -> None:
+    ``anchor_cross``: unless ``paired`` (propagated inputs, fed by ``add_cross``) the inputs are the original
+    ones, X' = X, and it is the Gram's accumulator itself (one n x n sum, the same tensor in both fields)."""
+
+    def __init__(
+        self, kinds: frozenset[str], shape: tuple[int, int], device: torch.device, paired: bool = False
+    ) -> None:
         m, n = shape
         zeros = lambda *size: torch.zeros(*size, dtype=torch.float64, device=device)  # noqa: E731
         self.kinds = kinds
         self.tokens = 0
-        self.gram = zeros(n, n) if "gram" in kinds else None
+        cross = "anchor_cross" in kinds
+        self.gram = zeros(n, n) if "gram" in kinds or (cross and not paired) else None
+        self.cross = (zeros(n, n) if paired else self.gram) if cross else None
         self.abs_sum = zeros(n) if "abs_mean" in kinds else None
         self.sq_sum = zeros(n) if kinds & INPUT_KINDS else None
         self.out_cov = zeros(m, m) if "out_cov" in kinds else None
@@ -98,6 +108,10 @@ class _LayerSums:
         if self.abs_sum is not None:
             self.abs_sum += sums["abs"].to(self.abs_sum.device)
 
+    def add_cross(self, cross: torch.Tensor) -> None:
+        """Add one batch's X^T X' (original inputs against propagated ones; ``paired`` sums only)."""
+        self.cross += cross.to(self.cross.device)
+
     def add_output(self, y: torch.Tensor) -> None:
         if not self.kinds & INPUT_KINDS:
             self.tokens += y.shape[0]
@@ -114,9 +128,11 @@ class _LayerSums:
     def finish(self) -> LayerStats:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         tokens = max(self.tokens, 1)
+        gram = cpu(self.gram)
         return LayerStats(
             tokens=self.tokens,
-            gram=cpu(self.gram),
+            gram=gram if "gram" in self.kinds else None,
+            anchor_cross=gram if self.cross is not None and self.cross is self.gram else cpu(self.cross),
             abs_mean=None if self.abs_sum is None else cpu(self.abs_sum / tokens),
             sq_mean=None if self.sq_sum is None else cpu(self.sq_sum / tokens),
             out_cov=cpu(self.out_cov),
@@ -165,7 +181,7 @@ class _Collector:
         if self.kinds & INPUT_KINDS:
             # q/k/v (gate/up) receive the very same tensor object: compute its sums once
             if self._last is None or self._last[0] is not x:
-                self._last = (x, _input_sums(x, "gram" in self.kinds, "abs_mean" in self.kinds))
+                self._last = (x, _input_sums(x, bool(self.kinds & GRAM_KINDS), "abs_mean" in self.kinds))
             sums.add_input(self._last[1])
         if self.kinds & OUTPUT_KINDS:
             sums.add_output(y.detach().reshape(-1, y.shape[-1]).to(torch.float64))

@@ -100,6 +100,7 @@ from harness.api import LayerInfo, LayerStats
 from harness.run.blocks import BlockPlan, block_plan, capture_inputs, move_tensors, on_all
 from harness.run.calibration import (
     FORWARD_KINDS,
+    GRAM_KINDS,
     INPUT_KINDS,
     KIND_FIELDS,
     OUTPUT_KINDS,
@@ -172,10 +173,19 @@ class LiveStats:
 
 # ---------------------------------------------------------------- one block's statistics
 class _BlockCollector:
-    """Forward hooks on one block's target Linears: shared input sums, per-layer output covariances."""
+    """Forward hooks on one block's target Linears: shared input sums, per-layer output covariances.
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], kinds: frozenset[str], device, tracker) -> None:
+    ``paired`` (propagated inputs, ``anchor_cross``): before each batch the same batch of the original
+    model's activations goes through the block with ``stashing`` set, the hooks keeping each layer's input
+    (``anchor``); the batch proper then adds X^T X' of each distinct input to its layers' ``anchor_cross``."""
+
+    def __init__(
+        self, shapes: dict[str, tuple[int, int]], kinds: frozenset[str], device, tracker, paired: bool = False
+    ) -> None:
         self.shapes = shapes
+        self.paired = paired and "anchor_cross" in kinds
+        self.stashing = False
+        self.anchor: dict[str, torch.Tensor] = {}
         self.input_kinds = kinds & INPUT_KINDS
         self.output_kinds = kinds & OUTPUT_KINDS  # out_cov, out_mean: one output accumulator per layer
         self.device = device
@@ -186,7 +196,7 @@ class _BlockCollector:
         self._added: set[int] = set()
 
     def _new(self, kinds: frozenset[str], name: str) -> _LayerSums:
-        sums = _LayerSums(kinds, self.shapes[name], self.device)
+        sums = _LayerSums(kinds, self.shapes[name], self.device, paired=self.paired)
         if self.tracker is not None:
             for value in vars(sums).values():
                 if isinstance(value, torch.Tensor):
@@ -196,6 +206,9 @@ class _BlockCollector:
     def start_batch(self) -> None:
         self._seen.clear()
         self._added.clear()
+        if not self.stashing:
+            return
+        self.anchor.clear()
 
     def hook(self, name: str) -> Callable:
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -204,6 +217,9 @@ class _BlockCollector:
         return record
 
     def record(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.stashing:  # the original model's batch: keep the layer's input for the batch proper
+            self.anchor[name] = x.detach()
+            return
         if self.input_kinds:
             seen = self._seen.get(id(x))
             if seen is not None and seen[0] is x:  # q/k/v (gate/up): the same tensor, one accumulator
@@ -213,7 +229,9 @@ class _BlockCollector:
                 sums = self.inputs.get(name) or self.inputs.setdefault(name, self._new(self.input_kinds, name))
                 if id(sums) in self._added:
                     raise RuntimeError(f"{name}: its input is shared with other layers in one batch, not in another")
-                sums.add_input(_input_sums(x, "gram" in self.input_kinds, "abs_mean" in self.input_kinds))
+                sums.add_input(_input_sums(x, bool(self.input_kinds & GRAM_KINDS), "abs_mean" in self.input_kinds))
+                if self.paired:
+                    sums.add_cross(_cross(self.anchor[name], x))
                 self._added.add(id(sums))
                 self._seen[id(x)] = (x, sums)
         if self.output_kinds:
@@ -234,6 +252,7 @@ class _BlockCollector:
                 done = finished[id(sums)]
                 merged.tokens, merged.gram = done.tokens, done.gram
                 merged.abs_mean, merged.sq_mean = done.abs_mean, done.sq_mean
+                merged.anchor_cross = done.anchor_cross
             if self.output_kinds:
                 sums = self.outputs.get(name) or self.outputs.setdefault(name, self._new(self.output_kinds, name))
                 done = sums.finish()
@@ -241,13 +260,21 @@ class _BlockCollector:
                 if not self.input_kinds:
                     merged.tokens = done.tokens
             if self.tracker is not None:
-                for f in ("gram", "abs_mean", "sq_mean", "out_cov", "out_mean"):
+                for f in ("gram", "abs_mean", "sq_mean", "out_cov", "out_mean", "anchor_cross"):
                     self.tracker.track(getattr(merged, f))
             stats[name] = merged
         self.inputs.clear()
         self.outputs.clear()
         self._seen.clear()
         return stats
+
+
+def _cross(anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """X^T X' of one batch in float64: ``anchor`` the original model's input, ``x`` the propagated one."""
+    if anchor.shape != x.shape:
+        raise RuntimeError(f"anchor_cross: original input {tuple(anchor.shape)} against {tuple(x.shape)}")
+    a = anchor.reshape(-1, anchor.shape[-1]).to(torch.float64)
+    return a.T @ x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
 
 
 def restrict(stats: LayerStats, needs: frozenset[str]) -> LayerStats:
@@ -370,24 +397,39 @@ def _step(
     device: torch.device,
     tracker: LiveStats | None,
     outputs: str,
+    anchor: list | None = None,
 ) -> dict[str, LayerStats]:
     """Run step ``b`` (a block, or the head after the last block) over ``inputs`` collecting ``kinds`` for
     its target layers; their finished statistics. ``outputs``: "replace" puts each batch's block output in
-    its place in ``inputs``, "drop" frees each batch once used, "keep" leaves ``inputs`` as they were."""
+    its place in ``inputs``, "drop" frees each batch once used, "keep" leaves ``inputs`` as they were.
+    ``anchor``: the original model's batches, paired with ``inputs`` for ``anchor_cross`` (each goes through
+    the block just before its partner, its layers' inputs stashed)."""
     is_head = b == len(plan.blocks)
     names = plan.head if is_head else plan.members[b]
-    collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker)
+    paired = anchor is not None and "anchor_cross" in kinds
+    collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker, paired=paired)
     modules = [plan.final_norm, *(model.get_submodule(n) for n in names)] if is_head else [plan.blocks[b]]
+
+    def forward(batch):
+        if is_head:
+            x = plan.final_norm(batch.hidden)
+            for name in names:
+                model.get_submodule(name)(x)
+            return None
+        out = plan.blocks[b](batch.hidden, *batch.args, **batch.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
     with _hooks(model, names if kinds else [], collector), on_all(modules, device):
         for i, batch in enumerate(inputs):
+            if paired:
+                collector.stashing = True
+                collector.start_batch()
+                forward(anchor[i])
+                collector.stashing = False
             collector.start_batch()
+            out = forward(batch)
             if is_head:
-                x = plan.final_norm(batch.hidden)
-                for name in names:
-                    model.get_submodule(name)(x)
                 continue
-            out = plan.blocks[b](batch.hidden, *batch.args, **batch.kwargs)
-            out = out[0] if isinstance(out, tuple) else out
             if outputs == "replace":
                 inputs[i] = dataclasses.replace(batch, hidden=out)
             elif outputs == "drop":
@@ -503,18 +545,23 @@ def run_propagated(
     with _eval_mode(model), torch.no_grad():
         streams = [_Stream(list(jobs), capture_inputs(model, plan.blocks[0], batches, batch_size, device), pending)]
         streams = streams if steps else []
+        # ``anchor_cross``: the original model's activations, one stream more, through the uncompressed blocks
+        anchor = list(streams[0].inputs) if streams and any("anchor_cross" in job.needs for job in jobs) else None
         for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
             last = b == steps - 1
             following: list[_Stream] = []
             for stream in streams:
                 kinds = frozenset().union(*(job.needs for job in stream.jobs)) & FORWARD_KINDS
-                stats = _step(model, plan, b, stream.inputs, kinds, shapes, device, tracker, "drop" if last else "keep")
+                out = "drop" if last else "keep"
+                stats = _step(model, plan, b, stream.inputs, kinds, shapes, device, tracker, out, anchor)
                 stream.pending.held.update(stats)
                 del stats
                 done = stream.pending.ready(b)
                 following += [stream] if last else _branch(model, plan, b, stream, done, device, dense, log)
                 stream.inputs = []
             streams = following
+            if anchor is not None and not last:
+                _step(model, plan, b, anchor, frozenset(), shapes, device, None, "replace")
     for part in [s.pending for s in streams] or [pending]:  # groups of layers the pass did not reach (none)
         part.rest()
 
