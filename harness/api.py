@@ -26,7 +26,7 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
+STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "gram_original")
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
@@ -38,6 +38,12 @@ STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
 - ``fisher``: empirical Fisher of the LM loss, sum of squared gradients of the
   weight, reduced per input channel (``fisher_in``, (n,)) and per output row
   (``fisher_out``, (m,)).
+- ``gram_original``: X^T X of the layer's inputs in the *uncompressed* model
+  (n, n), float64. Under ``[calibration] inputs = "propagated"``, ``gram`` is
+  the Gram of the compressed model's inputs X' and this one that of the
+  original X (one more activation stream, the uncompressed model's, per pass);
+  under ``"original"`` the two are one thing and ``gram_original`` is
+  ``gram``'s very tensor (SVD-LLM's update: whitening on X, left factor on X').
 """
 
 
@@ -53,6 +59,7 @@ class LayerStats:
     out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
+    gram_original: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,12 @@ class Decomposer:
     needs: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
+
+    def needs_for(self, options: Any) -> frozenset[str]:
+        """The part of ``needs`` a method with ``options`` uses (default: all of it). The layer-sequential
+        pass collects only these, so that a costly kind (``gram_original`` under propagated inputs: one
+        more activation stream) is paid for only by the options that read it; ``needs`` stays the bound."""
+        return frozenset(self.needs)
 
     def groups(self, layers: Sequence[LayerInfo], options: Any) -> list[tuple[str, ...]]:
         """Partition the layers into groups decomposed jointly (default: one each)."""

@@ -138,6 +138,10 @@ class Plan:
         return f"{text}\n{verdict} ({', '.join(have) or 'no memory figure'})"
 
 
+FORWARD = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "gram_original"})
+"""The forward statistics (``harness.run.calibration.FORWARD_KINDS``, written out: the planner loads no torch)."""
+
+
 def plan_model(
     suite: Suite,
     spec: str,
@@ -186,7 +190,7 @@ def plan_model(
         methods.append(
             (method, frozenset(decomposer.needs), decomposer.groups(targets_layers, method.options), allocators)
         )
-    forward = frozenset().union(*(n for _, n, _, _ in methods)) & frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
+    forward = frozenset().union(*(n for _, n, _, _ in methods)) & FORWARD
     whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
     if cal.pipeline == "blocks":
         whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))
@@ -283,7 +287,7 @@ def propagated_streams(suite: Suite, methods: list) -> int:
     of every method the pipeline serves (forward statistics only); 0 under ``original``."""
     if suite.calibration.inputs != "propagated":
         return 0
-    forward = frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
+    forward = FORWARD
     served = [(m, a) for m, needs, _, a in methods if needs and needs <= forward]
     return sum(len(m.targets) * len(allocators) for m, allocators in served)
 
