@@ -26,7 +26,7 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "anchor_cross")
+STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "anchor_cross", "gram_original")
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
@@ -42,6 +42,12 @@ STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "anchor_cross
   model's inputs X against the inputs X' the layer receives under
   ``calibration.inputs = "propagated"`` (token by token, the same windows);
   under original inputs X' = X and it is the Gram (AA-SVD's anchor).
+- ``gram_original``: X^T X of the layer's inputs in the *uncompressed* model
+  (n, n), float64. Under ``[calibration] inputs = "propagated"``, ``gram`` is
+  the Gram of the compressed model's inputs X' and this one that of the
+  original X (one more activation stream, the uncompressed model's, per pass);
+  under ``"original"`` the two are one thing and ``gram_original`` is
+  ``gram``'s very tensor (SVD-LLM's update: whitening on X, left factor on X').
 """
 
 
@@ -58,6 +64,7 @@ class LayerStats:
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
     anchor_cross: torch.Tensor | None = None
+    gram_original: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,12 @@ class Decomposer:
     needs: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
+
+    def needs_for(self, options: Any) -> frozenset[str]:
+        """The part of ``needs`` a method with ``options`` uses (default: all of it). The layer-sequential
+        pass collects only these, so that a costly kind (``gram_original`` under propagated inputs: one
+        more activation stream) is paid for only by the options that read it; ``needs`` stays the bound."""
+        return frozenset(self.needs)
 
     def groups(self, layers: Sequence[LayerInfo], options: Any) -> list[tuple[str, ...]]:
         """Partition the layers into groups decomposed jointly (default: one each)."""

@@ -97,15 +97,15 @@ def test_update_on_the_whitening_gram_itself_is_the_identity():
         assert torch.allclose(closed_form_left(W, B_w, G), A_w, atol=1e-9, rtol=1e-8)
 
 
-# ---------------------------------------------------------------- the plugin's closed-form (one Gram)
-def factorize(W, G, **options):
-    stats = LayerStats(tokens=TOKENS, gram=G)
+# ---------------------------------------------------------------- the plugin's direct update (one Gram)
+def factorize(W, G, original=None, **options):
+    stats = LayerStats(tokens=TOKENS, gram=G, gram_original=original)
     return SVDLLM().factorize_matrix("w", W, stats, parse_options(SVDLLM.Options, options, "m"), CTX)
 
 
-def test_plugin_closed_form_is_the_least_squares_left_factor_of_the_plain_svd():
+def test_plugin_direct_is_the_least_squares_left_factor_of_the_plain_svd():
     W, _, Xp = planted(4)
-    fact = factorize(W, Xp.T @ Xp, update="closed-form")
+    fact = factorize(W, Xp.T @ Xp, update="direct")
     U, s, Vt = torch.linalg.svd(W, full_matrices=False)  # independent: the repo's direct_update right factor
     for k in (1, K, 7):
         B = s[:k].sqrt()[:, None] * Vt[:k]
@@ -120,13 +120,15 @@ def test_plugin_closed_form_is_the_least_squares_left_factor_of_the_plain_svd():
     assert fact.error(N) == pytest.approx(0.0, abs=1e-9 * float((W**2).sum()) * TOKENS)
 
 
-def test_plugin_closed_form_differs_from_none_and_lora_is_refused():
+def test_plugin_direct_differs_from_none_and_lora_is_refused():
     W, _, Xp = planted(5)
-    none, closed = factorize(W, Xp.T @ Xp), factorize(W, Xp.T @ Xp, update="closed-form")
+    none, closed = factorize(W, Xp.T @ Xp), factorize(W, Xp.T @ Xp, update="direct")
     assert not torch.allclose(none.materialize(K)["w"].A, closed.materialize(K)["w"].A)
     with pytest.raises(HarnessError, match=r"m: update = 'lora' is not offered: .*whole model"):
         parse_options(SVDLLM.Options, {"update": "lora"}, "m")
-    with pytest.raises(HarnessError, match=r"m.update: expected 'none' or 'closed-form' or 'lora', got 'ls'"):
+    with pytest.raises(
+        HarnessError, match=r"m.update: expected 'none' or 'closed-form' or 'direct' or 'lora', got 'ls'"
+    ):
         parse_options(SVDLLM.Options, {"update": "ls"}, "m")
 
 
@@ -194,6 +196,10 @@ def test_tiny_propagated_run_with_closed_form_update(tmp_path):
         name = "svd-llm"
         label = "svd-llm-cf"
         options = { update = "closed-form" }
+        [[methods]]
+        name = "svd-llm"
+        label = "svd-llm-direct"
+        options = { update = "direct" }
         [[evaluators]]
         name = "perplexity"
         options = { seqlen = 16, max_windows = 2 }
@@ -209,4 +215,5 @@ def test_tiny_propagated_run_with_closed_form_update(tmp_path):
     by = {(r.method or {}).get("label", "-"): r for r in out.results}
     assert by["svd-llm"].ok and by["svd-llm-cf"].ok
     assert by["svd-llm-cf"].calibration["inputs"] == "propagated"
-    assert by["svd-llm-cf"].metrics["perplexity"] != by["svd-llm"].metrics["perplexity"]
+    ppl = {label: by[label].metrics["perplexity"] for label in ("svd-llm", "svd-llm-cf", "svd-llm-direct")}
+    assert len(set(ppl.values())) == 3, ppl

@@ -138,6 +138,10 @@ class Plan:
         return f"{text}\n{verdict} ({', '.join(have) or 'no memory figure'})"
 
 
+FORWARD = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross", "gram_original"})
+"""The forward statistics (``harness.run.calibration.FORWARD_KINDS``, written out: the planner loads no torch)."""
+
+
 def plan_model(
     suite: Suite,
     spec: str,
@@ -183,11 +187,9 @@ def plan_model(
     for method in suite.methods:
         decomposer = plugins.get("decomposer", method.name)
         allocators = [plugins.get("allocator", a.name) for a in method.allocators]
-        methods.append(
-            (method, frozenset(decomposer.needs), decomposer.groups(targets_layers, method.options), allocators)
-        )
-    forward_kinds = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross"})
-    forward = frozenset().union(*(n for _, n, _, _ in methods)) & forward_kinds
+        needs = collected_needs(decomposer.needs_for(method.options), cal.inputs)
+        methods.append((method, needs, decomposer.groups(targets_layers, method.options), allocators))
+    forward = frozenset().union(*(n for _, n, _, _ in methods)) & FORWARD
     whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
     if cal.pipeline == "blocks":
         whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))
@@ -279,14 +281,28 @@ def plan_model(
     return plan
 
 
+ORIGINAL_STREAM_KINDS = frozenset({"anchor_cross", "gram_original"})
+"""Kinds that, under propagated inputs, need one more stream: the uncompressed model's activations."""
+
+
+def collected_needs(needs: frozenset[str], inputs: str) -> frozenset[str]:
+    """What the pass collects for ``needs``: under original inputs ``anchor_cross`` and ``gram_original``
+    are the Gram itself (``harness.run.calibration``), under propagated inputs statistics of their own."""
+    needs = frozenset(needs)
+    if inputs == "propagated" or not needs & ORIGINAL_STREAM_KINDS:
+        return needs
+    return (needs - ORIGINAL_STREAM_KINDS) | {"gram"}
+
+
 def propagated_streams(suite: Suite, methods: list) -> int:
     """Activation streams of a ``calibration.inputs = "propagated"`` pass: one per cell (target x allocator)
     of every method the pipeline serves (forward statistics only); 0 under ``original``."""
     if suite.calibration.inputs != "propagated":
         return 0
-    forward = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross"})
-    served = [(m, a) for m, needs, _, a in methods if needs and needs <= forward]
-    return sum(len(m.targets) * len(allocators) for m, allocators in served)
+    forward = FORWARD
+    served = [(m, needs, a) for m, needs, _, a in methods if needs and needs <= forward]
+    original = any(needs & ORIGINAL_STREAM_KINDS for _, needs, _ in served)  # the uncompressed model's, shared
+    return sum(len(m.targets) * len(allocators) for m, _, allocators in served) + int(original)
 
 
 def evaluation_tokens(suite: Suite) -> int:

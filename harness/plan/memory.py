@@ -34,14 +34,19 @@ def input_groups(block: Sequence[LayerInfo]) -> list[list[LayerInfo]]:
 def input_stats_bytes(n: int, kinds: frozenset[str]) -> tuple[int, int]:
     """(accumulator, finished) bytes of one input's float64 statistics of width n.
 
-    Accumulators: the Gram n² (``gram``), |x| sums n (``abs_mean``), x² sums n (either);
-    finished: abs_mean n and sq_mean n (divided copies; the Gram is finished in place on the CPU).
+    Accumulators: an n² sum per Gram-like kind (``gram``; under propagated inputs also ``anchor_cross``
+    and ``gram_original``, which ``plan_model`` folds into ``gram`` under original inputs, where they are
+    the Gram itself), |x| sums n (``abs_mean``), x² sums n (any); finished: abs_mean n and sq_mean n
+    (divided copies; the Grams are finished in place on the CPU).
     """
-    if not kinds & {"gram", "abs_mean"}:
+    if not kinds & ({"abs_mean"} | GRAM_LIKE):
         return 0, 0
     abs_ = n if "abs_mean" in kinds else 0
-    accumulator = (n * n if "gram" in kinds else 0) + abs_ + n
+    accumulator = n * n * len(kinds & GRAM_LIKE) + abs_ + n
     return FLOAT64 * accumulator, FLOAT64 * (abs_ + n)
+
+
+GRAM_LIKE = frozenset({"gram", "anchor_cross", "gram_original"})
 
 
 def block_stats_bytes(block: Sequence[LayerInfo], kinds: frozenset[str], shared: bool = True) -> tuple[int, int]:
@@ -142,8 +147,8 @@ def batch_transient_bytes(
     for layer in layers:
         m, n = layer.shape
         size = 0
-        if kinds & {"gram", "abs_mean"}:
-            size += FLOAT64 * tokens * n + (FLOAT64 * n * n if "gram" in kinds else 0)
+        if kinds & ({"abs_mean"} | GRAM_LIKE):
+            size += FLOAT64 * tokens * n + (FLOAT64 * n * n if kinds & GRAM_LIKE else 0)
         if "out_cov" in kinds:
             size += FLOAT64 * (tokens * m + m * m)
         worst = max(worst, size)

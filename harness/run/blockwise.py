@@ -156,7 +156,8 @@ class BlockFactorizer:
             return blocks.move_tensors(fact, host) if offload and fact is raw else fact
 
         groups = decomposer.groups(self.layers, method.options)
-        return pipeline.Job(label, frozenset(decomposer.needs), groups, factorize, method=method.label)
+        needs = frozenset(decomposer.needs_for(method.options)) & frozenset(decomposer.needs)
+        return pipeline.Job(label, needs, groups, factorize, method=method.label)
 
     def run(self, methods: Sequence[Method]) -> None:
         """One layer-sequential pass factorizing every method of ``methods``; each one's result in ``_jobs``."""

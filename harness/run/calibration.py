@@ -8,6 +8,8 @@
   under ``torch.no_grad``. Layers fed the same tensor (q/k/v, gate/up) share
   one computation of the input sums. The forward stops once every target layer
   has seen its batch, so the LM head runs only where it is itself a target.
+- ``gram_original``: on these (original) inputs it is ``gram``: collected and
+  cached as ``gram``, served as the same tensor (``ORIGINAL_ALIASES``).
 - ``fisher``: each window alone (micro-batch 1) goes forward with the LM loss
   (labels = the input ids) and backward; as each target weight's gradient G is
   accumulated, its squares are reduced on the spot to ``fisher_in`` = sum_i G_ij^2
@@ -46,7 +48,7 @@ from harness.api import STAT_KINDS, LayerInfo, LayerStats
 from harness.errors import HarnessError
 from harness.store import atomic_write, canonical_json
 
-FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross"})
+FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross", "gram_original"})
 INPUT_KINDS = frozenset({"gram", "abs_mean", "anchor_cross"})
 GRAM_KINDS = frozenset({"gram", "anchor_cross"})
 """Kinds whose sums need X^T X per batch (on original inputs ``anchor_cross`` is the Gram itself)."""
@@ -59,8 +61,27 @@ KIND_FIELDS = {
     "out_mean": ("tokens", "out_mean"),
     "fisher": ("fisher_in", "fisher_out"),
     "anchor_cross": ("tokens", "anchor_cross", "sq_mean"),
+    "gram_original": ("tokens", "gram_original"),
 }
-"""LayerStats fields stored in each kind's cache file."""
+"""LayerStats fields stored in each kind's cache file (``gram_original`` has none: it is ``gram``'s)."""
+ORIGINAL_ALIASES = {"gram_original": "gram"}
+"""On original inputs a kind that IS another kind's statistic: collected (and cached) as that kind, then
+served under both names (the same tensor). Only propagated inputs make ``gram_original`` its own statistic
+(``harness.run.pipeline.run_propagated``)."""
+
+
+def collected_kinds(needs: set[str] | frozenset[str]) -> frozenset[str]:
+    """``needs`` with each alias replaced by the kind collected for it on original inputs."""
+    return frozenset(ORIGINAL_ALIASES.get(kind, kind) for kind in needs)
+
+
+def serve_aliases(stats: dict[str, LayerStats], needs: set[str] | frozenset[str]) -> dict[str, LayerStats]:
+    """``stats`` (of original inputs) with each alias in ``needs`` set to its kind's tensor, in place."""
+    for alias, kind in ORIGINAL_ALIASES.items():
+        if alias in needs:
+            for layer in stats.values():
+                setattr(layer, alias, getattr(layer, kind))
+    return stats
 
 
 class _ForwardDone(Exception):
@@ -281,7 +302,8 @@ def collect_stats(
     ``needs`` has no ``fisher``, else forward and backward per window. See the
     module docstring for what each kind holds.
     """
-    needs = check_needs(needs)
+    asked = check_needs(needs)
+    needs = collected_kinds(asked)
     if not needs or not layers:
         return {}
     if batches.dim() != 2:
@@ -298,7 +320,7 @@ def collect_stats(
                 _fisher_pass(model, batches.split(1), collector, device, progress)
         else:
             _forward_pass(model, batches.split(max(1, batch_size)), collector, device, progress)
-    return {name: layer.finish() for name, layer in sums.items()}
+    return serve_aliases({name: layer.finish() for name, layer in sums.items()}, asked)
 
 
 @contextmanager
@@ -359,9 +381,10 @@ def load_or_collect(
 
     Each kind lives in its own file; kinds already cached are loaded, the
     others collected in one pass and saved (atomically: temporary file, then
-    ``os.replace``).
+    ``os.replace``). ``gram_original`` is loaded (or collected) as ``gram``: on these inputs it is ``gram``.
     """
-    needs = check_needs(needs)
+    asked = check_needs(needs)
+    needs = collected_kinds(asked)
     if not needs or not layers:
         return {}
     names = [layer.name for layer in layers]
@@ -383,4 +406,4 @@ def load_or_collect(
             payloads[kind] = _payload(fresh, kind)
             atomic_write(folder / f"{kind}.pt", lambda s, p=payloads[kind]: torch.save(p, s))
         log(f"calibration: saved {', '.join(sorted(missing))} to {folder}")
-    return _merge(names, payloads)
+    return serve_aliases(_merge(names, payloads), asked)

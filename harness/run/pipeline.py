@@ -77,6 +77,11 @@ each cell's factors are kept only up to what its own (allocator, target) can
 choose. Fisher methods keep the whole-model pass on original inputs, and
 methods without statistics are unaffected; only the served methods' cells
 carry ``inputs`` in their identity (``harness.run.identity.propagated_inputs``).
+A job needing ``gram_original`` (the uncompressed model's Gram, ``harness.STAT_KINDS``) adds one
+stream to the pass, shared by all such jobs: the captured inputs passed on through the uncompressed
+blocks, whose ``gram`` per layer each such job gets as ``gram_original`` beside its own stream's
+``gram`` (one more block forward and one more set of activations per pass; under original inputs
+``gram_original`` is ``gram`` itself).
 A model the pipeline cannot run is refused under propagated inputs (one
 line naming ``calibration.inputs``) rather than silently given original ones,
 and so is ``--executor ray``, whose tasks share one factorization per method.
@@ -107,6 +112,8 @@ from harness.run.calibration import (
     _eval_mode,
     _input_sums,
     _LayerSums,
+    collected_kinds,
+    serve_aliases,
 )
 
 Factorize = Callable[[Sequence[str], dict[str, LayerStats]], Any]
@@ -466,7 +473,8 @@ def run_blocks(
 
     device = torch.device(device)
     plan = _checked(plan if plan is not None else block_plan(model, layers))
-    kinds = frozenset().union(*(job.needs for job in jobs)) & FORWARD_KINDS
+    needs = frozenset().union(*(job.needs for job in jobs))
+    kinds = collected_kinds(needs) & FORWARD_KINDS  # original inputs: gram_original is gram
     shapes = {layer.name: tuple(layer.shape) for layer in layers}
     steps = len(plan.blocks) + (1 if plan.head else 0)
     pending = _Pending(jobs, _done_at(plan), log)
@@ -479,7 +487,7 @@ def run_blocks(
             stats = _step(model, plan, b, inputs, kinds, shapes, device, tracker, "drop" if last else "replace")
             if last:
                 inputs = []
-            pending.held.update(stats)
+            pending.held.update(serve_aliases(stats, needs))
             del stats
             pending.ready(b)
     pending.rest()
@@ -545,25 +553,58 @@ def run_propagated(
     with _eval_mode(model), torch.no_grad():
         streams = [_Stream(list(jobs), capture_inputs(model, plan.blocks[0], batches, batch_size, device), pending)]
         streams = streams if steps else []
-        # ``anchor_cross``: the original model's activations, one stream more, through the uncompressed blocks
-        anchor = list(streams[0].inputs) if streams and any("anchor_cross" in job.needs for job in jobs) else None
+        # ``anchor_cross`` and ``gram_original``: one more stream, the uncompressed model's activations through
+        # the uncompressed blocks, shared by every job that needs either
+        anchored = any("anchor_cross" in job.needs for job in jobs)
+        wants_grams = any("gram_original" in job.needs for job in jobs)
+        original = list(streams[0].inputs) if streams and (anchored or wants_grams) else None
         for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
             last = b == steps - 1
             following: list[_Stream] = []
+            advance = "drop" if last else "replace"
+            # the anchor pairs block b's original inputs with each stream's: they move on after the streams
+            grams = (
+                _original_grams(model, plan, b, original, shapes, device, tracker, "keep" if anchored else advance)
+                if wants_grams
+                else {}
+            )
             for stream in streams:
                 kinds = frozenset().union(*(job.needs for job in stream.jobs)) & FORWARD_KINDS
                 out = "drop" if last else "keep"
+                anchor = original if anchored else None
                 stats = _step(model, plan, b, stream.inputs, kinds, shapes, device, tracker, out, anchor)
+                if "gram_original" in kinds:
+                    for name, layer in stats.items():
+                        layer.gram_original = grams[name]
                 stream.pending.held.update(stats)
                 del stats
                 done = stream.pending.ready(b)
                 following += [stream] if last else _branch(model, plan, b, stream, done, device, dense, log)
                 stream.inputs = []
             streams = following
-            if anchor is not None and not last:
-                _step(model, plan, b, anchor, frozenset(), shapes, device, None, "replace")
+            if original is not None and anchored and not last:
+                _step(model, plan, b, original, frozenset(), shapes, device, None, "replace")
     for part in [s.pending for s in streams] or [pending]:  # groups of layers the pass did not reach (none)
         part.rest()
+
+
+def _original_grams(
+    model: nn.Module,
+    plan: BlockPlan,
+    b: int,
+    original: list | None,
+    shapes: dict[str, tuple[int, int]],
+    device: torch.device,
+    tracker: LiveStats | None,
+    outputs: str,
+) -> dict[str, torch.Tensor]:
+    """``gram_original`` of step ``b``'s layers: their ``gram`` on the uncompressed model's activations
+    ``original`` (``outputs`` as ``_step``'s: "replace" passes them on through the uncompressed block), as
+    ``run_blocks`` collects it; {} where there is no such stream or no job needs it."""
+    if original is None:
+        return {}
+    stats = _step(model, plan, b, original, frozenset({"gram"}), shapes, device, tracker, outputs)
+    return {name: layer.gram for name, layer in stats.items()}
 
 
 def _branch(
