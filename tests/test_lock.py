@@ -5,7 +5,9 @@ The claims and the lock are tested in this process first (fast); then real
 the cells between them, and a second run without `--shared` waits for the
 first and reuses its cells. A napping evaluator (a third-party distribution on
 PYTHONPATH) appends "pid cell" to a log each time it evaluates a cell, so the
-test counts computations, and sleeps so that the runs overlap.
+test counts computations; after the first ``free`` evaluations it waits until
+the test creates a gate file, so the runs overlap where the test wants them to
+whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ import harness
 
 @dataclass(frozen=True)
 class NapOptions:
-    seconds: float = 1.0
+    seconds: float = 0.2
     log: str = ""
+    gate: str = ""
+    free: int = 0
 
 
 class Nap(harness.Evaluator):
@@ -45,6 +49,11 @@ class Nap(harness.Evaluator):
     def evaluate(self, model, tokenizer, options, ctx):
         with open(options.log, "a") as stream:
             stream.write(f"{os.getpid()} {ctx.work_dir.name}\\n")
+        with open(options.log) as stream:
+            held = len(stream.read().split()) // 2 > options.free
+        deadline = time.monotonic() + 300
+        while held and not os.path.exists(options.gate) and time.monotonic() < deadline:
+            time.sleep(0.05)  # evaluations after the first `free` wait until the test opens the gate
         time.sleep(options.seconds)
         return harness.EvalResult({"napped": options.seconds}, {}, {"napped": False})
 
@@ -125,10 +134,11 @@ def install_nap_plugin(site: Path) -> None:
 class Runs:
     """`harness run` processes on a tiny suite with the napping evaluator (and MLflow, where asked)."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path, seconds: float = 1.5, mlflow: bool = False) -> None:
+    def __init__(self, tmp_path: Path, model_dir: Path, free: int = 0, mlflow: bool = False) -> None:
         self.tmp = tmp_path
         install_nap_plugin(tmp_path / "site")
         self.log = tmp_path / "nap.log"
+        self.gate = tmp_path / "gate"
         self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         tracker = f'[[trackers]]\nname = "mlflow"\noptions = {{ tracking_uri = "{self.uri}" }}' if mlflow else ""
         self.suite = write_suite(
@@ -142,7 +152,7 @@ class Runs:
             name = "svd"
             [[evaluators]]
             name = "nap"
-            options = {{ seconds = {seconds}, log = "{self.log}" }}
+            options = {{ log = "{self.log}", gate = "{self.gate}", free = {free} }}
             {tracker}
         """,
         )
@@ -183,6 +193,9 @@ class Runs:
         """How often each cell was evaluated (by any run)."""
         lines = self.log.read_text().split() if self.log.exists() else []
         return Counter(lines[1::2])
+
+    def open_gate(self) -> None:
+        self.gate.touch()
 
     def done(self) -> set[str]:
         return {p.stem for p in self.cells.glob("*.json")} if self.cells.exists() else set()
@@ -228,6 +241,9 @@ def summary_line(text: str) -> tuple[int, int]:
 def test_two_shared_runs_divide_the_cells_and_compute_each_once(runs):
     duo = runs(mlflow=True)
     first, second = duo.start("--shared"), duo.start("--shared")
+    # each holds one cell at the gate: both are in, neither took the other's
+    duo.wait_for(lambda: len(duo.computed()) >= 2, first, "both runs to start a cell")
+    duo.open_gate()
     outputs = [duo.finish(first), duo.finish(second)]
     assert first.returncode == 0 and second.returncode == 0, outputs[0][-2000:] + outputs[1][-2000:]
     counts = duo.computed()
@@ -251,13 +267,14 @@ def test_two_shared_runs_divide_the_cells_and_compute_each_once(runs):
 def test_a_second_run_without_shared_waits_then_reuses(runs):
     duo = runs()
     first = duo.start()
-    duo.wait_for(lambda: duo.log.exists(), first, "the first run's first cell")
+    duo.wait_for(lambda: duo.log.exists(), first, "the first run's first cell")  # held at the gate
     second = duo.start()
     duo.wait_for(lambda: "is in use by" in duo.output(second), second, "the waiting line")
     waiting = next(line for line in duo.output(second).splitlines() if "is in use by" in line)
     assert f"pid {first.pid} on host {socket.gethostname()} since " in waiting
-    assert first.poll() is None  # it says so while the first still runs
-    assert duo.finish(first) and first.returncode == 0
+    duo.open_gate()
+    out = duo.finish(first)
+    assert first.returncode == 0, out[-3000:]
     out = duo.finish(second)
     assert second.returncode == 0, out[-3000:]
     assert summary_line(out) == (0, 4)
