@@ -260,7 +260,8 @@ class Tracker:
     process that names it. In each run the runner calls ``start`` once (with
     the suite's options for this tracker), ``log_cell`` after each computed
     cell (reused cells are not logged again) and ``end`` once, in a
-    ``finally``, also when the run failed. An exception from any of them
+    ``finally``, also when the run failed (``interrupted`` instead where
+    SIGINT or SIGTERM stopped it). An exception from any of them
     costs no result: the runner warns once, calls that tracker no more in this
     run, and the results stay in the local store.
     """
@@ -279,6 +280,11 @@ class Tracker:
     def end(self, suite: Any, results: list[Any], results_dir: Path) -> None:
         """The run ends: ``results`` holds every cell's ``harness.CellRecord``, reused ones included;
         the leaderboard and report files are in ``results_dir``."""
+
+    def interrupted(self, suite: Any, results: list[Any], results_dir: Path, signal: str) -> None:
+        """Called instead of ``end`` when the run was stopped by SIGINT or SIGTERM (``signal``: its name);
+        ``results`` holds the cells finished so far. Default: ``end``. MLflow ends its runs as KILLED."""
+        self.end(suite, results, results_dir)
 
     def catch_up_hint(self, results_dir: Path) -> str:
         """How a user logs later what this tracker missed after it failed (e.g. a command), or ''.

@@ -25,6 +25,7 @@ from harness.cliargs import (
 )
 from harness.commands import Command
 from harness.errors import HarnessError
+from harness.run.interrupt import Interrupted
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,6 +51,12 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     run.add_argument("--force", action="store_true", help="recompute cells that are already done")
     run.add_argument("--device", help="override the suite's device (auto, cpu, cuda, cuda:1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--shared",
+        action="store_true",
+        help="share the results directory with other runs of the suite at the same time: each computes the cells "
+        "nobody has claimed, then reuses the others' (default: a second run on a directory waits for the first)",
+    )
     run.add_argument(
         "--verbose",
         action="store_true",
@@ -187,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGINT / SIGTERM during a run: its finally blocks ran (harness.run.interrupt)
+        print(f"harness: {exc}; finished cells are saved, rerun to resume", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("harness: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
         return 130
@@ -208,6 +218,8 @@ def suite_from_args(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.shared and args.force:
+        raise HarnessError("--shared: not with --force (a shared run reuses what the other runs compute)")
     suite = suite_from_args(args)
     if args.executor == "ray" and suite.calibration.inputs == "propagated":
         raise HarnessError(
@@ -232,6 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         command="harness " + shlex.join(args.argv),
         model_key="--model" if args.model else None,
+        shared=args.shared,
     )
     summary = run_suite(suite, options) if settings is None else run_ray(suite, options, settings)
     text = summary.leaderboard  # written with the plots and report.html at the end of the run

@@ -130,11 +130,16 @@ class RayRunner(SuiteRunner):
 
     # ------------------------------------------------------------ model
     def run_model(self, model_spec: str) -> None:
+        self.run_tasks(model_spec)
+        self.settle(lambda: self.run_tasks(model_spec))  # cells other --shared runs computed
+
+    def run_tasks(self, model_spec: str) -> None:
         plan: Plan = self.tasks.fetch(self.tasks.submit(plan_task, self.job, model_spec), self.model_key(model_spec))
         self.check_versions(plan)
-        pending = [cell for cell in plan.cells if cell.id in plan.fallbacks]
+        # claimed here, in the driver (the tasks hold no lock): a cell another --shared run has is waited for
+        pending = [cell for cell in plan.cells if cell.id in plan.fallbacks and self.env.claim(cell)]
         for cell in plan.cells:
-            if cell.id not in plan.fallbacks:
+            if cell not in pending:
                 self.skip(cell)
         if pending:
             self.gather(self.submit_cells(model_spec, pending), plan.fallbacks)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from harness.plugins import Plugins
     from harness.run.cells import Cell
+    from harness.run.lock import RunLock
     from harness.run.quiet import RunLog
     from harness.run.record import CellRecord
     from harness.store import ResultStore
@@ -57,6 +58,8 @@ class RunOptions:
     calibration_cache: Path | None = None
     """Where calibration statistics are cached: None for ``cache_dir()/calibration`` (the Ray executor shares
     them through the results store)."""
+    shared: bool = False
+    """``--shared``: share the results directory with other runs, each cell computed by one (harness.run.lock)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class RunEnv:
     device: torch.device
     runlog: RunLog | None = None
     """Where plugins' library output goes (``harness.run.quiet``); None: left where it is."""
+    lock: RunLock | None = None
+    """The run's lock on the results directory and its claims on cells (``harness.run.lock``); None: no lock
+    (a Ray task: the driver holds it)."""
 
     def captured(self, what: str):
         """A context in which a plugin's stdout/stderr go to the run log (a no-op without one)."""
@@ -76,8 +82,15 @@ class RunEnv:
         return nullcontext() if self.runlog is None else self.runlog.capture(what)
 
     def pending(self, cell: Cell) -> bool:
-        """True where ``cell`` is to be computed: not done yet, or ``--force``."""
-        return self.options.force or not self.store.done(cell.id)
+        """True where ``cell`` is to be computed: not done yet and not claimed by another run, or ``--force``."""
+        if self.options.force:
+            return True
+        return not self.store.done(cell.id) and (self.lock is None or not self.lock.blocked(cell.id))
+
+    def claim(self, cell: Cell) -> bool:
+        """Claim ``cell`` just before computing it: False where another run computes it (``--shared``) or
+        has by now."""
+        return self.lock is None or self.lock.claim(cell.id)
 
 
 class CellSink(Protocol):

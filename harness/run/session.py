@@ -146,7 +146,10 @@ class ModelSession:
         for cell in cells:
             self.record(cell, lambda cell=cell: self.compute_cell(cell, factorizations, seconds))
 
-    def record(self, cell: Cell, compute: Callable[[], CellRecord]) -> CellRecord:
+    def record(self, cell: Cell, compute: Callable[[], CellRecord]) -> CellRecord | None:
+        if not self.env.claim(cell):  # another run (--shared) computes it, or has by now: the sink waits for it
+            self.sink.skip(cell)
+            return None
         self.env.plugins.pm.hook.harness_cell_start(cell=cell)
         record = self.attempt(cell, compute)
         path = self.env.store.save(record)

@@ -16,14 +16,28 @@ unreachable server costs a warning, never a result: the cells stay in the
 local results store, and ``harness sync`` (this plugin's command, in
 ``harness_mlflow.sync``) logs them later with ``log_result`` (runs matched by
 the tag ``harness.cell_id``).
+
+Interruptions (``harness_mlflow.recover``): SIGINT / SIGTERM end the parent
+run as KILLED (a cell run being logged at that moment too); a cell in flight
+has no MLflow run yet (one is created only once its result is saved), so
+nothing is left RUNNING. Each parent carries the tags ``harness.suite``,
+``harness.results_dir``, ``harness.pid``, ``harness.host`` and
+``harness.started``: the next run on the same directory ends a parent left
+RUNNING by a dead process (SIGKILL, power cut) as KILLED and moves the cell
+runs of every KILLED parent under its own (tag ``harness.superseded_by`` on
+the old one), then, at its end, logs the reused cells that no run of the
+directory holds (saved, but killed before MLflow heard of them), so the
+suite's latest parent holds every cell once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +99,11 @@ class MLflowTracker(harness.Tracker):
         self.client = None
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
+        self.results_dir = ""
+        self.suite_name = ""
+        self.started = 0.0
+        self.adopted: list[str] = []
+        """Parent runs of killed runs on the same results directory whose cells this run took over."""
 
     def start(self, suite, options: MLflowOptions, results_dir: Path) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(options.http_retries))
@@ -95,10 +114,16 @@ class MLflowTracker(harness.Tracker):
         experiment = options.experiment or suite.name
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        run = self.client.create_run(self.experiment_id, run_name=f"{suite.name}", tags={"harness.suite": suite.name})
+        from harness_mlflow import recover
+
+        self.results_dir = str(Path(results_dir).resolve())
+        self.suite_name, self.started = suite.name, time.time()
+        tags = {"harness.suite": suite.name, **recover.owner_tags(self.results_dir)}
+        run = self.client.create_run(self.experiment_id, run_name=f"{suite.name}", tags=tags)
         self.parent_id = run.info.run_id
         self.client.log_param(self.parent_id, "suite_file", suite.file)
         self.client.log_param(self.parent_id, "models", ",".join(suite.models))
+        self.adopted = recover.adopt(self.client, self.experiment_id, suite.name, self.results_dir, self.parent_id)
 
     def catch_up_hint(self, results_dir: Path) -> str:
         return f"log them later with: harness sync {results_dir}"
@@ -119,7 +144,18 @@ class MLflowTracker(harness.Tracker):
         board = directory / "leaderboard.json"
         if board.exists():
             self.client.log_table(self.parent_id, leaderboard_table(json.loads(board.read_text())), TABLE)
+        if self.adopted:  # cells a killed run saved but never logged
+            from harness_mlflow import recover
+
+            recover.log_missing(self, results, directory)
         self.client.set_terminated(self.parent_id, "FAILED" if any(not r.ok for r in results) else "FINISHED")
+
+    def interrupted(self, suite, results, results_dir: Path, signal: str) -> None:
+        """SIGINT / SIGTERM: the parent run ends as KILLED (a rerun moves its cells under its own parent)."""
+        if self.client is None:
+            return
+        self.client.set_tag(self.parent_id, "harness.interrupted", signal)
+        self.client.set_terminated(self.parent_id, "KILLED")
 
 
 TABLE = "leaderboard_table.json"
@@ -154,8 +190,6 @@ def row_name(result: harness.CellRecord) -> str:
 
 def log_result(client, experiment_id: str, parent_id: str | None, result: harness.CellRecord, cell_file: Path) -> str:
     """One nested run for ``result``; returns its run id."""
-    from mlflow.entities import Metric, Param, RunTag
-
     label = f"{result.method_label} {(result.target or {}).get('label', '')}"
     tags = {
         "harness.cell_id": result.cell_id,
@@ -165,8 +199,24 @@ def log_result(client, experiment_id: str, parent_id: str | None, result: harnes
     }
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
+    results_dir = Path(cell_file).parent.parent
+    tags["harness.results_dir"] = str(results_dir.resolve())
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
+    try:
+        fill_run(client, run_id, result, results_dir, cell_file)
+    except BaseException:  # SIGINT / SIGTERM (or a failing store) half-way: never left RUNNING
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "KILLED")
+        raise
+    client.set_terminated(run_id, "FINISHED" if result.ok else "FAILED")
+    return run_id
+
+
+def fill_run(client, run_id: str, result: harness.CellRecord, results_dir: Path, cell_file: Path) -> None:
+    """The cell run's metrics, parameters, tags and artifacts."""
+    from mlflow.entities import Metric, Param, RunTag
+
     metrics, flagged = [], []
     for name, value in result.metrics.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -179,12 +229,9 @@ def log_result(client, experiment_id: str, parent_id: str | None, result: harnes
     params = [Param(k, v) for k, v in cell_params(result).items()]
     client.log_batch(run_id, metrics=metrics, params=params, tags=tag_list)
     client.log_artifact(run_id, str(cell_file))
-    results_dir = Path(cell_file).parent.parent
     for artifact in result.artifacts:
         if (results_dir / artifact).exists():
             client.log_artifact(run_id, str(results_dir / artifact), artifact_path=str(Path(artifact).parent))
-    client.set_terminated(run_id, "FINISHED" if result.ok else "FAILED")
-    return run_id
 
 
 @harness.hookimpl

@@ -8,7 +8,7 @@ directory that the experiment lacks, with the mlflow plugin's own
 nested under one parent run per sync. A cell counts as present when a
 finished run of the experiment carries its ``harness.cell_id`` tag and its
 status, so syncing twice logs nothing twice. A run left half-logged (still
-RUNNING) is replaced.
+RUNNING, or KILLED by an interruption while it was logged) is replaced.
 
 The tracking URI and experiment default to the mlflow tracker's options in
 the suite the cells were run with (recorded in their provenance), then to
@@ -94,9 +94,9 @@ def sync(
     present = {
         (run.data.tags["harness.cell_id"], run.data.tags.get("harness.status"))
         for run in runs
-        if run.info.status != "RUNNING"
+        if run.info.status in ("FINISHED", "FAILED")
     }
-    half_logged = [run for run in runs if run.info.status == "RUNNING"]
+    half_logged = [run for run in runs if run.info.status in ("RUNNING", "KILLED")]
     missing = [r for r in results if (r.cell_id, r.status) not in present]
     summary = SyncSummary(uri, experiment, 0, len(results) - len(missing))
     if not missing:
