@@ -71,6 +71,8 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
 RUNTIME_BYTES = int(0.37 * GiB)
 """Host memory of the process before any model: Python with torch and transformers imported (measured on
 this CPU build: 0.37 GiB peak RSS)."""
+FORWARD_STATS = frozenset({"gram", "abs_mean", "l2_seq", "out_cov", "out_mean"})
+"""The statistics one forward pass collects (``harness.run.calibration.FORWARD_KINDS``, without torch)."""
 STAGES = ("load", "calibration", "factorization", "factor storage", "evaluation")
 
 
@@ -186,7 +188,7 @@ def plan_model(
         methods.append(
             (method, frozenset(decomposer.needs), decomposer.groups(targets_layers, method.options), allocators)
         )
-    forward = frozenset().union(*(n for _, n, _, _ in methods)) & frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
+    forward = frozenset().union(*(n for _, n, _, _ in methods)) & FORWARD_STATS
     whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
     if cal.pipeline == "blocks":
         whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))
@@ -283,7 +285,7 @@ def propagated_streams(suite: Suite, methods: list) -> int:
     of every method the pipeline serves (forward statistics only); 0 under ``original``."""
     if suite.calibration.inputs != "propagated":
         return 0
-    forward = frozenset({"gram", "abs_mean", "out_cov", "out_mean"})
+    forward = FORWARD_STATS
     served = [(m, a) for m, needs, _, a in methods if needs and needs <= forward]
     return sum(len(m.targets) * len(allocators) for m, allocators in served)
 

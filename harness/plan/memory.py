@@ -34,14 +34,15 @@ def input_groups(block: Sequence[LayerInfo]) -> list[list[LayerInfo]]:
 def input_stats_bytes(n: int, kinds: frozenset[str]) -> tuple[int, int]:
     """(accumulator, finished) bytes of one input's float64 statistics of width n.
 
-    Accumulators: the Gram n² (``gram``), |x| sums n (``abs_mean``), x² sums n (either);
-    finished: abs_mean n and sq_mean n (divided copies; the Gram is finished in place on the CPU).
+    Accumulators: the Gram n² (``gram``), |x| sums n (``abs_mean``), per-sequence norm sums n (``l2_seq``),
+    x² sums n (any); finished: abs_mean n, l2_seq n and sq_mean n (divided copies; the Gram is finished in
+    place on the CPU).
     """
-    if not kinds & {"gram", "abs_mean"}:
+    if not kinds & {"gram", "abs_mean", "l2_seq"}:
         return 0, 0
-    abs_ = n if "abs_mean" in kinds else 0
-    accumulator = (n * n if "gram" in kinds else 0) + abs_ + n
-    return FLOAT64 * accumulator, FLOAT64 * (abs_ + n)
+    vectors = (n if "abs_mean" in kinds else 0) + (n if "l2_seq" in kinds else 0)
+    accumulator = (n * n if "gram" in kinds else 0) + vectors + n
+    return FLOAT64 * accumulator, FLOAT64 * (vectors + n)
 
 
 def block_stats_bytes(block: Sequence[LayerInfo], kinds: frozenset[str], shared: bool = True) -> tuple[int, int]:
@@ -142,7 +143,7 @@ def batch_transient_bytes(
     for layer in layers:
         m, n = layer.shape
         size = 0
-        if kinds & {"gram", "abs_mean"}:
+        if kinds & {"gram", "abs_mean", "l2_seq"}:
             size += FLOAT64 * tokens * n + (FLOAT64 * n * n if "gram" in kinds else 0)
         if "out_cov" in kinds:
             size += FLOAT64 * (tokens * m + m * m)

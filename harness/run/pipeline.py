@@ -104,6 +104,7 @@ from harness.run.calibration import (
     KIND_FIELDS,
     OUTPUT_KINDS,
     _eval_mode,
+    _flags,
     _input_sums,
     _LayerSums,
 )
@@ -213,7 +214,7 @@ class _BlockCollector:
                 sums = self.inputs.get(name) or self.inputs.setdefault(name, self._new(self.input_kinds, name))
                 if id(sums) in self._added:
                     raise RuntimeError(f"{name}: its input is shared with other layers in one batch, not in another")
-                sums.add_input(_input_sums(x, "gram" in self.input_kinds, "abs_mean" in self.input_kinds))
+                sums.add_input(_input_sums(x, *_flags(self.input_kinds)))
                 self._added.add(id(sums))
                 self._seen[id(x)] = (x, sums)
         if self.output_kinds:
@@ -234,6 +235,7 @@ class _BlockCollector:
                 done = finished[id(sums)]
                 merged.tokens, merged.gram = done.tokens, done.gram
                 merged.abs_mean, merged.sq_mean = done.abs_mean, done.sq_mean
+                merged.sequences, merged.l2_seq = done.sequences, done.l2_seq
             if self.output_kinds:
                 sums = self.outputs.get(name) or self.outputs.setdefault(name, self._new(self.output_kinds, name))
                 done = sums.finish()
@@ -241,7 +243,7 @@ class _BlockCollector:
                 if not self.input_kinds:
                     merged.tokens = done.tokens
             if self.tracker is not None:
-                for f in ("gram", "abs_mean", "sq_mean", "out_cov", "out_mean"):
+                for f in ("gram", "abs_mean", "sq_mean", "l2_seq", "out_cov", "out_mean"):
                     self.tracker.track(getattr(merged, f))
             stats[name] = merged
         self.inputs.clear()
