@@ -47,7 +47,7 @@ STAT_KINDS = ("gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "fisher")
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one Linear layer (fields present per ``needs``)."""
+    """Calibration statistics of one Linear layer (fields present per ``needs``), and its bias."""
 
     tokens: int = 0
     gram: torch.Tensor | None = None
@@ -60,6 +60,10 @@ class LayerStats:
     out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    """The Linear's own bias (m,), None where it has none: not a statistic (no ``needs``), set by the core on
+    every layer's statistics as it hands them to ``factorize``, so that a data-driven method can fit the
+    whole output ``W x + b`` (the calibration outputs include b)."""
 
 
 @dataclass(frozen=True)
