@@ -126,3 +126,12 @@ def test_the_former_default_keeps_its_cell_identity():
     }
     assert options_dict(parse_options(BitStack.Options, {"statistic": "l2"}, "m")) == former
     assert options_dict(BitStack.Options()) == {**former, "statistic": "l2_seq"}
+
+
+def test_the_planner_counts_the_l2_seq_vectors():
+    from harness.plan.memory import input_stats_bytes
+
+    n = 10
+    assert input_stats_bytes(n, frozenset({"l2_seq"})) == (8 * 2 * n, 8 * 2 * n)  # norm sums + x^2 sums
+    with_abs = input_stats_bytes(n, frozenset({"abs_mean", "l2_seq"}))
+    assert with_abs == (input_stats_bytes(n, frozenset({"abs_mean"}))[0] + 8 * n, 8 * 3 * n)
