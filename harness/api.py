@@ -26,11 +26,15 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "anchor_cross", "gram_original")
+STAT_KINDS = ("gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "fisher", "anchor_cross", "gram_original")
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
 - ``abs_mean``: mean |x| per input channel (n,).
+- ``l2_seq``: each calibration sequence's L2 norm per input channel (over its
+  tokens), averaged over the sequences (n,), float64: BitStack's activation
+  statistic, ``torch.norm(x, dim=1).mean(0)`` on (sequences, seqlen, n) inputs
+  (``sequences`` holds their number).
 - ``out_cov``: Y^T Y of the layer's outputs (m, m), float64, summed over tokens.
 - ``out_mean``: mean output per row over the calibration tokens (m,), float64
   (with ``out_cov``, what a centred output covariance needs:
@@ -53,18 +57,25 @@ STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "anchor_cross
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one Linear layer (fields present per ``needs``)."""
+    """Calibration statistics of one Linear layer (fields present per ``needs``), and its bias."""
 
     tokens: int = 0
     gram: torch.Tensor | None = None
     abs_mean: torch.Tensor | None = None
     sq_mean: torch.Tensor | None = None
+    l2_seq: torch.Tensor | None = None
+    sequences: int = 0
+    """Calibration sequences behind ``l2_seq`` (0 where it was not collected)."""
     out_cov: torch.Tensor | None = None
     out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
     anchor_cross: torch.Tensor | None = None
     gram_original: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    """The Linear's own bias (m,), None where it has none: not a statistic (no ``needs``), set by the core on
+    every layer's statistics as it hands them to ``factorize``, so that a data-driven method can fit the
+    whole output ``W x + b`` (the calibration outputs include b)."""
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ must equal those its record holds, else the export is refused. Then:
   (out x rank) and ``<name>.B`` (rank x in) (and its bias); beside it the
   original architecture's ``config.json``, the tokenizer, and
   ``harness_compressed.json``: the cell id, the model, each factored layer's
-  shape and rank, the parameter and module counts of the cell's record.
+  shape, rank and whether it has a bias (``<name>.bias``: the Linear's own, or
+  the output offset a ``LowRank(A, B, bias)`` brought, as LoRD's and SFSD's, on
+  a Linear that had none), the parameter and module counts of the cell's record.
   ``harness.load_compressed(DIR)`` rebuilds it: the architecture from the
   config on the meta device, each listed Linear replaced by a
-  ``harness.surgery.FactoredLinear`` of the listed shape, the tensors loaded
+  ``harness.surgery.FactoredLinear`` of the listed shape and bias, the tensors loaded
   strictly; it checks the parameter count, the number of dense and factored
-  modules and every factor's shape against the manifest (a one-line error
+  modules and every factor's shape and bias against the manifest (a one-line error
   otherwise). Loading needs the harness (no ``trust_remote_code`` model
   class: transformers has no factored Linear of its own).
 - ``dense``: the reconstructed weights (A B, or a plugin module's affine
@@ -23,9 +25,9 @@ must equal those its record holds, else the export is refused. Then:
   (``save_pretrained``) that ``AutoModelForCausalLM.from_pretrained`` loads
   anywhere; as large as the uncompressed model, by design.
 
-Only ``LowRank`` replacements can be exported ``factored``; a method whose
-replacements are modules of its own (BitStack, TRAWL, LoRD's centred layer,
-Basis Sharing) exports ``dense``.
+Only ``LowRank`` replacements (with or without a bias) can be exported
+``factored``; a method whose replacements are modules of its own (BitStack,
+TRAWL, Basis Sharing) exports ``dense``.
 """
 
 from __future__ import annotations
@@ -133,7 +135,12 @@ def write_factored(model: nn.Module, tokenizer, record: CellRecord, names: list[
                 f"--format factored: {name} is replaced by a {type(module).__name__}, not two factors; "
                 "export this cell with --format dense"
             )
-        layers[name] = {"out": module.out_features, "in": module.in_features, "rank": module.rank}
+        layers[name] = {
+            "out": module.out_features,
+            "in": module.in_features,
+            "rank": module.rank,
+            "bias": module.bias is not None,
+        }
     tensors = unique_tensors(model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "harness_cell": record.cell_id})
     model.config.save_pretrained(out)
@@ -250,7 +257,8 @@ def load_compressed(directory: str | Path, device: str = "cpu") -> tuple[nn.Modu
         original = getattr(parent, child)
         A = torch.empty(shape["out"], shape["rank"], dtype=dtype, device="meta")
         B = torch.empty(shape["rank"], shape["in"], dtype=dtype, device="meta")
-        bias = None if original.bias is None else torch.empty_like(original.bias, device="meta")
+        has_bias = shape.get("bias", original.bias is not None)  # exports before the key: the Linear's own
+        bias = torch.empty(shape["out"], dtype=dtype, device="meta") if has_bias else None
         setattr(parent, child, FactoredLinear(A, B, bias))
     tensors = load_file(str(directory / "model.safetensors"))
     for name in manifest.get("tied", []):
@@ -291,6 +299,9 @@ def check_loaded(model: nn.Module, manifest: dict, directory: Path, count_model)
         want = ((shape["out"], shape["rank"]), (shape["rank"], shape["in"]))
         if module is None or (tuple(module.A.shape), tuple(module.B.shape)) != want:
             problems.append(f"{name}: factors {None if module is None else tuple(module.A.shape)} expected {want}")
+            break
+        if "bias" in shape and (module.bias is not None) != shape["bias"]:
+            problems.append(f"{name}: bias {module.bias is not None}, manifest {shape['bias']}")
             break
     if problems:
         raise HarnessError(f"{directory}: not the exported cell {manifest.get('cell_id')}: {problems[0]}")

@@ -7,7 +7,9 @@ materializing anything, and ``materialize(rank)`` returns replacements for
 the group's Linear layers:
 
 - ``LowRank(A, B)``: W ~ A @ B, A (m, k), B (k, n); the core swaps in a
-  two-matmul ``FactoredLinear`` (or the dense product, in dense mode).
+  two-matmul ``FactoredLinear`` (or the dense product, in dense mode) with the
+  Linear's own bias, or with ``LowRank(A, B, bias)``'s bias in its place (the
+  layer's whole output offset, as LoRD's and SFSD's mean-compensated layers).
 - ``Dense(weight)``: a same-shape weight written in place (denoising methods).
 - any ``torch.nn.Module`` with ``harness_params()`` and ``harness_bytes()``
   methods (e.g. BitStack's packed layer) swapped in as it is.
@@ -35,10 +37,14 @@ FP16_BYTES = 2
 
 @dataclass
 class LowRank:
-    """W ~ A @ B with A (m, k) and B (k, n)."""
+    """W ~ A @ B with A (m, k) and B (k, n); y = A (B x) + bias.
+
+    ``bias`` (m,): the layer's whole output offset, in place of the replaced Linear's own bias (which a
+    method that fits the outputs has folded in: ``LayerStats.bias``); None keeps the Linear's bias."""
 
     A: torch.Tensor
     B: torch.Tensor
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:

@@ -27,7 +27,11 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 class FactoredLinear(nn.Module):
-    """y = A (B x) + bias: a rank-k Linear as two matmuls, k (m + n) weights."""
+    """y = A (B x) + bias: a rank-k Linear as two matmuls, k (m + n) weights (and m for the bias).
+
+    What the core swaps in for a ``LowRank`` replacement: the bias is the replaced Linear's own, or the
+    replacement's where it brings one (``LowRank.bias``: the whole output offset, e.g. LoRD's and SFSD's
+    mean compensation); ``harness export`` writes it as ``<name>.A``, ``<name>.B`` and ``<name>.bias``."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -86,8 +90,12 @@ def build_module(original: nn.Linear, replacement: Replacement, dense: bool) -> 
         A, B = replacement.A.to(device, dtype), replacement.B.to(device, dtype)
         if A.shape[0] != original.out_features or B.shape[1] != original.in_features:
             raise ValueError(f"factors {tuple(A.shape)} x {tuple(B.shape)} do not fit {tuple(original.weight.shape)}")
+        if replacement.bias is not None:  # the replacement's whole output offset, in place of the Linear's
+            if tuple(replacement.bias.shape) != (original.out_features,):
+                raise ValueError(f"bias {tuple(replacement.bias.shape)} does not fit {original.out_features} outputs")
+            bias = replacement.bias.to(device, dtype)
         if dense:
-            return _dense_linear(original, A @ B)
+            return _dense_linear(original, A @ B, bias)
         return FactoredLinear(A, B, bias)
     if isinstance(replacement, Dense):
         return _dense_linear(original, replacement.weight.to(device, dtype))
@@ -120,14 +128,17 @@ class WithBias(nn.Module):
         return module_bytes(self.module) + self.bias.numel() * self.bias.element_size()
 
 
-def _dense_linear(original: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+def _dense_linear(original: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A Linear of ``original``'s shape holding ``weight`` and ``bias`` (None: ``original``'s own bias)."""
     if tuple(weight.shape) != tuple(original.weight.shape):
         raise ValueError(f"dense weight {tuple(weight.shape)} does not fit {tuple(original.weight.shape)}")
-    layer = nn.Linear(original.in_features, original.out_features, bias=original.bias is not None)
+    if bias is None and original.bias is not None:
+        bias = original.bias.detach()
+    layer = nn.Linear(original.in_features, original.out_features, bias=bias is not None)
     layer = layer.to(original.weight.device, original.weight.dtype)
     layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    if original.bias is not None:
-        layer.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
     return layer
 
 
@@ -276,3 +287,10 @@ def count_model(model: nn.Module) -> tuple[int, int]:
 def weights_of(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The named Linear layers' weights (views, not copies)."""
     return {name: model.get_submodule(name).weight.detach() for name in names}
+
+
+def bias_of(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The named Linear's bias (a detached copy: a factorization may keep it past an offloaded weight's
+    ``materialized`` scope), None where it has none."""
+    bias = model.get_submodule(name).bias
+    return None if bias is None else bias.detach().clone()

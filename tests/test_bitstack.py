@@ -37,7 +37,8 @@ def factorize(m: int, n: int, seed: int = 0, **raw):
     gen = torch.Generator().manual_seed(seed)
     name = f"model.layers.{seed}.mlp.up_proj"
     W = torch.randn(m, n, generator=gen)
-    opts = parse_options(BitStack.Options, {"niter": 6, "k": 2, "seqlen": 16, **raw}, "methods.bitstack")
+    raw = {"niter": 6, "k": 2, "seqlen": 16, "statistic": "l2", **raw}  # the pooled l2, written out below
+    opts = parse_options(BitStack.Options, raw, "methods.bitstack")
     return W, BitStack().factorize({name: W}, {name: stats(n, seed)}, opts, CTX)
 
 
@@ -287,7 +288,7 @@ def mlp_pair(seed: int = 0):
 
 
 def fused(weights, stats, names, **raw):
-    opts = parse_options(BitStack.Options, {"seqlen": 16, **raw}, "methods.bitstack")
+    opts = parse_options(BitStack.Options, {"seqlen": 16, "statistic": "l2", **raw}, "methods.bitstack")
     return BitStack().factorize({n: weights[n] for n in names}, {n: stats[n] for n in names}, opts, CTX)
 
 

@@ -134,7 +134,7 @@ asvd = ASVD().factorize({name: W}, stats, parse_options(ASVD.Options, {"svd": "l
 for k in (5, 3):
     digest.update(b"".join(t.numpy().tobytes() for t in asvd.factors(k)))
 seed_everything(ctx.seed)  # what the runner does before a method's factorizations
-bits_options = parse_options(BitStack.Options, {"niter": 3, "k": 2, "svd": "lowrank"}, "m")
+bits_options = parse_options(BitStack.Options, {"niter": 3, "k": 2, "svd": "lowrank", "statistic": "l2"}, "m")
 bits = BitStack().factorize({name: W}, stats, bits_options, ctx)
 digest.update(bits.blocks.packed.numpy().tobytes() + bits.blocks.u.numpy().tobytes())
 mlp = {f"model.layers.0.mlp.{k}": torch.randn(*s, generator=gen) for k, s in

@@ -37,7 +37,7 @@ def projection():
 
 def bitstack():
     stats = harness.LayerStats(tokens=4, abs_mean=torch.ones(8), sq_mean=torch.ones(8))
-    options = parse_options(BitStack.Options, {"niter": 3, "k": 2, "seqlen": 16}, "methods.bitstack")
+    options = parse_options(BitStack.Options, {"niter": 3, "k": 2, "seqlen": 16, "statistic": "l2"}, "methods.bitstack")
     return BitStack().factorize({NAME: weight()}, {NAME: stats}, options, CTX)
 
 

@@ -8,10 +8,11 @@ import harness_lord
 import pytest
 import torch
 from harness_lord import LoRD
-from harness_lord.centred import BiasedLowRankLinear, CentredProjectionFactorization
+from harness_lord.centred import CentredProjectionFactorization
 
 import harness
 from harness.options import parse_options
+from harness.surgery import FactoredLinear, build_module, module_bytes, module_params
 
 M, N, T = 12, 8, 300
 NAME = "model.layers.0.mlp.down_proj"
@@ -40,6 +41,14 @@ def centred_fact(W, X) -> CentredProjectionFactorization:
     return CentredProjectionFactorization(NAME, W, Y.T @ Y, Y.mean(0), T)
 
 
+def built(fact, k: int) -> FactoredLinear:
+    """The module the harness swaps in for the factorization at rank ``k`` (a bias-free Linear replaced)."""
+    (replacement,) = fact.materialize(k).values()
+    (m, n) = fact.shapes[0]
+    original = torch.nn.Linear(n, m, bias=False, dtype=torch.float64)
+    return build_module(original, replacement, dense=False)
+
+
 def closed_form(W, X, k):
     """Independently: PCA of the centred outputs by an SVD of Y - mean; y_hat = mu + P_k P_k^T (y - mu)."""
     Y = X @ W.T
@@ -60,8 +69,10 @@ def test_centred_pca_with_bias_matches_the_closed_form():
     assert list(fact.ranks) == list(range(min(M, N) + 1))
     for k in fact.ranks:
         expected, tail = closed_form(W, X, k)
-        (module,) = fact.materialize(k).values()
-        assert isinstance(module, BiasedLowRankLinear) and module.A.shape == (M, k) and module.B.shape == (k, N)
+        (replacement,) = fact.materialize(k).values()
+        assert isinstance(replacement, harness.LowRank) and replacement.bias.shape == (M,)
+        module = built(fact, k)
+        assert isinstance(module, FactoredLinear) and module.A.shape == (M, k) and module.B.shape == (k, N)
         with torch.no_grad():
             got = module(X)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(Y.abs().max()))
@@ -76,7 +87,7 @@ def test_centred_with_bias_beats_uncentred_at_equal_rank_on_outputs_with_a_mean(
     centred = centred_fact(W, X)
     uncentred = harness.ProjectionFactorization.from_output_covariance(NAME, W, Y.T @ Y)
     for k in range(1, min(M, N)):
-        (module,) = centred.materialize(k).values()
+        module = built(centred, k)
         (low,) = uncentred.materialize(k).values()
         with torch.no_grad():
             err_centred = sq_error(Y, module(X))
@@ -108,9 +119,9 @@ def test_costs_count_the_new_bias_and_compact_keeps_ranks_costs_errors():
     W, X = planted(seed=1)
     fact = centred_fact(W, X)
     k = 3
-    (module,) = fact.materialize(k).values()
-    assert fact.params(k) == k * (M + N) + M == module.harness_params()
-    assert module.harness_bytes() == 8 * fact.params(k)  # float64 weights here
+    module = built(fact, k)
+    assert fact.params(k) == k * (M + N) + M == module_params(module)
+    assert module_bytes(module) == 8 * fact.params(k)  # float64 weights here
     before = {r: (fact.params(r), fact.error(r)) for r in fact.ranks}
     want = {r: fact.materialize(r)[NAME] for r in range(5)}
     compacted = fact.compact(4, dtype=torch.float64, device="cpu")
@@ -118,7 +129,7 @@ def test_costs_count_the_new_bias_and_compact_keeps_ranks_costs_errors():
     assert compacted.stored_rank == 4 and compacted.full_rank == min(M, N)
     for r, module in want.items():
         again = compacted.materialize(r)[NAME]
-        assert all(torch.equal(a, b) for a, b in zip(module.parameters(), again.parameters(), strict=True))
+        assert all(torch.equal(getattr(module, t), getattr(again, t)) for t in ("A", "B", "bias"))
     with pytest.raises(ValueError):
         compacted.materialize(5)
 

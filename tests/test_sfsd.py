@@ -113,18 +113,25 @@ def test_compensation_with_a_layer_bias_is_the_affine_optimum_and_exact_at_full_
     A, B, bias = fact.factors(6)
     P = A @ A.T
     torch.testing.assert_close(
-        A @ B @ X.T + (bias + b)[:, None],
+        A @ B @ X.T + bias[:, None],  # the whole output offset, in place of the Linear's b
         P @ (W @ X.T + b[:, None]) + ((torch.eye(m) - P).double() @ Y.mean(0))[:, None],
     )
 
 
-def test_biased_layer_through_the_decomposer_is_exact_at_full_rank_where_m_le_n():
-    """The decomposer is not told b (harness gives weights and statistics only): still exact at full rank for m <= n."""
-    m, n = 16, 24
+@pytest.mark.parametrize(("m", "n"), [(16, 24), (24, 16)])
+def test_biased_layer_through_the_decomposer_is_the_affine_optimum(m, n):
+    """The decomposer is told b (``LayerStats.bias``): the affine optimum at every rank, exact at full rank."""
     W, b, X = planted(m, n, seed=2)
     Y = X @ W.T + b
-    fact = SFSD().factorize({NAME: W}, {NAME: stats_of(Y)}, SFSD.Options(), CTX)
-    torch.testing.assert_close(through_harness(linear(W, b), fact, m, X), Y)
+    stats = stats_of(Y)
+    stats.bias = b
+    fact = SFSD().factorize({NAME: W}, {NAME: stats}, SFSD.Options(), CTX)
+    optimum = affine_optimum(Y)
+    for k in range(min(m, n) + 1):
+        assert sq(Y, through_harness(linear(W, b), fact, k, X)) == pytest.approx(
+            optimum[k], rel=1e-8, abs=1e-8 * optimum[0]
+        )
+    torch.testing.assert_close(through_harness(linear(W, b), fact, min(m, n), X), Y)
 
 
 def test_compensate_false_is_the_centred_projection_without_bias():

@@ -71,6 +71,8 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
 RUNTIME_BYTES = int(0.37 * GiB)
 """Host memory of the process before any model: Python with torch and transformers imported (measured on
 this CPU build: 0.37 GiB peak RSS)."""
+FORWARD = frozenset({"gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "anchor_cross", "gram_original"})
+"""The forward statistics (``harness.run.calibration.FORWARD_KINDS``, written out: the planner loads no torch)."""
 STAGES = ("load", "calibration", "factorization", "factor storage", "evaluation")
 
 
@@ -136,10 +138,6 @@ class Plan:
         over = self.exceeded()
         verdict = "fits" if over is None else f"does NOT fit: {over[0].name} needs {gib(over[2])} GiB of {over[1]}"
         return f"{text}\n{verdict} ({', '.join(have) or 'no memory figure'})"
-
-
-FORWARD = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross", "gram_original"})
-"""The forward statistics (``harness.run.calibration.FORWARD_KINDS``, written out: the planner loads no torch)."""
 
 
 def plan_model(

@@ -36,14 +36,14 @@ def input_stats_bytes(n: int, kinds: frozenset[str]) -> tuple[int, int]:
 
     Accumulators: an n² sum per Gram-like kind (``gram``; under propagated inputs also ``anchor_cross``
     and ``gram_original``, which ``plan_model`` folds into ``gram`` under original inputs, where they are
-    the Gram itself), |x| sums n (``abs_mean``), x² sums n (any); finished: abs_mean n and sq_mean n
-    (divided copies; the Grams are finished in place on the CPU).
+    the Gram itself), |x| sums n (``abs_mean``), per-sequence norm sums n (``l2_seq``), x² sums n (any);
+    finished: abs_mean n, l2_seq n and sq_mean n (divided copies; the Grams are finished in place on the CPU).
     """
-    if not kinds & ({"abs_mean"} | GRAM_LIKE):
+    if not kinds & ({"abs_mean", "l2_seq"} | GRAM_LIKE):
         return 0, 0
-    abs_ = n if "abs_mean" in kinds else 0
-    accumulator = n * n * len(kinds & GRAM_LIKE) + abs_ + n
-    return FLOAT64 * accumulator, FLOAT64 * (abs_ + n)
+    vectors = (n if "abs_mean" in kinds else 0) + (n if "l2_seq" in kinds else 0)
+    accumulator = n * n * len(kinds & GRAM_LIKE) + vectors + n
+    return FLOAT64 * accumulator, FLOAT64 * (vectors + n)
 
 
 GRAM_LIKE = frozenset({"gram", "anchor_cross", "gram_original"})
@@ -147,7 +147,7 @@ def batch_transient_bytes(
     for layer in layers:
         m, n = layer.shape
         size = 0
-        if kinds & ({"abs_mean"} | GRAM_LIKE):
+        if kinds & ({"abs_mean", "l2_seq"} | GRAM_LIKE):
             size += FLOAT64 * tokens * n + (FLOAT64 * n * n if kinds & GRAM_LIKE else 0)
         if "out_cov" in kinds:
             size += FLOAT64 * (tokens * m + m * m)

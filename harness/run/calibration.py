@@ -3,8 +3,9 @@
 ``collect_stats`` makes one pass over the calibration windows, whatever the
 ``needs`` (``harness.STAT_KINDS``):
 
-- ``gram``, ``abs_mean``, ``out_cov``, ``out_mean``: forward hooks on each target
-  Linear sum X^T X, |x|, x^2 (per input channel), Y^T Y and Y in float64, batch by batch,
+- ``gram``, ``abs_mean``, ``l2_seq``, ``out_cov``, ``out_mean``: forward hooks on each target
+  Linear sum X^T X, |x|, x^2 (per input channel), each sequence's L2 norm per input channel
+  (over its tokens, before the batch is flattened), Y^T Y and Y in float64, batch by batch,
   under ``torch.no_grad``. Layers fed the same tensor (q/k/v, gate/up) share
   one computation of the input sums. The forward stops once every target layer
   has seen its batch, so the LM head runs only where it is itself a target.
@@ -48,8 +49,8 @@ from harness.api import STAT_KINDS, LayerInfo, LayerStats
 from harness.errors import HarnessError
 from harness.store import atomic_write, canonical_json
 
-FORWARD_KINDS = frozenset({"gram", "abs_mean", "out_cov", "out_mean", "anchor_cross", "gram_original"})
-INPUT_KINDS = frozenset({"gram", "abs_mean", "anchor_cross"})
+FORWARD_KINDS = frozenset({"gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "anchor_cross", "gram_original"})
+INPUT_KINDS = frozenset({"gram", "abs_mean", "l2_seq", "anchor_cross"})
 GRAM_KINDS = frozenset({"gram", "anchor_cross"})
 """Kinds whose sums need X^T X per batch (on original inputs ``anchor_cross`` is the Gram itself)."""
 OUTPUT_KINDS = frozenset({"out_cov", "out_mean"})
@@ -57,6 +58,7 @@ CACHE_FORMAT = 1
 KIND_FIELDS = {
     "gram": ("tokens", "gram", "sq_mean"),
     "abs_mean": ("tokens", "abs_mean", "sq_mean"),
+    "l2_seq": ("tokens", "sequences", "l2_seq"),
     "out_cov": ("tokens", "out_cov"),
     "out_mean": ("tokens", "out_mean"),
     "fisher": ("fisher_in", "fisher_out"),
@@ -113,6 +115,8 @@ class _LayerSums:
         self.gram = zeros(n, n) if "gram" in kinds or (cross and not paired) else None
         self.cross = (zeros(n, n) if paired else self.gram) if cross else None
         self.abs_sum = zeros(n) if "abs_mean" in kinds else None
+        self.sequences = 0
+        self.l2_sum = zeros(n) if "l2_seq" in kinds else None
         self.sq_sum = zeros(n) if kinds & INPUT_KINDS else None
         self.out_cov = zeros(m, m) if "out_cov" in kinds else None
         self.out_sum = zeros(m) if "out_mean" in kinds else None
@@ -128,6 +132,9 @@ class _LayerSums:
             self.gram += sums["gram"].to(self.gram.device)
         if self.abs_sum is not None:
             self.abs_sum += sums["abs"].to(self.abs_sum.device)
+        if self.l2_sum is not None:
+            self.sequences += sums["sequences"]
+            self.l2_sum += sums["l2"].to(self.l2_sum.device)
 
     def add_cross(self, cross: torch.Tensor) -> None:
         """Add one batch's X^T X' (original inputs against propagated ones; ``paired`` sums only)."""
@@ -155,6 +162,8 @@ class _LayerSums:
             gram=gram if "gram" in self.kinds else None,
             anchor_cross=gram if self.cross is not None and self.cross is self.gram else cpu(self.cross),
             abs_mean=None if self.abs_sum is None else cpu(self.abs_sum / tokens),
+            sequences=self.sequences,
+            l2_seq=None if self.l2_sum is None else cpu(self.l2_sum / max(self.sequences, 1)),
             sq_mean=None if self.sq_sum is None else cpu(self.sq_sum / tokens),
             out_cov=cpu(self.out_cov),
             out_mean=None if self.out_sum is None else cpu(self.out_sum / tokens),
@@ -163,14 +172,24 @@ class _LayerSums:
         )
 
 
-def _input_sums(x: torch.Tensor, gram: bool, absolute: bool) -> dict[str, Any]:
-    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+def _input_sums(x: torch.Tensor, gram: bool, absolute: bool, l2: bool = False) -> dict[str, Any]:
+    x = x.detach().to(torch.float64)
+    # l2: each sequence's norm per channel (x is (..., seqlen, n): over its tokens), summed over sequences
+    norms = x.square().sum(-2).sqrt().reshape(-1, x.shape[-1]) if l2 else None
+    x = x.reshape(-1, x.shape[-1])
     sums: dict[str, Any] = {"tokens": x.shape[0], "sq": x.square().sum(0)}
+    if norms is not None:
+        sums["sequences"], sums["l2"] = norms.shape[0], norms.sum(0)
     if gram:
         sums["gram"] = x.T @ x
     if absolute:
         sums["abs"] = x.abs().sum(0)
     return sums
+
+
+def _flags(kinds: frozenset[str]) -> tuple[bool, bool, bool]:
+    """``_input_sums``'s (gram, absolute, l2) for ``kinds``."""
+    return bool(kinds & GRAM_KINDS), "abs_mean" in kinds, "l2_seq" in kinds
 
 
 class _Collector:
@@ -202,7 +221,7 @@ class _Collector:
         if self.kinds & INPUT_KINDS:
             # q/k/v (gate/up) receive the very same tensor object: compute its sums once
             if self._last is None or self._last[0] is not x:
-                self._last = (x, _input_sums(x, bool(self.kinds & GRAM_KINDS), "abs_mean" in self.kinds))
+                self._last = (x, _input_sums(x, *_flags(self.kinds)))
             sums.add_input(self._last[1])
         if self.kinds & OUTPUT_KINDS:
             sums.add_output(y.detach().reshape(-1, y.shape[-1]).to(torch.float64))

@@ -20,13 +20,14 @@ memory-mapped reading instead (``harness.factorfiles``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from harness.offload import materialized
 from harness.ray import factstore
-from harness.surgery import weights_of
+from harness.surgery import bias_of, weights_of
 
 if TYPE_CHECKING:
     from harness.api import FactorizeContext, RankAllocator
@@ -81,6 +82,7 @@ def keep(
 
 def factorize_group(decomposer, model: torch.nn.Module, group, stats: dict, options, ctx: FactorizeContext):
     """One group's factorization from the model's weights and the members' statistics (both paths)."""
-    group_stats = {name: stats[name] for name in group if name in stats}
     with materialized(model.get_submodule(name) for name in group):  # offloaded weights: here for the call
+        # each layer's statistics with its Linear's bias (a new LayerStats: the collected ones may be shared)
+        group_stats = {name: replace(stats[name], bias=bias_of(model, name)) for name in group if name in stats}
         return decomposer.factorize(weights_of(model, group), group_stats, options, ctx)

@@ -105,11 +105,11 @@ from harness.api import LayerInfo, LayerStats
 from harness.run.blocks import BlockPlan, block_plan, capture_inputs, move_tensors, on_all
 from harness.run.calibration import (
     FORWARD_KINDS,
-    GRAM_KINDS,
     INPUT_KINDS,
     KIND_FIELDS,
     OUTPUT_KINDS,
     _eval_mode,
+    _flags,
     _input_sums,
     _LayerSums,
     collected_kinds,
@@ -236,7 +236,7 @@ class _BlockCollector:
                 sums = self.inputs.get(name) or self.inputs.setdefault(name, self._new(self.input_kinds, name))
                 if id(sums) in self._added:
                     raise RuntimeError(f"{name}: its input is shared with other layers in one batch, not in another")
-                sums.add_input(_input_sums(x, bool(self.input_kinds & GRAM_KINDS), "abs_mean" in self.input_kinds))
+                sums.add_input(_input_sums(x, *_flags(self.input_kinds)))
                 if self.paired:
                     sums.add_cross(_cross(self.anchor[name], x))
                 self._added.add(id(sums))
@@ -260,6 +260,7 @@ class _BlockCollector:
                 merged.tokens, merged.gram = done.tokens, done.gram
                 merged.abs_mean, merged.sq_mean = done.abs_mean, done.sq_mean
                 merged.anchor_cross = done.anchor_cross
+                merged.sequences, merged.l2_seq = done.sequences, done.l2_seq
             if self.output_kinds:
                 sums = self.outputs.get(name) or self.outputs.setdefault(name, self._new(self.output_kinds, name))
                 done = sums.finish()
@@ -267,7 +268,7 @@ class _BlockCollector:
                 if not self.input_kinds:
                     merged.tokens = done.tokens
             if self.tracker is not None:
-                for f in ("gram", "abs_mean", "sq_mean", "out_cov", "out_mean", "anchor_cross"):
+                for f in ("gram", "abs_mean", "sq_mean", "l2_seq", "out_cov", "out_mean", "anchor_cross"):
                     self.tracker.track(getattr(merged, f))
             stats[name] = merged
         self.inputs.clear()

@@ -62,10 +62,12 @@ class BitStackOptions:
     """The repo's default: fold down_proj's scales into up_proj's rows and, on multi-head attention,
     o_proj's into v_proj's rows before decomposing (o_proj unscaled under grouped-query attention, as
     the repo); false: every weight only has its input columns scaled (the repo's --no_fuse_scale)."""
-    statistic: Literal["l2", "abs_mean"] = "l2"
-    """l2: per-sequence L2 norm of each channel, sqrt(seqlen * sq_mean) (the repo's); abs_mean: mean |x| (AWQ's)."""
+    statistic: Literal["l2_seq", "l2", "abs_mean"] = "l2_seq"
+    """l2_seq (the repo's): each sequence's L2 norm per channel, averaged over sequences (``LayerStats.l2_seq``);
+    l2: the pooled sqrt(seqlen * sq_mean) (the default before l2_seq; an upper bound of the repo's);
+    abs_mean: mean |x| (AWQ's)."""
     seqlen: int = 2048
-    """Tokens per sequence in the l2 statistic (the repo's calibration length); only weighs eps = 1e-3."""
+    """Tokens per sequence in the pooled l2 statistic (the repo's calibration length); only weighs eps = 1e-3."""
     svd: Literal["full", "lowrank"] = "full"
     """full: exact SVD of |R| per block (the repo's); lowrank: randomized rank-(k+8) SVD with 4 power
     iterations (torch.svd_lowrank, 4 power iterations, seeded), much faster on CPU and close for the top k."""
@@ -80,7 +82,7 @@ class BitStackOptions:
 
 class BitStack(harness.SingleMatrixDecomposer):
     name = "bitstack"
-    needs = frozenset({"abs_mean"})
+    needs = frozenset({"abs_mean", "l2_seq"})
     Options = BitStackOptions
     description = "BitStack: residual blocks of packed signs x rank-k magnitudes; rank = blocks kept"
 

@@ -39,16 +39,20 @@ EPS = 1e-3
 def activation_scales(stats: LayerStats | None, statistic: str, seqlen: int, eps: float = EPS):
     """Per-input-channel scales (n,) from calibration statistics, and how they were made.
 
-    ``statistic = "l2"`` (the repo's): the L2 norm of a channel over a
-    sequence of ``seqlen`` tokens, sqrt(seqlen * mean x^2), from
-    ``LayerStats.sq_mean``. The repo averages per-sequence norms; with the
-    pooled mean square this equals it when every sequence carries the same
-    per-channel energy, and bounds it from above otherwise (Jensen).
+    ``statistic = "l2_seq"`` (the repo's ``get_act_scale``,
+    ``torch.norm(x, dim=1).mean(dim=0)``): each calibration sequence's L2 norm
+    of the channel over its tokens, averaged over the sequences,
+    ``LayerStats.l2_seq``. ``statistic = "l2"`` (the default before
+    ``l2_seq`` existed): the pooled sqrt(seqlen * mean x^2) from
+    ``LayerStats.sq_mean``, equal to the repo's when every sequence carries
+    the same per-channel energy and above it otherwise (Jensen).
     ``statistic = "abs_mean"``: mean |x| per channel (AWQ's statistic).
     Returns (scales + eps, a label for Factorization.info).
     """
     if stats is None:
-        raise HarnessError("bitstack: no calibration statistics for this layer (needs abs_mean / sq_mean)")
+        raise HarnessError("bitstack: no calibration statistics for this layer (needs l2_seq / abs_mean / sq_mean)")
+    if statistic == "l2_seq" and stats.l2_seq is not None:
+        return stats.l2_seq.double() + eps, f"l2_seq ({stats.sequences} sequences) + {eps:g}"
     if statistic == "l2":
         if stats.sq_mean is not None:
             return (seqlen * stats.sq_mean.double()).sqrt() + eps, f"sqrt({seqlen} * sq_mean) + {eps:g}"
@@ -56,7 +60,7 @@ def activation_scales(stats: LayerStats | None, statistic: str, seqlen: int, eps
             return stats.abs_mean.double() + eps, f"abs_mean + {eps:g} (sq_mean missing; not the repo's l2)"
     if statistic == "abs_mean" and stats.abs_mean is not None:
         return stats.abs_mean.double() + eps, f"abs_mean + {eps:g}"
-    raise HarnessError(f"bitstack: calibration statistics lack {statistic!r} (sq_mean and abs_mean are None)")
+    raise HarnessError(f"bitstack: calibration statistics lack {statistic!r} (the fields it needs are None)")
 
 
 @dataclass

@@ -79,7 +79,9 @@ class LoRD(harness.SingleMatrixDecomposer):
         mean = getattr(stats, MEAN_STAT, None)
         if mean is None:
             raise RuntimeError(f"lord: no {MEAN_STAT!r} statistic for {name}; centre = true needs it")
-        return CentredProjectionFactorization(name, weight, stats.out_cov, mean, stats.tokens, dtype=dtype)
+        return CentredProjectionFactorization(
+            name, weight, stats.out_cov, mean, stats.tokens, layer_bias=getattr(stats, "bias", None), dtype=dtype
+        )
 
 
 @harness.hookimpl

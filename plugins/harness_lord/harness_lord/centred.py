@@ -8,8 +8,11 @@ outputs:
 .. math:: U_k = \\text{top-}k \\text{ eigenvectors of } C, \\qquad c_k = (I - U_k U_k^\\top)\\,\\mu,
           \\qquad \\sum_t \\|y_t - \\hat y_t\\|^2 = \\sum_{i>k} \\lambda_i(C).
 
-As a layer: A = U_k, B = U_k^T W, bias c_k (the layer had none: Llama-style
-projections), i.e. y_hat = A (B x) + c_k. The uncentred projection (C = Y^T Y,
+For a Linear with a bias b (y = W x + b) the same optimum is
+y_hat = U_k (U_k^T W) x + P b + (I - P) mu, P = U_k U_k^T. As a layer:
+``harness.LowRank(A, B, bias)`` with A = U_k, B = U_k^T W and the whole output
+offset c_k = b + (I - P)(mu - b) (= (I - P) mu where the layer has no bias, as
+Llama-style projections), in place of the Linear's own b: y_hat = A (B x) + c_k. The uncentred projection (C = Y^T Y,
 no bias: ``harness.ProjectionFactorization``) leaves the mean direction to
 compete with the variance; with a non-zero mean the centred map is never worse
 and usually better at equal rank (tests/test_lord.py checks both on planted data).
@@ -21,35 +24,8 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 import harness
-
-
-class BiasedLowRankLinear(nn.Module):
-    """y = A (B x) + bias: LoRD's factored layer, the bias included in what it stores."""
-
-    own_bias = True
-    """Its bias stands for the layer's whole output offset: the harness adds no other (harness.surgery)."""
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.A = nn.Parameter(A.contiguous(), requires_grad=False)
-        self.B = nn.Parameter(B.contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-        self.out_features, self.in_features = A.shape[0], B.shape[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.B), self.A, self.bias)
-
-    def harness_params(self) -> int:
-        return self.A.numel() + self.B.numel() + self.bias.numel()
-
-    def harness_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.bias))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[1]}, bias=True"
 
 
 def centred_scatter(out_cov: torch.Tensor, out_mean: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -69,6 +45,7 @@ class CentredProjectionFactorization(harness.Factorization):
         out_mean: torch.Tensor,
         tokens: int,
         *,
+        layer_bias: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         m, n = weight.shape
@@ -80,7 +57,9 @@ class CentredProjectionFactorization(harness.Factorization):
         self.names, self.shapes = (name,), ((m, n),)
         self.U = U[:, :r].to(dtype)
         self.UtW = self.U.T @ weight.to(dtype)
-        self.mean = out_mean.to(device, torch.float64)
+        self.layer_bias = None if layer_bias is None else layer_bias.to(device, torch.float64)
+        mean = out_mean.to(device, torch.float64)
+        self.mean = mean if layer_bias is None else mean - self.layer_bias  # mu - b: what the offset fills
         self.out_dtype, self.device = weight.dtype, device
         tail = eigvals.clamp_min(0).flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i>=k} lambda_i
         self._tail = torch.cat([tail, tail.new_zeros(1)])[: r + 1].tolist()
@@ -100,17 +79,19 @@ class CentredProjectionFactorization(harness.Factorization):
         return float(self._tail[rank])
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A, B, bias) at ``rank`` in the model's dtype: U_k, U_k^T W and (I - U_k U_k^T) mu."""
+        """(A, B, bias) at ``rank`` in the model's dtype: U_k, U_k^T W and b + (I - U_k U_k^T)(mu - b)."""
         if not 0 <= rank <= self.U.shape[1]:
             raise ValueError(f"rank {rank} is outside 0..{self.U.shape[1]}")
         U = self.U[:, :rank].to(self.out_dtype).contiguous()  # one memory layout, compacted or not: equal bias
         U64 = U.double()
         bias = self.mean - U64 @ (U64.T @ self.mean)
+        if self.layer_bias is not None:
+            bias = bias + self.layer_bias
         return U, self.UtW[:rank].to(self.out_dtype), bias.to(self.out_dtype)
 
-    def materialize(self, rank: int) -> dict[str, nn.Module]:
+    def materialize(self, rank: int) -> dict[str, harness.Replacement]:
         A, B, bias = self.factors(rank)
-        return {self.names[0]: BiasedLowRankLinear(A.to(self.device), B.to(self.device), bias.to(self.device))}
+        return {self.names[0]: harness.LowRank(A.to(self.device), B.to(self.device), bias.to(self.device))}
 
     def compact(self, max_rank=None, *, dtype=None, device=None):
         """Keep U and U^T W up to ``max_rank`` (in ``dtype``, on ``device``); ranks, costs and errors unchanged."""
@@ -121,6 +102,7 @@ class CentredProjectionFactorization(harness.Factorization):
         kept.U = self.U[:, :top].to(where, keep_dtype).contiguous()
         kept.UtW = self.UtW[:top].to(where, keep_dtype).contiguous()
         kept.mean = self.mean.to(where)
+        kept.layer_bias = None if self.layer_bias is None else self.layer_bias.to(where)
         return kept
 
     @property

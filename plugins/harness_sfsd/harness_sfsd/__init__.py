@@ -64,7 +64,6 @@ class SFSD(harness.SingleMatrixDecomposer):
             raise RuntimeError(f"sfsd: no {MEAN_STAT!r} statistic for {name}; centre and compensate need it")
         from harness_sfsd.feature import FeatureFactorization
 
-        # layer_bias: the harness hands decomposers no Linear bias (README.md, "Deviations")
         return FeatureFactorization(
             name,
             weight,
@@ -73,6 +72,7 @@ class SFSD(harness.SingleMatrixDecomposer):
             stats.tokens,
             centre=options.centre,
             compensate=options.compensate,
+            layer_bias=getattr(stats, "bias", None),
             dtype=dtype,
         )
 

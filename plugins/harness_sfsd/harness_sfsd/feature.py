@@ -10,14 +10,13 @@ the mean, P = U_k U_k^T:
           = U_k (U_k^\\top W) x + \\underbrace{P b + (I - P)\\mu}_{\\text{bias}},
           \\qquad \\sum_t \\|y_t - \\hat y_t\\|^2 = \\sum_{i>k} \\lambda_i(C),
 
-the best rank-k affine map of the outputs (PCA with its mean). As a layer the harness's
-replaced Linear adds its own bias b after this module (``own_bias`` is False: the module
-stands for W x), so the module's bias is what remains, (I - P)(mu - b): then
-module(x) + b = P (W x + b) + (I - P) mu, the formula above. The decomposer is not
-handed b (the harness gives decomposers weights and statistics only), so it passes
-``layer_bias = None``, exact for bias-free Linears (Llama, Mistral: the paper's models)
-and for any layer at full rank where m <= n; where m > n, the part of b outside the
-span of W would be counted twice. README.md names the core change that closes this.
+the best rank-k affine map of the outputs (PCA with its mean). As a layer it is
+``harness.LowRank(U_k, U_k^T W, bias)`` with the whole output offset
+bias = P b + (I - P) mu = b + (I - P)(mu - b), in place of the Linear's own b: the
+decomposer is handed b (``LayerStats.bias``, passed as ``layer_bias``), so the map is the
+optimum above for biased Linears too (tests/test_layer_bias.py). Without b (before the
+core handed it over) the layer kept b and added (I - P) mu: off by (I - P) b below full
+rank, and at full rank where m > n.
 
 Options (``SFSDOptions``): ``centre`` chooses the eigenvectors (of C, or of S: the
 uncentred projection of the previous ``sfsd``); ``compensate`` the bias. The error at
@@ -31,35 +30,8 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 import harness
-
-
-class CompensatedLinear(nn.Module):
-    """y = A (B x) + bias, the bias SFSD's compensation of the discarded directions."""
-
-    own_bias = False
-    """The module stands for W x: the harness adds the replaced Linear's own bias after it (harness.surgery)."""
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.A = nn.Parameter(A.contiguous(), requires_grad=False)
-        self.B = nn.Parameter(B.contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-        self.out_features, self.in_features = A.shape[0], B.shape[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.B), self.A, self.bias)
-
-    def harness_params(self) -> int:
-        return self.A.numel() + self.B.numel() + self.bias.numel()
-
-    def harness_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.bias))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[1]}, bias=True"
 
 
 def output_moments(
@@ -99,8 +71,8 @@ class FeatureFactorization(harness.Factorization):
         self.U = U[:, :r].to(dtype)
         self.UtW = self.U.T @ weight.to(dtype)
         self.compensate = compensate
-        shift = mu if layer_bias is None else mu - layer_bias.to(device, torch.float64)
-        self.shift = shift  # mu - b: what the module's bias compensates (the harness adds b)
+        self.layer_bias = None if layer_bias is None else layer_bias.to(device, torch.float64)
+        self.shift = mu if layer_bias is None else mu - self.layer_bias  # mu - b: what the compensation fills
         self.out_dtype, self.device = weight.dtype, device
         self._tail = residuals(U, C if compensate else S, r)
         self.info = {"centred": centre, "compensated": compensate, "tokens": int(tokens)}
@@ -119,7 +91,8 @@ class FeatureFactorization(harness.Factorization):
         return float(self._tail[rank])
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(A, B, bias) at ``rank`` in the model's dtype: U_k, U_k^T W, (I - U_k U_k^T)(mu - b) (None: no bias)."""
+        """(A, B, bias) at ``rank`` in the model's dtype: U_k, U_k^T W and the layer's whole output offset
+        b + (I - U_k U_k^T)(mu - b) (None without compensation: the Linear keeps its own b)."""
         if not 0 <= rank <= self.U.shape[1]:
             raise ValueError(f"rank {rank} is outside 0..{self.U.shape[1]}")
         U = self.U[:, :rank]
@@ -128,14 +101,14 @@ class FeatureFactorization(harness.Factorization):
             return U.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous(), None
         U64 = U.double()
         bias = self.shift - U64 @ (U64.T @ self.shift)
+        if self.layer_bias is not None:
+            bias = bias + self.layer_bias
         return U.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous(), bias.to(self.out_dtype)
 
     def materialize(self, rank: int) -> dict[str, harness.Replacement]:
         A, B, bias = self.factors(rank)
         A, B = A.to(self.device), B.to(self.device)
-        if bias is None:
-            return {self.names[0]: harness.LowRank(A, B)}
-        return {self.names[0]: CompensatedLinear(A, B, bias.to(self.device))}
+        return {self.names[0]: harness.LowRank(A, B, None if bias is None else bias.to(self.device))}
 
     def compact(self, max_rank=None, *, dtype=None, device=None):
         """A copy keeping U and U^T W up to ``max_rank`` (in ``dtype``, on ``device``); ranks, costs and errors
@@ -147,6 +120,7 @@ class FeatureFactorization(harness.Factorization):
         kept.U = self.U[:, :top].to(where, keep_dtype).contiguous()
         kept.UtW = self.UtW[:top].to(where, keep_dtype).contiguous()
         kept.shift = self.shift.to(where)
+        kept.layer_bias = None if self.layer_bias is None else self.layer_bias.to(where)
         return kept
 
     @property
