@@ -112,12 +112,12 @@ class Method(Component):
 class CalibrationConfig:
     source: str = "lambada"
     """Text source (harness.data.TEXT_SOURCES); offline default: LAMBADA passages."""
-    samples: int = 32
+    samples: int = field(default=32, metadata={"minimum": 1})
     """Number of windows (ASVD: 32; SVD-LLM: 256)."""
-    seqlen: int = 256
+    seqlen: int = field(default=256, metadata={"minimum": 2})
     """Tokens per window (the papers use 2048)."""
-    batch_size: int = 4
-    loss_samples: int = 8
+    batch_size: int = field(default=4, metadata={"minimum": 1})
+    loss_samples: int = field(default=8, metadata={"minimum": 1})
     """Windows used to score a calibration loss for allocators (sensitivity, BitStack order)."""
     pipeline: str = "blocks"
     """"blocks": statistics and factorizations block by block (harness/run/pipeline.py), one block's
@@ -154,7 +154,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class SurgeryConfig:
-    kinds: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = field(default=None, metadata={"min_items": 1, "unique": True, "model": "kinds"})
     """Linear layers to decompose by last name component; default: all in the transformer blocks."""
     lm_head: bool = False
     mode: str = "factored"

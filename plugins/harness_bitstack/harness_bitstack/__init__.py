@@ -18,7 +18,7 @@ one order serve every size.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import harness
@@ -52,9 +52,9 @@ def __getattr__(name: str) -> Any:
 
 @dataclass(frozen=True)
 class BitStackOptions:
-    niter: int = 16
+    niter: int = field(default=16, metadata={"minimum": 1})
     """Blocks per weight (the repo's default for its results)."""
-    k: int = 16
+    k: int = field(default=16, metadata={"minimum": 1})
     """Rank of each block's magnitude approximation."""
     scale: bool = True
     """Activation-aware scaling of the input channels (the repo's default)."""
@@ -64,7 +64,7 @@ class BitStackOptions:
     the repo); false: every weight only has its input columns scaled (the repo's --no_fuse_scale)."""
     statistic: Literal["l2", "abs_mean"] = "l2"
     """l2: per-sequence L2 norm of each channel, sqrt(seqlen * sq_mean) (the repo's); abs_mean: mean |x| (AWQ's)."""
-    seqlen: int = 2048
+    seqlen: int = field(default=2048, metadata={"minimum": 1})
     """Tokens per sequence in the l2 statistic (the repo's calibration length); only weighs eps = 1e-3."""
     svd: Literal["full", "lowrank"] = "full"
     """full: exact SVD of |R| per block (the repo's); lowrank: randomized rank-(k+8) SVD with 4 power
