@@ -12,6 +12,7 @@ file, the key, what was expected and what was received, on one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -54,13 +55,26 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that would break or hide a one-line message (newlines, carriage
+    returns, other control and non-printable characters) written as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def key_name(name: str) -> str:
     """A suite key as a message shows it: as written where plain, else quoted TOML-style (no newlines)."""
-    return name if name and _PLAIN_KEY.match(name) else shown(json.dumps(name), 60)
+    if name and _PLAIN_KEY.match(name):
+        return name
+    text = json.dumps(name)
+    return text if len(text) <= 60 else text[:56] + '..."'
 
 
+@functools.cache
 def option_fields(cls: type) -> dict[str, Any]:
-    """Field name -> resolved annotation of an options dataclass."""
+    """Field name -> resolved annotation of an options dataclass (cached: resolving string annotations
+    is most of a suite's parsing time)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -72,7 +86,7 @@ def parse_options(cls: type, raw: dict[str, Any] | None, key: str, file: str | N
         raw = {}
     if not isinstance(raw, dict):
         raise HarnessError(f"{where(file, key)}: expected a table of options, got {shown(raw)}")
-    hints = option_fields(cls)
+    hints = dict(option_fields(cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in raw:
         if name not in fields:
@@ -81,22 +95,16 @@ def parse_options(cls: type, raw: dict[str, Any] | None, key: str, file: str | N
                 f"{where(file, f'{key}.{key_name(name)}')}: unknown option{did_you_mean(name, fields)}; "
                 f"known options: {known}"
             )
-    values = {
-        name: check_field(raw[name], hints[name], fields[name].metadata, where(file, f"{key}.{name}")) for name in raw
-    }
-    try:
-        return cls(**values)
+    values = {name: check_value(raw[name], hints[name], where(file, f"{key}.{name}")) for name in raw}
+    try:  # the plugin's own checks first (their messages stay as written), then the declared bounds
+        options = cls(**values)
     except (HarnessError, TypeError, ValueError, ArithmeticError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the plugin wrote
         prefix = where(file, key)
         raise HarnessError(message if message.startswith(f"{prefix}") else f"{prefix}: {message}") from None
-
-
-def check_field(value: Any, annotation: Any, metadata: typing.Mapping[str, Any], key: str) -> Any:
-    """``value`` converted to ``annotation`` and within the bounds its field declares, or HarnessError."""
-    converted = check_value(value, annotation, key)
-    check_constraints(converted, annotation, metadata, key)
-    return converted
+    for name in raw:
+        check_constraints(values[name], hints[name], fields[name].metadata, where(file, f"{key}.{name}"))
+    return options
 
 
 def check_constraints(value: Any, annotation: Any, metadata: typing.Mapping[str, Any], key: str) -> None:
@@ -108,7 +116,9 @@ def check_constraints(value: Any, annotation: Any, metadata: typing.Mapping[str,
     items = list(value) if is_list else [value]
     expected = f"expected {describe(annotation)}{', each' if is_list else ','}"
     if is_list and len(items) < metadata.get(MIN_ITEMS, 0):
-        raise HarnessError(f"{key}: expected at least {metadata[MIN_ITEMS]} entries, got {shown(value)}")
+        least = metadata[MIN_ITEMS]
+        got = shown(list(value)) if items else "an empty list"
+        raise HarnessError(f"{key}: expected at least {least} {'entry' if least == 1 else 'entries'}, got {got}")
     if is_list and metadata.get(UNIQUE):
         for i, item in enumerate(items):
             if item in items[:i]:

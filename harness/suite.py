@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.errors import HarnessError, did_you_mean
-from harness.options import check_value, options_dict, parse_options
+from harness.options import check_value, key_name, one_line, options_dict, parse_options
 from harness.plugins import Plugins, get_plugins
 from harness.targets import Target, parse_target
 
@@ -285,9 +285,18 @@ class SuiteParser:
         return check_value(value, annotation, f"{self.file}: {key}")
 
     def parse(self, raw: dict[str, Any]) -> Suite:
+        """The validated suite, or a HarnessError on one line (keys and values from the file are escaped)."""
+        try:
+            return self._parse(raw)
+        except HarnessError as exc:
+            raise HarnessError(one_line(str(exc))) from None
+
+    def _parse(self, raw: dict[str, Any]) -> Suite:
         for key in raw:
             if key not in TOP_KEYS:
-                raise self.fail(key, f"unknown key{did_you_mean(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}")
+                raise self.fail(
+                    key_name(key), f"unknown key{did_you_mean(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}"
+                )
         values = {key: self.check(value, TOP_KEYS[key], key) for key, value in raw.items()}
         name = values.get("name", Path(self.file).stem)
         if not SAFE_NAME.match(name):

@@ -41,12 +41,12 @@ if TYPE_CHECKING:
 def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> ModelSession:
     """Load ``model_spec`` and find its decomposable layers; bad input is a HarnessError naming ``key``."""
     suite = env.suite
-    log(f"loading model {model_spec}")
-    # offloaded blocks are loaded on the host and dispatched from there; dtype stays the run device's
-    where = "cpu" if suite.offload else str(env.device)
     known = modelcheck.layers_before_load(suite, model_spec)
     if known is not None:  # names only the model can confirm, before any weights load
         modelcheck.check_model_names(suite, known, model_spec)
+    log(f"loading model {model_spec}")
+    # offloaded blocks are loaded on the host and dispatched from there; dtype stays the run device's
+    where = "cpu" if suite.offload else str(env.device)
     try:
         loaded = load_model(model_spec, suite.dtype, where, suite.trust_remote_code, device_map=suite.device_map)
     except HarnessError as exc:
