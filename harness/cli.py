@@ -268,14 +268,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from harness.modelcheck import validate_models
     from harness.suite import load_suite
 
     suite = apply_layers(load_suite(args.suite), args.layers)
+    notes = validate_models(suite)
     cells = 1 + sum(len(m.targets) * len(m.allocators) for m in suite.methods)
     print(
         f"{args.suite}: ok — suite {suite.name!r}, {len(suite.models)} model(s), {len(suite.methods)} method(s), "
         f"{cells} cell(s) per model"
     )
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.errors import HarnessError, did_you_mean
-from harness.options import check_value, options_dict, parse_options
+from harness.options import check_value, key_name, one_line, options_dict, parse_options, shown
 from harness.plugins import Plugins, get_plugins
 from harness.targets import Target, parse_target
 
@@ -74,7 +74,7 @@ def with_layers(models: tuple[str, ...], layers: int, key: str = "--layers") -> 
     cut = []
     for model in models:
         if not shapes.is_random(model):
-            raise HarnessError(f"{key}: applies to random:<shape> models only, got {model!r}")
+            raise HarnessError(f"{key}: applies to random:<shape> models only, got {shown(model)}")
         try:
             cut.append(shapes.with_layers(model, layers))
         except HarnessError as exc:
@@ -85,7 +85,7 @@ def with_layers(models: tuple[str, ...], layers: int, key: str = "--layers") -> 
 def check_device(value: str, key: str) -> str:
     """``value`` if it names a device the harness can run on, else HarnessError naming ``key``."""
     if not DEVICE.match(value):
-        raise HarnessError(f"{key}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+        raise HarnessError(f"{key}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {shown(value)}")
     return value
 
 
@@ -112,12 +112,12 @@ class Method(Component):
 class CalibrationConfig:
     source: str = "lambada"
     """Text source (harness.data.TEXT_SOURCES); offline default: LAMBADA passages."""
-    samples: int = 32
+    samples: int = field(default=32, metadata={"minimum": 1})
     """Number of windows (ASVD: 32; SVD-LLM: 256)."""
-    seqlen: int = 256
+    seqlen: int = field(default=256, metadata={"minimum": 2})
     """Tokens per window (the papers use 2048)."""
-    batch_size: int = 4
-    loss_samples: int = 8
+    batch_size: int = field(default=4, metadata={"minimum": 1})
+    loss_samples: int = field(default=8, metadata={"minimum": 1})
     """Windows used to score a calibration loss for allocators (sensitivity, BitStack order)."""
     pipeline: str = "blocks"
     """"blocks": statistics and factorizations block by block (harness/run/pipeline.py), one block's
@@ -134,17 +134,17 @@ class CalibrationConfig:
         from harness.data import TEXT_SOURCES
 
         if self.pipeline not in ("whole", "blocks"):
-            raise ValueError(f"pipeline: expected 'whole' or 'blocks', got {self.pipeline!r}")
+            raise ValueError(f"pipeline: expected 'whole' or 'blocks', got {shown(self.pipeline)}")
         if self.inputs not in ("original", "propagated"):
-            raise ValueError(f"inputs: expected 'original' or 'propagated', got {self.inputs!r}")
+            raise ValueError(f"inputs: expected 'original' or 'propagated', got {shown(self.inputs)}")
         if self.inputs == "propagated" and self.pipeline != "blocks":
             raise ValueError(
-                f"inputs: expected 'original' with pipeline = {self.pipeline!r} ('propagated' needs the "
+                f"inputs: expected 'original' with pipeline = {shown(self.pipeline)} ('propagated' needs the "
                 f"layer-sequential pipeline, pipeline = 'blocks'), got 'propagated'"
             )
 
         if self.source not in TEXT_SOURCES:
-            raise ValueError(f"source: expected one of {', '.join(TEXT_SOURCES)}, got {self.source!r}")
+            raise ValueError(f"source: expected one of {', '.join(TEXT_SOURCES)}, got {shown(self.source)}")
         for name in ("samples", "batch_size", "loss_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -154,7 +154,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class SurgeryConfig:
-    kinds: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = field(default=None, metadata={"min_items": 1, "unique": True, "model": "kinds"})
     """Linear layers to decompose by last name component; default: all in the transformer blocks."""
     lm_head: bool = False
     mode: str = "factored"
@@ -285,18 +285,27 @@ class SuiteParser:
         return check_value(value, annotation, f"{self.file}: {key}")
 
     def parse(self, raw: dict[str, Any]) -> Suite:
+        """The validated suite, or a HarnessError on one line (keys and values from the file are escaped)."""
+        try:
+            return self._parse(raw)
+        except HarnessError as exc:
+            raise HarnessError(one_line(str(exc))) from None
+
+    def _parse(self, raw: dict[str, Any]) -> Suite:
         for key in raw:
             if key not in TOP_KEYS:
-                raise self.fail(key, f"unknown key{did_you_mean(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}")
+                raise self.fail(
+                    key_name(key), f"unknown key{did_you_mean(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}"
+                )
         values = {key: self.check(value, TOP_KEYS[key], key) for key, value in raw.items()}
         name = values.get("name", Path(self.file).stem)
         if not SAFE_NAME.match(name):
-            raise self.fail("name", f"expected letters, digits, '.', '_' or '-' (no path), got {name!r}")
+            raise self.fail("name", f"expected letters, digits, '.', '_' or '-' (no path), got {shown(name)}")
         if values.get("dtype", "auto") not in DTYPES:
             expected = ", ".join(repr(d) for d in DTYPES)
-            raise self.fail("dtype", f"expected one of {expected}, got {values['dtype']!r}")
+            raise self.fail("dtype", f"expected one of {expected}, got {shown(values['dtype'])}")
         if values.get("device_map", "auto") not in DEVICE_MAPS:
-            raise self.fail("device_map", f"expected 'auto' (or no key: one device), got {values['device_map']!r}")
+            raise self.fail("device_map", f"expected 'auto' (or no key: one device), got {shown(values['device_map'])}")
         if values.get("offload", "cpu") not in OFFLOADS:
             expected = " or ".join(repr(o) for o in OFFLOADS)
             raise self.fail(
@@ -357,8 +366,8 @@ class SuiteParser:
             if "fisher" in self.plugins.get("decomposer", method.name).needs:
                 raise self.fail(
                     f"methods[{i}]",
-                    f"expected a method without the fisher statistic under offload = {suite.offload!r}, got "
-                    f"{method.label!r} (it needs weight gradients; remove offload or run it in another suite)",
+                    f"expected a method without the fisher statistic under offload = {shown(suite.offload)}, got "
+                    f"{shown(method.label)} (it needs weight gradients; remove offload or run it in another suite)",
                 )
 
     def check_random(self, model: str, key: str) -> None:
@@ -383,7 +392,7 @@ class SuiteParser:
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict):
-            raise self.fail(key, f"expected a name or a table with 'name', got {entry!r}")
+            raise self.fail(key, f"expected a name or a table with 'name', got {shown(entry)}")
         allowed = ("name", "label", "options", *extra)
         for sub in entry:
             if sub not in allowed:
@@ -397,7 +406,7 @@ class SuiteParser:
         )
         label = self.check(entry.get("label", name), str, f"{key}.label")
         if not SAFE_NAME.match(label):
-            raise self.fail(f"{key}.label", f"expected letters, digits, '.', '_' or '-', got {label!r}")
+            raise self.fail(f"{key}.label", f"expected letters, digits, '.', '_' or '-', got {shown(label)}")
         return Component(kind, name, options, label)
 
     def method(self, entry: Any, key: str, targets: tuple, allocators: tuple) -> Method:
@@ -429,7 +438,7 @@ class SuiteParser:
     def surgery(self, raw: dict | None) -> SurgeryConfig:
         config = parse_options(SurgeryConfig, raw, "surgery", self.file)
         if config.mode not in ("factored", "dense"):
-            raise self.fail("surgery.mode", f"expected 'factored' or 'dense', got {config.mode!r}")
+            raise self.fail("surgery.mode", f"expected 'factored' or 'dense', got {shown(config.mode)}")
         return config
 
     def check_targets(self, suite: Suite) -> None:
@@ -440,6 +449,6 @@ class SuiteParser:
                     if not component.takes(target.kind):
                         raise self.fail(
                             f"methods[{i}].targets",
-                            f"allocator {allocator.name!r} takes {', '.join(component.target_kinds)} targets, "
+                            f"allocator {shown(allocator.name)} takes {', '.join(component.target_kinds)} targets, "
                             f"got a {target.kind} target",
                         )

@@ -29,6 +29,7 @@ those two. ``Target(kind, value)`` builds the registered class of ``kind``, so
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness import budget
 from harness.errors import HarnessError
+from harness.options import shown
 
 if TYPE_CHECKING:
     from harness.budget import Assignment
@@ -110,8 +112,8 @@ class Target(metaclass=_TargetType):
     def parse_value(cls, raw: Any, key: str) -> float:
         """A suite's ``{kind = raw}`` -> value; HarnessError naming ``key``."""
         if not isinstance(raw, (int, float)) or isinstance(raw, bool):
-            raise HarnessError(f"{key}.{cls.kind}: expected a number, got {raw!r}")
-        return float(raw)
+            raise HarnessError(f"{key}.{cls.kind}: expected a number, got {shown(raw)}")
+        return finite(raw, f"{key}.{cls.kind}")
 
     def check(self, key: str) -> Target:
         """This target, or HarnessError naming ``key`` where its value is out of range."""
@@ -393,19 +395,33 @@ class BitsTarget(_ByteBudget):
 
 def parse_bytes(text: str | int | float, key: str) -> float:
     if isinstance(text, (int, float)):
-        return float(text)
+        return finite(text, key)
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMG]I?B|B)?\s*", str(text).upper())
     if not match:
-        raise HarnessError(f"{key}: expected a size such as 40MB or 2.5GiB, got {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2) or ""]
+        raise HarnessError(f"{key}: expected a size such as 40MB or 2.5GiB, got {shown(text)}")
+    try:
+        return finite(float(match.group(1)) * _UNITS[match.group(2) or ""], key)
+    except ValueError:  # "1.2.3" or "." matched the characters but is no number
+        raise HarnessError(f"{key}: expected a size such as 40MB or 2.5GiB, got {shown(text)}") from None
+
+
+def finite(value: int | float, key: str) -> float:
+    """``value`` as a finite float, or HarnessError naming ``key`` (nan, inf, an integer beyond floats)."""
+    try:
+        converted = float(value)
+    except OverflowError:
+        converted = math.inf
+    if not math.isfinite(converted):
+        raise HarnessError(f"{key}: expected a finite number, got {shown(value)}")
+    return converted
 
 
 def parse_target(raw: Any, key: str) -> Target:
     """A suite's target value -> Target; raises HarnessError naming ``key``."""
     if isinstance(raw, bool):
-        raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {raw!r}")
+        raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {shown(raw)}")
     if isinstance(raw, (int, float)):
-        return ParamsTarget(float(raw)).check(key)
+        return ParamsTarget(finite(raw, key)).check(key)
     if isinstance(raw, dict) and len(raw) == 1:
         kind, value = next(iter(raw.items()))
         if kind not in KINDS:
@@ -417,4 +433,4 @@ def parse_target(raw: Any, key: str) -> Target:
         cls = KINDS[kinds[0]]
         extra = {k: v for k, v in raw.items() if k != kinds[0]}
         return cls.from_table(cls.parse_value(raw[kinds[0]], key), extra, key).check(key)
-    raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {raw!r}")
+    raise HarnessError(f"{key}: expected a number in (0, 1] or a table like {{rank = 0.5}}, got {shown(raw)}")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import modelcheck
 from harness.errors import HarnessError
 from harness.models import LoadedModel, load_model
 from harness.offload import offload_blocks
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> ModelSession:
     """Load ``model_spec`` and find its decomposable layers; bad input is a HarnessError naming ``key``."""
     suite = env.suite
+    known = modelcheck.layers_before_load(suite, model_spec)
+    if known is not None:  # names only the model can confirm, before any weights load
+        modelcheck.check_model_names(suite, known, model_spec)
     log(f"loading model {model_spec}")
     # offloaded blocks are loaded on the host and dispatched from there; dtype stays the run device's
     where = "cpu" if suite.offload else str(env.device)
@@ -52,6 +56,8 @@ def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> Mode
         folder, cleanup = offload_folder(env.store.root, loaded)
         log(f"offload: {model_spec}'s decoder blocks on {suite.offload}, each brought to {env.device} for its forward")
         offload_blocks(loaded.model, suite.offload, env.device, folder)
+    if known is None:
+        modelcheck.check_model_names(suite, find_linears(loaded.model, None, suite.surgery.lm_head), model_spec)
     layers = find_linears(loaded.model, suite.surgery.kinds, suite.surgery.lm_head)
     if not layers:
         kinds = "surgery.kinds " + ", ".join(suite.surgery.kinds) if suite.surgery.kinds else "surgery"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import harness
@@ -33,11 +33,11 @@ EPS = 1e-9
 class LimitOptions:
     """Floors and ceilings shared by the allocators (fractions of each group's full rank)."""
 
-    min_rank_fraction: float = 0.0
+    min_rank_fraction: float = field(default=0.0, metadata={"minimum": 0, "maximum": 1})
     """No group is factored below this fraction of its full rank."""
-    max_rank_fraction: float = 1.0
+    max_rank_fraction: float = field(default=1.0, metadata={"minimum": 0, "maximum": 1})
     """No group is factored above this fraction of its full rank (one that would need more stays dense)."""
-    min_rank: int = 1
+    min_rank: int = field(default=1, metadata={"minimum": 0})
     """No group is factored below this rank (0 allows removing a group entirely)."""
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import harness
 from harness_allocators import limits
@@ -43,7 +43,10 @@ Entry = tuple[float, int, int]
 
 @dataclass(frozen=True)
 class SensitivityOptions(limits.LimitOptions):
-    kept_fractions: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    kept_fractions: tuple[float, ...] = field(
+        default=(0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        metadata={"exclusive_minimum": 0, "exclusive_maximum": 1, "min_items": 1},
+    )
     """Fractions of each group's parameters kept at which its sensitivity is measured."""
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import harness
 from harness_allocators import limits
@@ -74,7 +74,7 @@ class HeavyTail:
 
 @dataclass(frozen=True)
 class WeLoreOptions(limits.LimitOptions):
-    min_removed_fraction: float = 0.0
+    min_removed_fraction: float = field(default=0.0, metadata={"minimum": 0, "exclusive_maximum": 1})
     """A group losing at most this fraction of its rank stays dense (WeLore's ``--min_ratio``)."""
 
     def __post_init__(self) -> None:

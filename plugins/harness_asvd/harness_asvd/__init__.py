@@ -28,18 +28,18 @@ __version__ = "0.1.0"
 
 @dataclass(frozen=True)
 class ASVDOptions:
-    alpha: float = 0.5
+    alpha: float = field(default=0.5, metadata={"minimum": 0})
     """Exponent of the activation magnitude (ASVD's default 0.5)."""
     scaling: Literal["abs_mean", "rms"] = "abs_mean"
     """Activation magnitude per input channel: mean |x| (ASVD) or sqrt(mean x^2)."""
-    eps: float = 1e-6
+    eps: float = field(default=1e-6, metadata={"exclusive_minimum": 0})
     """Added to the magnitude before the power (the repo's guard against zero channels)."""
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the decomposition with ``svd = "full"`` (factors are cast to the model's dtype)."""
     svd: Literal["full", "lowrank"] = field(default="full", metadata={"omit_default": True})
     """full: one exact SVD serves every rank (nested); lowrank: the reference code's
     ``torch.svd_lowrank(W S, q=rank, niter=niter)`` per rank, in float32 (not nested)."""
-    niter: int = field(default=2, metadata={"omit_default": True})
+    niter: int = field(default=2, metadata={"omit_default": True, "minimum": 0})
     """Power iterations of ``svd = "lowrank"`` (torch's default, which the reference code uses)."""
     ratio: Literal["harness", "asvd"] = field(default="harness", metadata={"omit_default": True})
     """harness: a kept fraction counts the suite's decomposable weights; asvd: every Linear with the LM head,

@@ -17,7 +17,7 @@ importing this module loads no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -29,14 +29,14 @@ __all__ = ["DEFAULT_SHARE", "BasisSharing", "BasisSharingOptions"]
 
 @dataclass(frozen=True)
 class BasisSharingOptions:
-    group_size: int = 2
+    group_size: int = field(default=2, metadata={"minimum": 1})
     """Consecutive layers sharing one basis (the official configs: 2); 1 is SVD-LLM for every kind."""
-    share: list[str] | None = None
+    share: list[str] | None = field(default=None, metadata={"unique": True, "model": "kinds"})
     """Kinds that share a basis across layers; None: the paper's (q, k, v, gate, up; OPT's fc1 for up).
     Every other kind is private (one layer per group)."""
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the SVD (the Cholesky is always float64; factors are cast to the model's dtype)."""
-    jitter_eps: float = 7e-6
+    jitter_eps: float = field(default=7e-6, metadata={"exclusive_minimum": 0})
     """Added on top of -lambda_min to the pooled Gram's diagonal where Cholesky fails (the official
     code's 7e-6; SVD-LLM's is 1e-6)."""
 

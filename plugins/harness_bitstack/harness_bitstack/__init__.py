@@ -18,7 +18,7 @@ one order serve every size.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import harness
@@ -52,9 +52,9 @@ def __getattr__(name: str) -> Any:
 
 @dataclass(frozen=True)
 class BitStackOptions:
-    niter: int = 16
+    niter: int = field(default=16, metadata={"minimum": 1})
     """Blocks per weight (the repo's default for its results)."""
-    k: int = 16
+    k: int = field(default=16, metadata={"minimum": 1})
     """Rank of each block's magnitude approximation."""
     scale: bool = True
     """Activation-aware scaling of the input channels (the repo's default)."""
@@ -66,7 +66,7 @@ class BitStackOptions:
     """l2_seq (the repo's): each sequence's L2 norm per channel, averaged over sequences (``LayerStats.l2_seq``);
     l2: the pooled sqrt(seqlen * sq_mean) (the default before l2_seq; an upper bound of the repo's);
     abs_mean: mean |x| (AWQ's)."""
-    seqlen: int = 2048
+    seqlen: int = field(default=2048, metadata={"minimum": 1})
     """Tokens per sequence in the pooled l2 statistic (the repo's calibration length); only weighs eps = 1e-3."""
     svd: Literal["full", "lowrank"] = "full"
     """full: exact SVD of |R| per block (the repo's); lowrank: randomized rank-(k+8) SVD with 4 power

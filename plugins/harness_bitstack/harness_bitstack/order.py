@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -97,7 +97,7 @@ def proxy_score(facts, dtype_bytes: int) -> Score:
 class BitStackOrderOptions:
     score: Literal["loss", "proxy"] = "loss"
     """loss: the repo's calibration-loss order (needs calibration data); proxy: error reduction per byte."""
-    min_blocks: int = 1
+    min_blocks: int = field(default=1, metadata={"minimum": 0})
     """Blocks every matrix keeps before the order starts (the repo: 1)."""
 
     def __post_init__(self) -> None:

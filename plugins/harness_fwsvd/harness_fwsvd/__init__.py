@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 class FWSVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the decomposition (factors are cast to the model's dtype)."""
-    eps: float = 1e-6
+    eps: float = field(default=1e-6, metadata={"exclusive_minimum": 0, "exclusive_maximum": 1})
     """guard = floor: floor of each channel's Fisher relative to the layer's mean Fisher; guard = add:
     added to every channel, relative to the layer's largest Fisher (1e-5 is the BERT re-implementation's)."""
     guard: Literal["floor", "add"] = field(default="floor", metadata={"omit_default": True})

@@ -41,13 +41,13 @@ NOT_METRICS = ("alias", "samples", "sample_len")
 
 @dataclass(frozen=True)
 class LMEvalOptions:
-    tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa"])
+    tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa"], metadata={"min_items": 1, "unique": True})
     """lm-eval task names (embedded data: see harness_lmeval.EMBEDDED_TASKS)."""
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata={"minimum": 1})
     """Examples per task (the CLI's --limit caps it further)."""
-    batch_size: int | str = 8
+    batch_size: int | str = field(default=8, metadata={"minimum": 1})
     """Passed to HFLM (with a model object it would default to 1); "auto" lets lm-eval measure."""
-    num_fewshot: int = 0
+    num_fewshot: int = field(default=0, metadata={"minimum": 0})
     data: Literal["embedded", "hub"] = "embedded"
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,9 @@ class MLflowOptions:
     """Default: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
     experiment: str | None = None
     """Default: the suite's name."""
-    http_retries: int = 1
+    http_retries: int = field(default=1, metadata={"minimum": 0})
     """Retries per request to a server (MLflow's own default waits minutes)."""
-    http_timeout: int = 10
+    http_timeout: int = field(default=10, metadata={"minimum": 1})
 
 
 class MLflowTracker(harness.Tracker):

@@ -10,7 +10,7 @@ predicted). Offline default: BoolQ's Wikipedia passages, de-duplicated
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import harness
 
@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 @dataclass(frozen=True)
 class PerplexityOptions:
     source: str = "wiki-passages"
-    seqlen: int = 256
+    seqlen: int = field(default=256, metadata={"minimum": 2})
     """Tokens per window (the papers use 2048; SFSD 128)."""
-    max_windows: int | None = 32
+    max_windows: int | None = field(default=32, metadata={"minimum": 1})
     """Cap on windows (the CLI's --limit caps it further); None: the whole stream."""
-    batch_size: int = 4
+    batch_size: int = field(default=4, metadata={"minimum": 1})
 
     def __post_init__(self) -> None:
         if self.source not in harness.TEXT_SOURCES:

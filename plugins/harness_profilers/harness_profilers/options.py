@@ -7,21 +7,21 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class LatencyOptions:
-    prompt_len: int = 128
+    prompt_len: int = field(default=128, metadata={"minimum": 1})
     """Prompt length in tokens."""
-    new_tokens: int = 32
+    new_tokens: int = field(default=32, metadata={"minimum": 2})
     """Tokens generated per decode measurement (at least 2)."""
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    batch_sizes: list[int] = field(default_factory=lambda: [1], metadata={"minimum": 1, "min_items": 1})
     """Batch sizes measured; each gets its own metrics (suffix ``_b<size>``)."""
-    warmup: int = 2
+    warmup: int = field(default=2, metadata={"minimum": 0})
     """Untimed runs before each measurement."""
-    min_runs: int = 5
+    min_runs: int = field(default=5, metadata={"minimum": 1})
     """Timed runs at least..."""
-    min_seconds: float = 1.0
+    min_seconds: float = field(default=1.0, metadata={"minimum": 0})
     """...and at least this long (both must be met)."""
-    max_runs: int = 1000
+    max_runs: int = field(default=1000, metadata={"minimum": 1})
     """Upper bound on timed runs per measurement."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata={"minimum": 1})
     """torch CPU threads while measuring (default: unchanged). On a shared, loaded CPU, 1 avoids
     intra-op threads stalling at barriers (measured: a 30x slowdown of small kernels)."""
 
@@ -46,10 +46,10 @@ class LatencyOptions:
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    prompt_len: int = 128
+    prompt_len: int = field(default=128, metadata={"minimum": 1})
     """Prompt length in tokens."""
-    batch_size: int = 1
-    new_tokens: int = 0
+    batch_size: int = field(default=1, metadata={"minimum": 1})
+    new_tokens: int = field(default=0, metadata={"minimum": 0})
     """0: one forward pass of the prompt; more: greedy generation of that many tokens (KV cache included)."""
 
     def __post_init__(self) -> None:
@@ -62,13 +62,13 @@ class MemoryOptions:
 
 @dataclass(frozen=True)
 class EnergyOptions:
-    prompt_len: int = 128
-    new_tokens: int = 64
-    batch_size: int = 1
-    warmup: int = 1
-    min_seconds: float = 2.0
+    prompt_len: int = field(default=128, metadata={"minimum": 1})
+    new_tokens: int = field(default=64, metadata={"minimum": 1})
+    batch_size: int = field(default=1, metadata={"minimum": 1})
+    warmup: int = field(default=1, metadata={"minimum": 0})
+    min_seconds: float = field(default=2.0, metadata={"minimum": 0})
     """Measure for at least this long (the counter's resolution is tens of ms)."""
-    min_runs: int = 3
+    min_runs: int = field(default=3, metadata={"minimum": 1})
 
     def __post_init__(self) -> None:
         if min(self.prompt_len, self.new_tokens, self.batch_size, self.min_runs) < 1:

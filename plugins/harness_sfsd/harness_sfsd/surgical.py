@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -48,13 +48,13 @@ FRACTIONS = tuple(0.1 + i * 0.1 for i in range(10))
 
 @dataclass(frozen=True)
 class SurgicalOptions:
-    growth: float = 0.005
+    growth: float = field(default=0.005, metadata={"exclusive_minimum": 0})
     """Permitted perplexity growth per group visited: ppl_i <= ppl_0 (1 + growth)^(N - i) (the code's 1.005)."""
-    start: float = 0.125
+    start: float = field(default=0.125, metadata={"minimum": 0, "exclusive_maximum": 1})
     """Fraction of the groups, from the first in module order, never compressed (the code: 28 of 224)."""
-    relax: float = 2.0
+    relax: float = field(default=2.0, metadata={"exclusive_minimum": 1})
     """Where a sweep ends above the target, the growth is multiplied by this and the sweep restarts."""
-    sweeps: int = 6
+    sweeps: int = field(default=6, metadata={"minimum": 1})
     """Sweeps at most (growth, growth x relax, ...) before the target is declared out of the rule's reach."""
     reference: Literal["break-even", "search"] = "break-even"
     """Reference ranks for propagated statistics: every group at its break-even rank (the code), or the rule."""

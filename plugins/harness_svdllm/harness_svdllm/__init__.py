@@ -45,7 +45,7 @@ LORA_REFUSAL = (
 class SVDLLMOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the SVD (the Cholesky is always float64; factors are cast to the model's dtype)."""
-    jitter_eps: float = 1e-6
+    jitter_eps: float = field(default=1e-6, metadata={"exclusive_minimum": 0})
     """Added on top of -lambda_min to the Gram's diagonal where Cholesky fails (SVD-LLM's 1e-6,
     ``harness.CHOLESKY_EPS``; written out here so that reading the options needs no torch)."""
     jitter: Literal["harness", "repo"] = field(default="harness", metadata={"omit_default": True})

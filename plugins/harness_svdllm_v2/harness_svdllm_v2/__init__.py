@@ -20,7 +20,7 @@ whitened losses).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 class SVDLLMV2Options:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the second SVD (the eigendecomposition is always float64; factors are cast to the model's dtype)."""
-    rcond: float = 1e-12
+    rcond: float = field(default=1e-12, metadata={"minimum": 0, "exclusive_maximum": 1})
     """Eigenvalues of the Gram at or below rcond * lambda_max count as zero: their directions are dropped
     from the whitening (a pseudo-inverse), since no calibration input lies along them."""
 
@@ -65,7 +65,7 @@ class SVDLLMV2(harness.SingleMatrixDecomposer):
 
 @dataclass(frozen=True)
 class SVDLLMV2AllocatorOptions:
-    min_rank: int = 1
+    min_rank: int = field(default=1, metadata={"minimum": 0})
     """No matrix is factored below this rank (0 allows a matrix whose ratio clips to 1 to be removed)."""
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import harness
-from harness_trawl.stacking import check_layers_spec, trawl_groups
+from harness_trawl.stacking import FAMILIES, check_layers_spec, trawl_groups
 from harness_trawl.validation import TrawlValidation
 
 __version__ = "0.1.0"
@@ -33,17 +33,17 @@ class TrawlCPOptions:
         "layer-mlp"
     )
     """Which matrices are stacked together: per layer, across the model or per third (harness_trawl.stacking)."""
-    layers: str | list[int] = "all"
+    layers: str | list[int] = field(default="all", metadata={"model": "layers"})
     """Layers treated: "all", "first:N", "last:N" or a list of indices; the rest stay dense."""
-    kinds: list[str] | None = None
+    kinds: list[str] | None = field(default=None, metadata={"unique": True, "model": "kinds"})
     """Only these projection kinds (e.g. ["gate_proj", "up_proj", "down_proj"]); None: every kind of ``by``."""
-    ranks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    ranks: list[int] = field(default_factory=lambda: [8, 16, 32], metadata={"minimum": 1, "min_items": 1})
     """The ranks an allocator may choose from; each is its own decomposition."""
     mode: Literal["denoise", "compress"] = "denoise"
     """denoise: dense slices of the reconstruction; compress: keep the factors."""
-    n_iter_max: int = 100
+    n_iter_max: int = field(default=100, metadata={"minimum": 1})
     """ALS iterations at most (tensorly's default, as in the authors' code)."""
-    tol: float | None = None
+    tol: float | None = field(default=None, metadata={"exclusive_minimum": 0})
     """ALS stopping tolerance; None: tensorly's default (1e-8 CP, 1e-4 Tucker)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Precision of the decomposition (replacements are cast to the model's dtype)."""
@@ -54,11 +54,16 @@ class TrawlCPOptions:
         if self.n_iter_max < 1:
             raise harness.HarnessError(f"n_iter_max: expected at least 1, got {self.n_iter_max}")
         check_layers_spec(self.layers)
+        unknown = [kind for kind in self.kinds or () if kind not in FAMILIES[self.by]]
+        if unknown:  # known without the model: the kinds ``by`` stacks
+            raise harness.HarnessError(
+                f"kinds: expected kinds that by = {self.by!r} stacks ({', '.join(FAMILIES[self.by])}), got {unknown}"
+            )
 
 
 @dataclass(frozen=True)
 class TrawlTuckerOptions(TrawlCPOptions):
-    stack_rank: int | None = None
+    stack_rank: int | None = field(default=None, metadata={"minimum": 1})
     """Tucker rank of the stacking mode; None: the stack size S (no compression along it).
     The authors' code uses 2."""
 

@@ -17,7 +17,7 @@ the compression allocators: a ``params`` target of 1 (``targets = [1.0]``) accep
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import harness
 
@@ -26,7 +26,7 @@ MAX_CANDIDATES = 64
 
 @dataclass(frozen=True)
 class TrawlValidationOptions:
-    ranks: list[int] | None = None
+    ranks: list[int] | None = field(default=None, metadata={"minimum": 1, "min_items": 1})
     """Candidate ranks; None: every rank all groups offer (TRAWL's ``ranks`` option), at most 64."""
 
     def __post_init__(self) -> None:
