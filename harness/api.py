@@ -26,7 +26,7 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
+STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher", "grad")
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
@@ -38,7 +38,14 @@ STAT_KINDS = ("gram", "abs_mean", "out_cov", "out_mean", "fisher")
 - ``fisher``: empirical Fisher of the LM loss, sum of squared gradients of the
   weight, reduced per input channel (``fisher_in``, (n,)) and per output row
   (``fisher_out``, (m,)).
+- ``grad``: the gradient of the calibration LM loss w.r.t. the weight, (m, n),
+  float32: the mean over calibration windows of dL_s/dW, L_s the mean token
+  loss of window s (first-order scores, e.g. dL/dsigma_i = u_i^T G T^-T v_i
+  for a factorization of W T). m x n per layer: as large as the weights.
 """
+
+GRADIENT_KINDS = frozenset({"fisher", "grad"})
+"""The kinds that need the LM loss's backward through the whole model (not block-local, not offloadable)."""
 
 
 @dataclass
@@ -53,6 +60,7 @@ class LayerStats:
     out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
