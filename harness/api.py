@@ -26,7 +26,17 @@ class NoOptions:
 
 
 # ---------------------------------------------------------------- calibration
-STAT_KINDS = ("gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "fisher", "anchor_cross", "gram_original")
+STAT_KINDS = (
+    "gram",
+    "abs_mean",
+    "l2_seq",
+    "out_cov",
+    "out_mean",
+    "fisher",
+    "grad",
+    "anchor_cross",
+    "gram_original",
+)
 """Calibration statistics a decomposer can declare in ``needs``:
 
 - ``gram``: X^T X of the layer's inputs (n, n), float64, summed over tokens.
@@ -42,6 +52,10 @@ STAT_KINDS = ("gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "fisher", "an
 - ``fisher``: empirical Fisher of the LM loss, sum of squared gradients of the
   weight, reduced per input channel (``fisher_in``, (n,)) and per output row
   (``fisher_out``, (m,)).
+- ``grad``: the gradient of the calibration LM loss w.r.t. the weight, (m, n),
+  float32: the mean over calibration windows of dL_s/dW, L_s the mean token
+  loss of window s (first-order scores, e.g. dL/dsigma_i = u_i^T G T^-T v_i
+  for a factorization of W T). m x n per layer: as large as the weights.
 - ``anchor_cross``: X^T X' (n, n), float64, summed over tokens: the original
   model's inputs X against the inputs X' the layer receives under
   ``calibration.inputs = "propagated"`` (token by token, the same windows);
@@ -53,6 +67,9 @@ STAT_KINDS = ("gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "fisher", "an
   under ``"original"`` the two are one thing and ``gram_original`` is
   ``gram``'s very tensor (SVD-LLM's update: whitening on X, left factor on X').
 """
+
+GRADIENT_KINDS = frozenset({"fisher", "grad"})
+"""The kinds that need the LM loss's backward through the whole model (not block-local, not offloadable)."""
 
 
 @dataclass
@@ -70,6 +87,7 @@ class LayerStats:
     out_mean: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
     anchor_cross: torch.Tensor | None = None
     gram_original: torch.Tensor | None = None
     bias: torch.Tensor | None = None

@@ -20,7 +20,7 @@ What changes for the harness (all of it through ``materialized``):
 - the layer-sequential pipeline does not move offloaded blocks itself
   (``harness.run.blocks.on_device`` leaves modules with accelerate hooks
   where they are): their hooks do it;
-- methods that need the ``fisher`` statistic (gradients of the weights) are
+- methods that need the ``fisher`` or ``grad`` statistic (gradients of the weights) are
   refused: their gradients would land on weights that exist only during a
   forward.
 

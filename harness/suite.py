@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from harness.api import GRADIENT_KINDS
 from harness.errors import HarnessError, did_you_mean
 from harness.options import check_value, key_name, one_line, options_dict, parse_options, shown
 from harness.plugins import Plugins, get_plugins
@@ -359,15 +360,17 @@ class SuiteParser:
         return suite
 
     def check_offload(self, suite: Suite) -> None:
-        """Offloaded blocks keep their weights only during a forward: no gradients for ``fisher`` methods."""
+        """Offloaded blocks keep their weights only during a forward: no gradients for ``fisher`` or ``grad``
+        methods."""
         if not suite.offload:
             return
         for i, method in enumerate(suite.methods):
-            if "fisher" in self.plugins.get("decomposer", method.name).needs:
+            if needs := sorted(self.plugins.get("decomposer", method.name).needs & GRADIENT_KINDS):
                 raise self.fail(
                     f"methods[{i}]",
-                    f"expected a method without the fisher statistic under offload = {shown(suite.offload)}, got "
-                    f"{shown(method.label)} (it needs weight gradients; remove offload or run it in another suite)",
+                    f"expected a method without the {'/'.join(needs)} statistic under offload = "
+                    f"{shown(suite.offload)}, got {shown(method.label)} (it needs weight gradients; remove offload "
+                    "or run it in another suite)",
                 )
 
     def check_random(self, model: str, key: str) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from harness.suite import Suite
 
+from harness.api import GRADIENT_KINDS
 from harness.errors import HarnessError
 from harness.plan.layout import (  # noqa: F401 (re-exported: the planner's public functions)
     DTYPE_BYTES,
@@ -190,8 +191,8 @@ def plan_model(
     forward = frozenset().union(*(n for _, n, _, _ in methods)) & FORWARD
     whole_kinds = frozenset().union(*(n for _, n, _, _ in methods)) if cal.pipeline == "whole" else frozenset()
     if cal.pipeline == "blocks":
-        whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if "fisher" in n))
-        forward = frozenset().union(*(n for _, n, _, _ in methods if "fisher" not in n)) & forward
+        whole_kinds = frozenset().union(*(n for _, n, _, _ in methods if n & GRADIENT_KINDS))
+        forward = frozenset().union(*(n for _, n, _, _ in methods if not n & GRADIENT_KINDS)) & forward
     by_name = {x.name: x for x in targets_layers}
     tokens = cal.batch_size * cal.seqlen
     streams = propagated_streams(suite, methods)
@@ -213,7 +214,7 @@ def plan_model(
     if whole_kinds:
         acc, fin = whole_stats_bytes(targets_layers, whole_kinds)
         transient = batch_transient_bytes(targets_layers, whole_kinds, tokens, config, wb)
-        if "fisher" in whole_kinds:  # backward of one window: every block's activations kept for the gradient
+        if whole_kinds & GRADIENT_KINDS:  # backward of one window: every block's activations kept for the gradient
             transient += 16 * cal.seqlen * hidden * wb * int(c["num_hidden_layers"])
         whole = (weights + acc + fin + transient, 0) if cpu else (weights + acc + transient, fin)
         calibration_peak = max(calibration_peak, whole)
@@ -234,7 +235,7 @@ def plan_model(
         working = max((working_set_bytes(g, needs) for g in group_layers), default=0)
         kept = kept_bytes(targets_layers, method.targets, allocators, storage)
         kept_all += kept
-        blockwise = cal.pipeline == "blocks" and bool(needs) and "fisher" not in needs
+        blockwise = cal.pipeline == "blocks" and bool(needs) and not needs & GRADIENT_KINDS
         if blockwise:  # the statistics of the largest group's blocks, held while it is factorized
             held = held_stats_bytes(targets_layers, max(group_layers, key=len, default=[]), forward)
             if streams:  # one set of factors per cell, each kept for that cell's (target, allocator) alone

@@ -54,7 +54,7 @@ def block_stats_bytes(block: Sequence[LayerInfo], kinds: frozenset[str], shared:
 
     Inputs: ``input_stats_bytes`` once per distinct input (``input_groups``; once per layer where
     ``shared`` is False, as on the whole-model path); ``out_cov``: m² float64 per layer (finished in place);
-    ``fisher``: n + m float64 per layer.
+    ``fisher``: n + m float64 per layer; ``grad``: m x n float32 per layer (accumulated, then finished).
     """
     kinds = frozenset(kinds)
     groups = input_groups(block) if shared else [[x] for x in block]
@@ -68,6 +68,9 @@ def block_stats_bytes(block: Sequence[LayerInfo], kinds: frozenset[str], shared:
             accumulators += FLOAT64 * m * m
         if "fisher" in kinds:
             accumulators += FLOAT64 * (m + n)
+        if "grad" in kinds:
+            accumulators += 4 * m * n
+            finished += 4 * m * n
     return accumulators, finished
 
 

@@ -51,9 +51,15 @@ def compress(
         materialize(factorizations, assignment),
         ranks,
         timing={"factorize_s": factorize_s, "allocate_s": allocate_s},
-        factorization_info={f"{'+'.join(f.names)}": f.info for f in factorizations if f.info},
+        factorization_info={"+".join(f.names): info for f in factorizations if (info := recorded_info(f.info))},
         artifacts=rank_report(env, prepared, cell, ranks),
     )
+
+
+def recorded_info(info: dict) -> dict:
+    """What a cell records of a factorization's ``info``: every key but those starting with ``_``, which travel
+    with the factorization for its allocator only (e.g. one score per singular value: too bulky to record)."""
+    return {k: v for k, v in info.items() if not str(k).startswith("_")}
 
 
 def uses_data(env: RunEnv, method: Method, allocator: Component) -> bool:

@@ -20,6 +20,9 @@
   Only the target weights require grad during the pass; every parameter's
   ``requires_grad`` is restored afterwards. Forward statistics asked for at the
   same time are collected in that same pass.
+- ``grad``: the same backward pass; each window's gradient is added (float32)
+  to an m x n sum, divided by the window count at the end: the gradient of
+  the calibration loss (mean over windows of their mean token loss).
 
 Memory: one n x n (and m x m) float64 accumulator per layer and kind, on the
 collection device; results are returned on the CPU.
@@ -45,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.api import STAT_KINDS, LayerInfo, LayerStats
+from harness.api import GRADIENT_KINDS, STAT_KINDS, LayerInfo, LayerStats
 from harness.errors import HarnessError
 from harness.store import atomic_write, canonical_json
 
@@ -62,6 +65,7 @@ KIND_FIELDS = {
     "out_cov": ("tokens", "out_cov"),
     "out_mean": ("tokens", "out_mean"),
     "fisher": ("fisher_in", "fisher_out"),
+    "grad": ("grad",),
     "anchor_cross": ("tokens", "anchor_cross", "sq_mean"),
     "gram_original": ("tokens", "gram_original"),
 }
@@ -122,6 +126,9 @@ class _LayerSums:
         self.out_sum = zeros(m) if "out_mean" in kinds else None
         self.fisher_in = zeros(n) if "fisher" in kinds else None
         self.fisher_out = zeros(m) if "fisher" in kinds else None
+        # float32: the per-window gradients come in the model's dtype, and m x n float64 would double the model
+        self.grad = torch.zeros(m, n, dtype=torch.float32, device=device) if "grad" in kinds else None
+        self.grad_windows = 0
 
     # Sums computed where the layer ran are added on the accumulators' device: under device_map = "auto"
     # a block may run on another GPU than the collection device (``.to`` is a no-op on the same device).
@@ -149,9 +156,13 @@ class _LayerSums:
             self.out_sum += y.sum(0).to(self.out_sum.device)
 
     def add_grad(self, grad: torch.Tensor) -> None:
-        squared = grad.to(torch.float64).square()
-        self.fisher_in += squared.sum(0).to(self.fisher_in.device)
-        self.fisher_out += squared.sum(1).to(self.fisher_out.device)
+        if self.fisher_in is not None:
+            squared = grad.to(torch.float64).square()
+            self.fisher_in += squared.sum(0).to(self.fisher_in.device)
+            self.fisher_out += squared.sum(1).to(self.fisher_out.device)
+        if self.grad is not None:
+            self.grad += grad.to(self.grad.device, torch.float32)
+            self.grad_windows += 1
 
     def finish(self) -> LayerStats:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
@@ -169,6 +180,7 @@ class _LayerSums:
             out_mean=None if self.out_sum is None else cpu(self.out_sum / tokens),
             fisher_in=cpu(self.fisher_in),
             fisher_out=cpu(self.fisher_out),
+            grad=None if self.grad is None else cpu(self.grad / max(self.grad_windows, 1)),
         )
 
 
@@ -295,8 +307,8 @@ def _forward_pass(model, chunks, collector, device, progress) -> None:
                 collector.end_batch()
 
 
-def _fisher_pass(model, windows, collector, device, progress) -> None:
-    for window in _progress(windows, progress, "fisher"):
+def _fisher_pass(model, windows, collector, device, progress, what: str = "fisher") -> None:
+    for window in _progress(windows, progress, what):
         ids = window.to(device)
         collector.start_batch(stop_early=False)
         try:
@@ -318,7 +330,7 @@ def collect_stats(
     """Calibration statistics of every layer in ``layers`` on ``batches`` (samples, seqlen) of token ids.
 
     One pass over the data: forward-only in batches of ``batch_size`` where
-    ``needs`` has no ``fisher``, else forward and backward per window. See the
+    ``needs`` has no ``fisher`` nor ``grad``, else forward and backward per window. See the
     module docstring for what each kind holds.
     """
     asked = check_needs(needs)
@@ -334,9 +346,10 @@ def collect_stats(
     collector = _Collector({n: sums[n] for n in modules} if forward_kinds else {}, forward_kinds)
     hooks = _hooked(modules, collector) if forward_kinds else _no_hooks()
     with _eval_mode(model), hooks:
-        if "fisher" in needs:
+        if needs & GRADIENT_KINDS:
             with _fisher_grads(model, modules, sums):
-                _fisher_pass(model, batches.split(1), collector, device, progress)
+                what = "+".join(sorted(needs & GRADIENT_KINDS))
+                _fisher_pass(model, batches.split(1), collector, device, progress, what)
         else:
             _forward_pass(model, batches.split(max(1, batch_size)), collector, device, progress)
     return serve_aliases({name: layer.finish() for name, layer in sums.items()}, asked)

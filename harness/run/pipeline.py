@@ -37,7 +37,7 @@ in the model's dtype) are held for the whole pass. Nothing is cached on disk: a
 rerun whose factorizations are not all in the store collects again (a forward
 pass of the calibration data, block by block).
 
-``fisher`` is not block-local (it needs the gradient of the LM loss through the
+``fisher`` (and ``grad``) is not block-local (it needs the gradient of the LM loss through the
 whole model): methods that need it keep the whole-model pass and the disk
 cache (``harness.run.calibration``); its accumulators are per-channel vectors,
 small. Methods without statistics never run a pass.
