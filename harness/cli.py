@@ -240,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.ray.executor import run_ray, settings_from
     from harness.report import leaderboard
     from harness.run.runner import RunOptions, run_suite
+    from harness.store import StorageError
 
     settings = settings_from(args)
     options = RunOptions(
@@ -251,10 +252,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         command="harness " + shlex.join(args.argv),
         model_key="--model" if args.model else None,
     )
-    summary = run_suite(suite, options) if settings is None else run_ray(suite, options, settings)
-    text = summary.leaderboard  # written with the plots and report.html at the end of the run
-    if text is None:
-        text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")
+    try:
+        summary = run_suite(suite, options) if settings is None else run_ray(suite, options, settings)
+        text = summary.leaderboard  # written with the plots and report.html at the end of the run
+        if text is None:
+            text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")
+    except StorageError as exc:  # disk full or read-only mid-run: one line, the finished cells are kept
+        raise StorageError(f"{exc}; rerun to resume", exc.errno) from None
     print(text)
     print(f"{summary.computed} cells computed, {summary.skipped} reused; results in {summary.results_dir}")
     if summary.failed:

@@ -206,10 +206,7 @@ class ResultStore:
     def save(self, record: CellRecord) -> Path:
         path = self.path(record.cell_id)
         self.keep_aside(path)
-        try:
-            atomic_write_json(path, record.to_json())
-        except StorageError as exc:  # disk full, directory removed or made read-only mid-run
-            raise StorageError(f"{exc}; rerun to resume", exc.errno) from None
+        atomic_write_json(path, record.to_json())  # StorageError where the disk is full or read-only
         shutil.rmtree(self.work_dir(record.cell_id, create=False), ignore_errors=True)
         return path
 
