@@ -1,8 +1,12 @@
 """The ``harness`` command line.
 
-Exit status: 0 success; 1 a cell failed (its error is in its result); 2 bad
-input (one line on stderr naming the file, the key, what was expected and
-what was received). Any other exception is a bug and keeps its traceback.
+Exit status: 0 success; 1 a cell failed (its error is in its result), or
+``leaderboard``/``report`` left out a cell file that cannot be read (without
+``--allow-missing``); 2 bad input (one line on stderr naming the file, the
+key, what was expected and what was received), or a results file that cannot
+be written (disk full, read-only directory: one line naming the directory;
+every cell written before is intact). Any other exception is a bug and keeps
+its traceback.
 Heavy libraries are imported inside the commands, so ``--help``,
 ``validate`` and ``plugins`` load no torch. Plugins add commands
 (``harness.Command``) through the ``register_commands`` hook of the light
@@ -99,13 +103,19 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     plugins = sub.add_parser("plugins", help="list plugins with their versions and what they register")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
 
-    board = sub.add_parser("leaderboard", help="reprint the leaderboard of a results directory")
+    board = sub.add_parser(
+        "leaderboard", help="reprint the leaderboard of a results directory; exit 1 where a cell file is unreadable"
+    )
     board.add_argument("results_dir", help="e.g. results/smoke")
+    add_allow_missing(board)
 
     report = sub.add_parser(
-        "report", help="write the leaderboard, Pareto plots and report.html (one static file) of a results directory"
+        "report",
+        help="write the leaderboard, Pareto plots and report.html (one static file) of a results directory; "
+        "exit 1 where a cell file is unreadable",
     )
     report.add_argument("results_dir", help="e.g. results/smoke")
+    add_allow_missing(report)
 
     compare = sub.add_parser("compare", help="what changed between two runs of a suite, cell by cell")
     compare.add_argument("results_a", help="results directory of the earlier run, e.g. results/smoke")
@@ -145,6 +155,14 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
     for name, command in (plugin_commands()[0] if commands is None else commands).items():
         command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
+
+
+def add_allow_missing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit 0 even where a cell file cannot be read (it is warned about and left out of the table)",
+    )
 
 
 def apply_layers(suite, layers: int | None):
@@ -234,6 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.ray.executor import run_ray, settings_from
     from harness.report import leaderboard
     from harness.run.runner import RunOptions, run_suite
+    from harness.store import StorageError
 
     settings = settings_from(args)
     options = RunOptions(
@@ -246,10 +265,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         model_key="--model" if args.model else None,
         shared=args.shared,
     )
-    summary = run_suite(suite, options) if settings is None else run_ray(suite, options, settings)
-    text = summary.leaderboard  # written with the plots and report.html at the end of the run
-    if text is None:
-        text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")
+    try:
+        summary = run_suite(suite, options) if settings is None else run_ray(suite, options, settings)
+        text = summary.leaderboard  # written with the plots and report.html at the end of the run
+        if text is None:
+            text = leaderboard.write(summary.results, summary.results_dir, f"Leaderboard: {suite.name}")
+    except StorageError as exc:  # disk full or read-only mid-run: one line, the finished cells are kept
+        raise StorageError(f"{exc}; rerun to resume", exc.errno) from None
     print(text)
     print(f"{summary.computed} cells computed, {summary.skipped} reused; results in {summary.results_dir}")
     if summary.failed:
@@ -318,32 +340,47 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def stored_results(results_dir: str) -> tuple[Path, list]:
-    """The cell records of a results directory; HarnessError where it holds none."""
-    from harness.store import read_results
+def stored_results(results_dir: str) -> tuple[Path, list, list]:
+    """(directory, cell records, unreadable cell files) of a results directory, each unreadable file warned
+    about on stderr; HarnessError where it holds no record."""
+    from harness.store import scan_results, stderr_warning
 
     directory = Path(results_dir)
-    results = read_results(directory)
-    if not results:
-        raise HarnessError(f"{directory}: no cell results")
-    return directory, results
+    scan = scan_results(directory)
+    for bad in scan.unreadable:
+        stderr_warning(bad.warning)
+    if not scan.records:
+        raise HarnessError(f"{directory}: no cell results" + (" that can be read" if scan.unreadable else ""))
+    return directory, scan.records, scan.unreadable
+
+
+def missing_status(unreadable: list, allow_missing: bool) -> int:
+    """1 where cell files were left out (said on stderr), unless ``--allow-missing``; else 0."""
+    if not unreadable or allow_missing:
+        return 0
+    print(
+        f"harness: error: {len(unreadable)} cell file(s) could not be read and are missing from the table "
+        "(see the warnings above); rerun the suite to recompute them, or pass --allow-missing",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from harness.report import leaderboard
 
-    directory, results = stored_results(args.results_dir)
+    directory, results, unreadable = stored_results(args.results_dir)
     print(leaderboard.write(results, directory, f"Leaderboard: {directory.name}"))
-    return 0
+    return missing_status(unreadable, args.allow_missing)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import html as report
 
-    directory, results = stored_results(args.results_dir)
+    directory, results, unreadable = stored_results(args.results_dir)
     report.write_all(results, directory, f"Leaderboard: {directory.name}")
     print(f"{directory / 'report.html'} (with leaderboard.md, leaderboard.json and Pareto plots beside it)")
-    return 0
+    return missing_status(unreadable, args.allow_missing)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ raises ``FactorFileError``, one line naming it; callers then factorize again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ import torch
 from harness.errors import first_line
 from harness.factorization import Factorization, StoredLowRank, check_stored
 from harness.ray import factstore
-from harness.store import atomic_write, atomic_write_json, canonical_json
+from harness.store import atomic_write, atomic_write_json, canonical_json, storage_error
 
 FORMAT = 1
 MANIFEST = "factors.json"
@@ -140,18 +141,43 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """``safetensors`` file written to a temporary name beside ``path``, fsynced, then renamed over it."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:  # a full disk or read-only directory: one line naming it
+        raise storage_error(exc, path) from None
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as stream:
             os.fsync(stream.fileno())
+        check_length(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise storage_error(exc, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_length(path: Path) -> None:
+    """OSError(ENOSPC) where the safetensors file is shorter than its header says: safetensors does not
+    report every failed write (a full disk can leave a short file behind a successful ``save_file``)."""
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        head = stream.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        try:
+            header = json.loads(stream.read(length)) if length <= size - 8 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise OSError(errno.ENOSPC, f"short write: {size} bytes, the header incomplete", str(path))
+    expected = 8 + length + max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if size < expected:
+        raise OSError(errno.ENOSPC, f"short write: {size} of {expected} bytes", str(path))
 
 
 def open_group(path: Path, roots: Iterable[str], device: torch.device | None = None, tag: str = "") -> Factorization:

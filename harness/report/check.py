@@ -47,7 +47,7 @@ from harness.options import parse_options
 from harness.provenance import hardware_label
 from harness.report import leaderboard
 from harness.run.record import CellRecord, row_label
-from harness.store import atomic_write_text, read_results
+from harness.store import atomic_write_text, read_results, scan_results
 
 FORMAT = "harness-baseline/1"
 KEY = ("model", "method", "allocator", "target")
@@ -147,7 +147,13 @@ def numbers(result: CellRecord) -> dict[str, float]:
 # ---------------------------------------------------------------- baseline files
 def make_baseline(results_dir: Path, command: str, tolerances: list[dict] | None = None) -> dict[str, Any]:
     """The baseline document for every cell under ``results_dir`` (every cell must be ok)."""
-    results = read_results(Path(results_dir))
+    scan = scan_results(Path(results_dir))
+    if scan.unreadable:  # a baseline without those rows would pass every later check that lacks them too
+        raise HarnessError(
+            f"{scan.unreadable[0]}: expected every cell file readable for a baseline, got "
+            f"{len(scan.unreadable)} that cannot be read; rerun the suite to recompute them"
+        )
+    results = scan.records
     if not results:
         raise HarnessError(f"{results_dir}: expected cell results to make a baseline from, got none")
     chosen, notes = latest_by_row(results)

@@ -19,6 +19,7 @@ from typing import Any
 
 from harness.report.leaderboard import SIZE_METRICS, hardware_of, metric_order
 from harness.run.record import CellRecord
+from harness.store import atomic_savefig
 
 AXES = {
     # axis -> (metric with the decomposable layers' size, whole-model size key, scale, label, file)
@@ -118,8 +119,7 @@ def draw(results: list[CellRecord], metrics: list[str], axis: str, use_kept: boo
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
 
 
 class Styles:

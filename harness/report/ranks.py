@@ -13,12 +13,14 @@ layer's own k (m + n), an estimate for such methods.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.api import LayerInfo
 from harness.factorization import lowrank_params
+from harness.store import atomic_savefig, atomic_write_text
 
 COLUMNS = (
     "layer",  # dotted module name
@@ -73,12 +75,12 @@ def _cell(key: str, value: Any) -> Any:
 def write_rank_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write ``rows`` (from ``rank_rows``) as CSV with a header; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _cell(key, row.get(key)) for key in COLUMNS})
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(key, row.get(key)) for key in COLUMNS})
+    atomic_write_text(path, handle.getvalue())  # a full disk leaves the old file or none, never half of one
     return path
 
 
@@ -133,7 +135,4 @@ def rank_heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="kept fraction of rank (D: dense)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_savefig(fig, Path(path), dpi=100)

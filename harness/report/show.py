@@ -10,7 +10,6 @@ every version; ``--json`` prints the stored result as it is.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -40,12 +39,14 @@ def find_cell(prefix: str, results: Path) -> Path:
 
 
 def load_cell(path: Path) -> CellRecord:
-    """The cell record at ``path``; HarnessError naming the file where it is not one (or of another schema)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HarnessError(f"{path}: expected a cell result (JSON), cannot read it: {exc}") from None
-    return CellRecord.from_json(data, str(path))
+    """The cell record at ``path``; HarnessError naming the file and why where it is not one (truncated,
+    edited, another schema)."""
+    from harness.store import Unreadable, read_record
+
+    found = read_record(Path(path))
+    if isinstance(found, Unreadable):
+        raise HarnessError(f"{found}; rerun its suite to recompute it")
+    return found
 
 
 def _line(key: str, value: Any) -> str:

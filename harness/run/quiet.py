@@ -86,12 +86,21 @@ class RunLog:
         if self._file is None:
             yield
             return
-        self._file.write(f"---- {what}\n")
-        self._file.flush()
+        self._write(f"---- {what}\n")
         terminal = sys.stderr
         with env_mod.terminal(terminal), contextlib.redirect_stdout(self._file), contextlib.redirect_stderr(self._file):
             yield
-        self._file.flush()
+        self._write("")
+
+    def _write(self, text: str) -> None:
+        """``text`` appended and flushed; a full disk or a read-only directory is a StorageError naming it."""
+        from harness.store import storage_error
+
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
 
 
 def run_log(results_dir: Path, verbose: bool) -> RunLog:
