@@ -367,3 +367,15 @@ def test_mlflow_parent_run_gets_the_reports_and_the_leaderboard_table(tmp_path, 
         [tracker.experiment_id], filter_string="tags.`harness.row` = 'm | svd | uniform | keep=0.9'"
     )
     assert [r.data.tags["harness.cell_id"] for r in runs] == [results[1].cell_id]
+
+
+def test_pareto_without_any_size_draws_empty_panels_instead_of_failing(tmp_path):
+    from harness.report.pareto import write_pareto
+
+    results = suite_results()
+    for record in results:
+        record.sizes = {}
+        for key in ("params_kept", "bytes_kept", "kept_fraction"):
+            record.metrics.pop(key, None)
+    paths = write_pareto(results, tmp_path)
+    assert paths and all(p.stat().st_size > 0 for p in paths)

@@ -116,7 +116,9 @@ def draw(results: list[CellRecord], metrics: list[str], axis: str, use_kept: boo
         ax.set_xlabel(axis_label(axis, use_kept), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
+    if handles:  # none where no record has the axis's size metric: the panels say so, no legend to draw
+        ncol = min(4, len(handles))
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=ncol, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     atomic_savefig(fig, path, dpi=110)
@@ -153,6 +155,8 @@ def panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_har
             continue
         lines.setdefault(line_key(result, metric, many_hardware, many_models), []).append((size, value, result))
     points = [(x, y) for line in lines.values() for x, y, _ in line]
+    if not points:
+        ax.text(0.5, 0.5, "no cell has this size", transform=ax.transAxes, ha="center", va="center", fontsize=8)
     for key, line in lines.items():
         line.sort(key=lambda p: p[0])
         style = styles.of(line[0][2])
