@@ -214,6 +214,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{suite.file}: calibration.inputs: expected 'original' under --executor ray (its tasks factorize per "
             "method, not per cell), got 'propagated'; run this suite with the sequential executor"
         )
+    if args.executor == "ray" and suite.calibration.draws > 1:
+        raise HarnessError(
+            f"{suite.file}: calibration.draws: expected 1 under --executor ray (its tasks calibrate once per "
+            f"model), got {suite.calibration.draws}; run this suite with the sequential executor"
+        )
     if not args.no_plan_check:  # from the models' configs, before anything heavy is imported or loaded
         from harness.plan import check_run
 
