@@ -264,9 +264,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     suite = apply_layers(load_suite(args.suite), args.layers)
     cells = 1 + sum(len(m.targets) * len(m.allocators) for m in suite.methods)
+    draws = suite.calibration.draws
     print(
         f"{args.suite}: ok — suite {suite.name!r}, {len(suite.models)} model(s), {len(suite.methods)} method(s), "
-        f"{cells} cell(s) per model"
+        f"{cells} cell(s) per model" + (f", the calibrated ones x {draws} calibration draws" if draws > 1 else "")
     )
     return 0
 

@@ -321,3 +321,13 @@ def test_the_cells_of_a_grid_with_draws(tmp_path):
         ("svd-llm", 2),
     ]
     assert len({c.id for c in cells}) == 5 and cells[3].label.endswith("draw=1")
+
+
+def test_the_ray_executor_refuses_draws(tmp_path, capsys):
+    from harness.cli import main
+
+    path = write_suite(tmp_path / "r.toml", SUITE.format(model="embedded", draws="draws = 2"))
+    assert main(["run", str(path), "--executor", "ray", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "calibration.draws: expected 1 under --executor ray" in err and "got 2" in err
+    assert not (tmp_path / "r").exists()
