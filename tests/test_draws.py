@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import weakref
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import torch
 from harness.errors import HarnessError
 from harness.report import check, leaderboard, significance
 from harness.run.cells import content_hash
+from harness.run.prepare import Prepared
 from harness.run.record import CellRecord
 from harness.store import ResultStore, read_results
 from harness.suite import load_suite
@@ -68,12 +70,23 @@ def runs(tmp_path_factory, tiny_model_dir):
         drawn.append((seed, batches.clone()))
         return batches
 
+    made: list[weakref.ref] = []
+    alive_at_draw: dict[int, int] = {}
+    init = Prepared.__init__
+
+    def counting(self, env, *args):
+        alive_at_draw[env.suite.draw] = sum(ref() is not None for ref in made)  # earlier draws' still alive
+        init(self, env, *args)
+        made.append(weakref.ref(self))
+
     options = {"progress": False, "calibration_cache": folder / "cache"}
     plain = run_suite(draws_suite(folder, tiny_model_dir, None), RunOptions(folder / "plain", **options))
+    made.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data_mod, "calibration_batches", spy)
+        patch.setattr(Prepared, "__init__", counting)
         two = run_suite(draws_suite(folder, tiny_model_dir, 2), RunOptions(folder / "two", **options))
-    return {"folder": folder, "plain": plain, "two": two, "drawn": drawn, "options": options}
+    return {"folder": folder, "plain": plain, "two": two, "drawn": drawn, "options": options, "alive": alive_at_draw}
 
 
 def by_label(summary) -> dict[str, list[CellRecord]]:
@@ -110,6 +123,8 @@ def test_two_draws_two_calibrated_records_on_different_windows_one_baseline(runs
     assert zero.shape == one.shape and not torch.equal(zero, one)
     stored = json.loads((runs["folder"] / "two" / "draws" / "cells" / f"{second.cell_id}.json").read_text())
     assert stored["draw"] == 1 and CellRecord.from_json(stored).draw == 1
+    # one draw's calibration data and factorizations at a time: draw 0's were let go of before draw 1's
+    assert runs["alive"] == {0: 0, 1: 0}
 
 
 @pytest.mark.slow
