@@ -244,6 +244,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{suite.file}: calibration.inputs: expected 'original' under --executor ray (its tasks factorize per "
             "method, not per cell), got 'propagated'; run this suite with the sequential executor"
         )
+    if args.executor == "ray" and suite.calibration.draws > 1:
+        raise HarnessError(
+            f"{suite.file}: calibration.draws: expected 1 under --executor ray (its tasks calibrate once per "
+            f"model), got {suite.calibration.draws}; run this suite with the sequential executor"
+        )
     if not args.no_plan_check:  # from the models' configs, before anything heavy is imported or loaded
         from harness.plan import check_run
 
@@ -296,9 +301,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     suite = apply_layers(load_suite(args.suite), args.layers)
     notes = validate_models(suite)
     cells = 1 + sum(len(m.targets) * len(m.allocators) for m in suite.methods)
+    draws = suite.calibration.draws
     print(
         f"{args.suite}: ok — suite {suite.name!r}, {len(suite.models)} model(s), {len(suite.methods)} method(s), "
-        f"{cells} cell(s) per model"
+        f"{cells} cell(s) per model" + (f", the calibrated ones x {draws} calibration draws" if draws > 1 else "")
     )
     for note in notes:
         print(f"note: {note}")

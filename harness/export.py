@@ -93,12 +93,13 @@ def export_cell(suite: Suite, results_root: Path, cell: str, out: Path, fmt: str
                 f"cell: {record.cell_id} is not a cell of {suite.file} as it stands now (its method, target, "
                 "data or versions changed since it ran)"
             )
+        session.use_draw(target.draw)  # the cell's own calibration draw
         prepared = session.prepared
         if prepared.propagated(target.method):
             factorizations, seconds = prepared.factorize_cell(target)
         else:
             factorizations, seconds = session.factorize(target.method)
-        compressed = compress(runner.env, prepared, target, factorizations, seconds)
+        compressed = compress(session.env, prepared, target, factorizations, seconds)
         if compressed.ranks != record.ranks:
             moved = sorted(n for n in record.ranks if compressed.ranks.get(n) != record.ranks[n])
             raise HarnessError(

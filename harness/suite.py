@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from harness.api import GRADIENT_KINDS
 from harness.errors import HarnessError, did_you_mean
-from harness.options import check_value, key_name, one_line, options_dict, parse_options, shown
+from harness.options import OMIT_DEFAULT, check_value, key_name, one_line, options_dict, parse_options, shown
 from harness.plugins import Plugins, get_plugins
 from harness.targets import Target, parse_target
 
@@ -130,6 +130,11 @@ class CalibrationConfig:
     blocks with their layers already compressed (SFSD's code, SVD-LLM's update), one activation stream per
     cell of the methods the pipeline serves (harness/run/pipeline.py). Part of those cells' identity only
     when "propagated" (harness/run/identity.py)."""
+    draws: int = field(default=1, metadata={OMIT_DEFAULT: True, "minimum": 1})
+    """Calibration draws K: every calibrated cell is computed K times, draw d on windows drawn with seed
+    ``seed + d`` (statistics, factorizations and evaluation per draw); the leaderboard shows their mean and
+    spread. Draw 0 is the suite as with one draw (same ids, same numbers); not part of any cell's identity,
+    the draw index is (``Suite.draw``, harness/run/identity.py)."""
 
     def __post_init__(self) -> None:
         from harness.data import TEXT_SOURCES
@@ -144,6 +149,8 @@ class CalibrationConfig:
                 f"layer-sequential pipeline, pipeline = 'blocks'), got 'propagated'"
             )
 
+        if self.draws <= 0:
+            raise ValueError(f"draws: expected a positive integer (calibration draws), got {self.draws}")
         if self.source not in TEXT_SOURCES:
             raise ValueError(f"source: expected one of {', '.join(TEXT_SOURCES)}, got {shown(self.source)}")
         for name in ("samples", "batch_size", "loss_samples"):
@@ -222,6 +229,18 @@ class Suite:
         return resolve_dtype(self.dtype_setting, self.device)
 
     factorization: FactorizationConfig = field(default_factory=FactorizationConfig)
+    draw: int = 0
+    """Which calibration draw this view of the suite computes (``for_draw``; never read from a suite file):
+    its calibration windows are drawn with ``calibration_seed``. 0: the suite as written."""
+
+    @property
+    def calibration_seed(self) -> int:
+        """The seed of this draw's calibration windows: ``seed + draw`` (``seed`` itself for draw 0)."""
+        return self.seed + self.draw
+
+    def for_draw(self, draw: int) -> Suite:
+        """The suite as calibration draw ``draw`` (0 .. calibration.draws - 1) computes it."""
+        return replace(self, draw=draw)
 
     def with_models(self, models: list[str]) -> Suite:
         return replace(self, models=tuple(models))
@@ -248,7 +267,8 @@ class Suite:
             "evaluators": [c.to_dict() for c in self.evaluators],
             "profilers": [c.to_dict() for c in self.profilers],
             "trackers": [c.to_dict() for c in self.trackers],
-            "calibration": asdict(self.calibration),
+            "calibration": options_dict(self.calibration),
+            **({"draw": self.draw} if self.draw else {}),
             "surgery": asdict(self.surgery),
             **({"device_map": self.device_map} if self.device_map else {}),
             **({"offload": self.offload} if self.offload else {}),

@@ -19,7 +19,19 @@ patterns (shell globs; a row is "model method allocator target", e.g.
   run against the same run's uncompressed baseline row of the model (as
   llm-compressor's CI does with 0.95): current / uncompressed where higher is
   better, uncompressed / current where lower is better (perplexity).
+- ``spread``: for rows computed over several calibration draws (``[calibration]
+  draws = K``): the current value is the mean over the draws, and the allowance
+  grows by ``spread`` x the sample standard deviation (ddof 1) of the draws:
+  |mean - baseline| <= abs + rel * |baseline| + spread * std. ``spread = 1``
+  passes a baseline within one standard deviation of the mean (``2``: about
+  95 % of the draws' spread). A row of one draw has no spread: the rule adds
+  nothing there, and the entry says so.
 - ``ignore``: not compared (e.g. timings).
+
+Every row is compared by its mean over the draws of its newest configuration
+(one number per metric, however many draws); a draw that failed fails the row.
+``harness baseline`` writes that mean, with ``draws`` (n) and ``std`` (per
+metric) for rows of several draws.
 
 A row may carry a ``source`` (a string: where its numbers come from, e.g. a
 paper's table, for baselines that hold published figures rather than a run's,
@@ -45,7 +57,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.options import parse_options
 from harness.provenance import hardware_label
-from harness.report import leaderboard
+from harness.report import draws, leaderboard
 from harness.run.record import CellRecord, row_label
 from harness.store import atomic_write_text, read_results, scan_results
 
@@ -70,6 +82,8 @@ class Rule:
     abs: float | None = None
     rel: float | None = None
     recovery: float | None = None
+    spread: float | None = None
+    """Multiples of the current run's standard deviation over its calibration draws added to the allowance."""
     ignore: bool = False
     why: str = ""
 
@@ -87,6 +101,8 @@ class Entry:
     note: str = ""
     source: str = ""
     """The baseline row's ``source`` (published figures), if it has one."""
+    spread: dict[str, float | int] | None = None
+    """The current value's spread over calibration draws (n, mean, std, min, max), where it is a mean."""
 
     @property
     def delta(self) -> float | None:
@@ -118,18 +134,32 @@ def higher_is_better(results: list[CellRecord]) -> dict[str, bool]:
     return higher
 
 
-def latest_by_row(results: list[CellRecord]) -> tuple[dict[tuple, CellRecord], list[str]]:
-    """One result per leaderboard row (the newest where a directory holds several), and notes saying so."""
-    groups: dict[tuple, list[CellRecord]] = {}
-    for result in results:
-        groups.setdefault(result.row_key, []).append(result)
+def latest_by_row(results: list[CellRecord]) -> tuple[dict[tuple, list[CellRecord]], list[str]]:
+    """Per leaderboard row its records: one, or one configuration's calibration draws (``draws.group``);
+    the newest where a directory holds several; and notes saying so."""
+    groups: dict[tuple, list[list[CellRecord]]] = {}
+    for members in draws.group(results):
+        groups.setdefault(members[0].row_key, []).append(members)
     chosen, notes = {}, []
     for key, group in groups.items():
-        group.sort(key=lambda r: (r.created, r.ok))
+        group.sort(key=lambda m: (max(r.created for r in m), all(r.ok for r in m)))
         chosen[key] = group[-1]
         if len(group) > 1:
-            notes.append(f"{row_label(key)}: {len(group)} cells in the directory, the newest is used")
+            what = "cells" if all(len(m) == 1 for m in group) else "cells or series of calibration draws"
+            notes.append(f"{row_label(key)}: {len(group)} {what} in the directory, the newest is used")
     return chosen, notes
+
+
+def row_numbers(members: list[CellRecord]) -> tuple[dict[str, float], dict[str, dict]]:
+    """A row's numbers (``numbers``): its record's, or the mean over its calibration draws with the
+    spread of each (``draws.aggregate``)."""
+    if len(members) == 1:
+        return numbers(members[0]), {}
+    return draws.aggregate([numbers(r) for r in members])
+
+
+def first_failure(members: list[CellRecord]) -> CellRecord | None:
+    return next((r for r in members if not r.ok), None)
 
 
 def numbers(result: CellRecord) -> dict[str, float]:
@@ -157,17 +187,17 @@ def make_baseline(results_dir: Path, command: str, tolerances: list[dict] | None
     if not results:
         raise HarnessError(f"{results_dir}: expected cell results to make a baseline from, got none")
     chosen, notes = latest_by_row(results)
-    failed = [row_label(k) for k, r in chosen.items() if not r.ok]
+    failed = [row_label(k) for k, m in chosen.items() if first_failure(m) is not None]
     if failed:
         raise HarnessError(
             f"{results_dir}: expected every cell ok for a baseline, got failed cells: {'; '.join(failed)}"
         )
-    provs = [r.provenance for r in chosen.values()]
+    provs = [r.provenance for m in chosen.values() for r in m]
     last = max(provs, key=lambda p: p.get("created") or "")
     header = {
         "made_by": command,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "suite": sorted({r.suite for r in chosen.values()}),
+        "suite": sorted({r.suite for m in chosen.values() for r in m}),
         "suite_file": sorted({p.get("suite_file") for p in provs if p.get("suite_file")}),
         "run_commands": sorted({p.get("command") for p in provs if p.get("command")}),
         "seed": sorted({p.get("seed") for p in provs}, key=str),
@@ -182,8 +212,13 @@ def make_baseline(results_dir: Path, command: str, tolerances: list[dict] | None
         "update": UPDATE_NOTE,
     }
     rows = []
-    for key, result in sorted(chosen.items(), key=lambda item: leaderboard.order_key(item[1])):
-        rows.append({**dict(zip(KEY, key, strict=True)), "cell_id": result.cell_id, "metrics": numbers(result)})
+    for key, members in sorted(chosen.items(), key=lambda item: leaderboard.order_key(item[1][0])):
+        values, spreads = row_numbers(members)
+        row = {**dict(zip(KEY, key, strict=True)), "cell_id": members[0].cell_id, "metrics": values}
+        if len(members) > 1:  # the mean of calibration draws: how many, and their standard deviations
+            row["draws"] = len(members)
+            row["std"] = {name: spread["std"] for name, spread in spreads.items()}
+        rows.append(row)
     return {"format": FORMAT, "header": header, "tolerances": tolerances or DEFAULT_TOLERANCES, "rows": rows}
 
 
@@ -250,7 +285,7 @@ def rule_for(rules: list[Rule], row: str, metric: str) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for rule in rules:
         if fnmatch.fnmatchcase(metric, rule.metric) and fnmatch.fnmatchcase(row, rule.row):
-            for name in ("abs", "rel", "recovery"):
+            for name in ("abs", "rel", "recovery", "spread"):
                 if getattr(rule, name) is not None:
                     merged[name] = getattr(rule, name)
             if rule.ignore:
@@ -271,19 +306,31 @@ def recovery_of(metric: str, current: float, reference: float | None, higher: di
     return numerator / denominator if denominator else None
 
 
-def compare_number(row: str, metric: str, base: float, current: float | None, rule: dict, recovery) -> Entry:
+def compare_number(
+    row: str, metric: str, base: float, current: float | None, rule: dict, recovery, spread: dict | None = None
+) -> Entry:
+    """One number against the baseline's under ``rule``; ``spread`` the current value's over its calibration
+    draws (``current`` is then their mean), which the rule's ``spread`` turns into allowance."""
     if rule.get("ignore"):
         return Entry(row, metric, base, current, "ignored")
     if current is None:
         return Entry(row, metric, base, None, "MISSING", note="metric missing from the new run")
     allowed = rule.get("abs", 0.0) + rule.get("rel", 0.0) * abs(base) if math.isfinite(base) else 0.0
-    entry = Entry(row, metric, base, current, "ok", allowed=allowed, recovery=recovery)
+    widen = spread_allowance(rule.get("spread"), spread)
+    if math.isfinite(base):
+        allowed += widen
+    entry = Entry(row, metric, base, current, "ok", allowed=allowed, recovery=recovery, spread=spread)
+    if spread:
+        entry.note = f"mean of {spread['n']} draws, std {spread['std']:.3g}"
+    elif rule.get("spread") is not None:
+        entry.note = "one calibration draw: no spread to allow"
     same = current == base or (math.isnan(current) and math.isnan(base))
     if not same:
         finite = math.isfinite(current) and math.isfinite(base)
         entry.status = "moved" if finite and abs(current - base) <= allowed else "FAIL"
         if entry.status == "FAIL":
-            entry.note = f"|delta| > {allowed:.3g}" if finite else "non-finite value changed"
+            why = f"|delta| > {allowed:.3g}" if finite else "non-finite value changed"
+            entry.note = f"{why}; {entry.note}" if entry.note else why
     floor = rule.get("recovery")
     if floor is not None and recovery is not None and recovery < floor:
         entry.status = "FAIL"
@@ -306,8 +353,8 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
         )
     chosen, report.notes = latest_by_row(results)
     higher = higher_is_better(results)
-    current = {key: numbers(r) if r.ok else None for key, r in chosen.items()}
-    references = {key[0]: current.get(key) for key in chosen if key[1] == "baseline"}
+    current = {key: None if first_failure(m) else row_numbers(m) for key, m in chosen.items()}
+    references = {key[0]: (current.get(key) or ({}, {}))[0] for key in chosen if key[1] == "baseline"}
     seen = set()
     for row in document["rows"]:
         key = tuple(row[k] for k in KEY)
@@ -317,14 +364,17 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
             report.entries.append(Entry(label, "*", None, None, "MISSING", note="row missing from the new run"))
             continue
         if current[key] is None:
-            error = chosen[key].get("error") or {}
-            note = f"cell failed: {error.get('type')}: {error.get('message')}"[:200]
+            failure = first_failure(chosen[key])
+            error = failure.get("error") or {}
+            where = f" (calibration draw {failure.draw})" if len(chosen[key]) > 1 else ""
+            note = f"cell failed{where}: {error.get('type')}: {error.get('message')}"[:200]
             report.entries.append(Entry(label, "*", None, None, "FAIL", note=note))
             continue
         reference = references.get(key[0]) or {}
         source = row.get("source", "")
+        values, spreads = current[key]
         for metric, base in row["metrics"].items():
-            value = current[key].get(metric)
+            value = values.get(metric)
             is_compressed = key[1] != "baseline"
             recovery = (
                 recovery_of(metric, value, reference.get(metric), higher)
@@ -332,7 +382,7 @@ def check(results_dir: Path, baseline_file: Path) -> CheckReport:
                 else None
             )
             rule = rule_for(document["rules"], label, metric)
-            entry = compare_number(label, metric, float(base), value, rule, recovery)
+            entry = compare_number(label, metric, float(base), value, rule, recovery, spreads.get(metric))
             entry.source = source
             report.entries.append(entry)
     for key in chosen:
@@ -386,3 +436,10 @@ def render(report: CheckReport) -> str:
         f"{report.count('ignored')} ignored, {report.count('NEW')} new rows not checked"
     )
     return "\n".join(lines) + "\n"
+
+
+def spread_allowance(multiple: float | None, spread: dict | None) -> float:
+    """``multiple`` x the sample standard deviation over the draws; 0 without either (one draw)."""
+    if multiple is None or not spread or not math.isfinite(spread["std"]):
+        return 0.0
+    return multiple * spread["std"]

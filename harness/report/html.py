@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.provenance import hardware_label
-from harness.report import leaderboard, pareto, significance
+from harness.report import draws, leaderboard, pareto, significance
 from harness.store import atomic_write_text
 
 CSS = """
@@ -59,16 +59,25 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def table(columns: Sequence[str], rows: Sequence[dict], marks: Sequence[dict] | None = None, table_id: str = "") -> str:
+def table(
+    columns: Sequence[str],
+    rows: Sequence[dict],
+    marks: Sequence[dict] | None = None,
+    table_id: str = "",
+    spreads: Sequence[dict] | None = None,
+) -> str:
+    """An HTML table of ``rows``; ``marks`` the significance marks, ``spreads`` the spread over calibration
+    draws of the rows that are means (``leaderboard.marked``)."""
     marks = marks or [{} for _ in rows]
+    spreads = spreads or [{} for _ in rows]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
-    for row, mark in zip(rows, marks, strict=True):
+    for row, mark, spread in zip(rows, marks, spreads, strict=True):
         kind = "failed" if "status" in row else ("baseline" if row.get("method") == "baseline" else "")
         cells = []
         for c in columns:
             value = row.get(c)
-            text = leaderboard.marked(value, mark.get(c))
+            text = leaderboard.marked(value, mark.get(c), spread.get(c))
             cells.append(f"<td{'' if isinstance(value, (int, float)) else ' class=text'}>{esc(text)}</td>")
         body.append(f'<tr class="{kind}">' + "".join(cells) + "</tr>")
     ident = f' id="{esc(table_id)}"' if table_id else ""
@@ -79,12 +88,20 @@ def table(columns: Sequence[str], rows: Sequence[dict], marks: Sequence[dict] | 
 
 def leaderboard_html(board: dict) -> str:
     columns = board["columns"] + (["status"] if any("status" in r for r in board["rows"]) else [])
-    parts = ["<h2>Leaderboard</h2>", table(columns, board["rows"], board.get("marks"), "leaderboard")]
+    parts = [
+        "<h2>Leaderboard</h2>",
+        table(columns, board["rows"], board.get("marks"), "leaderboard", spreads(board)),
+    ]
     for i, hw in enumerate(board.get("hardware_tables", [])):
         parts.append(f"<h3>Hardware-bound metrics on {esc(hw['hardware'])}</h3>")
-        parts.append(table(hw["columns"], hw["rows"], table_id=f"hardware-{i}"))
+        parts.append(table(hw["columns"], hw["rows"], table_id=f"hardware-{i}", spreads=spreads(hw)))
     parts.append("<ul class=footer>" + "".join(f"<li>{esc(line)}</li>" for line in board["footer"]) + "</ul>")
     return "\n".join(parts)
+
+
+def spreads(board: dict) -> list[dict] | None:
+    """The spreads over calibration draws a table of ``board`` writes (``draws.shown``), or None."""
+    return draws.shown(board["spread"], board["metrics"]) if board.get("spread") else None
 
 
 def plots_html(plots: Sequence[Path]) -> str:
@@ -103,24 +120,29 @@ def plots_html(plots: Sequence[Path]) -> str:
 def significance_html(board: dict) -> str:
     rows = []
     for row, tests in zip(board["rows"], board.get("significance", []), strict=False):
-        for metric, t in tests.items():
-            rows.append(
-                {
-                    "cell": f"{row['model']} {row['method']} {row['allocator']} {row['target']}",
-                    "metric": metric,
-                    "n": t["n"],
-                    "Δ vs baseline": t["diff"],
-                    "95% CI": f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]",
-                    "McNemar p": t["mcnemar_p"],
-                    "bootstrap p": t["bootstrap_p"],
-                    "significant": "yes" if t["significant"] else f"no {significance.mark_of(t)}",
-                    "resolves (80% power)": "—" if "resolvable" not in t else f"{t['resolvable'] * 100:.1f} points",
-                }
-            )
+        label = f"{row['model']} {row['method']} {row['allocator']} {row['target']}"
+        for metric, summary in tests.items():
+            # a row of calibration draws: one line per draw, each draw tested on its own
+            for t in summary.get("draws") or [summary]:
+                rows.append(significance_row(f"{label} draw={t['draw']}" if "draw" in t else label, metric, t))
     if not rows:
         return ""
     columns = list(rows[0])
     return "<h2>Paired tests against the baseline</h2>\n" + table(columns, rows, table_id="significance")
+
+
+def significance_row(label: str, metric: str, t: dict) -> dict[str, Any]:
+    return {
+        "cell": label,
+        "metric": metric,
+        "n": t["n"],
+        "Δ vs baseline": t["diff"],
+        "95% CI": f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]",
+        "McNemar p": t["mcnemar_p"],
+        "bootstrap p": t["bootstrap_p"],
+        "significant": "yes" if t["significant"] else f"no {significance.mark_of(t)}",
+        "resolves (80% power)": "—" if "resolvable" not in t else f"{t['resolvable'] * 100:.1f} points",
+    }
 
 
 def provenance_html(results: Sequence[dict]) -> str:
@@ -129,7 +151,7 @@ def provenance_html(results: Sequence[dict]) -> str:
         prov = result.provenance
         rows.append(
             {
-                "cell": leaderboard.row_label(result),
+                "cell": leaderboard.row_label(result) + (f" draw={d}" if (d := getattr(result, "draw", 0)) else ""),
                 "model": result.model_id,
                 "cell id": result.cell_id,
                 "status": result.status,

@@ -13,6 +13,14 @@ main table for one table per hardware fingerprint. Accuracies of compressed
 cells that are not significantly different from their model's baseline on
 the same examples (harness/report/significance.py) carry a ``≈`` mark, or
 ``(few)`` where the examples were too few to show a 5-point difference.
+
+A row computed over several calibration draws (``[calibration] draws = K``)
+is one row still, keyed by (model, method, allocator, target): every number
+is the mean over its draws, written ``mean ± std [min, max] n=N`` (sample
+standard deviation, ddof 1; harness/report/draws.py); ``leaderboard.json``
+holds the spread per row (``spread``) and the draws' cell ids (``draws``).
+Its accuracies are tested against the baseline draw by draw, never pooled
+(``draws.tests_over_draws``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.provenance import hardware_label
-from harness.report import significance
+from harness.report import draws, significance
 from harness.run.record import CellRecord
 from harness.store import atomic_write_json, atomic_write_text
 
@@ -94,24 +102,53 @@ def build(results: list[CellRecord], alpha: float = significance.ALPHA) -> dict[
         names |= set(result.metrics)
     hardware_names = hardware_metric_names(ordered)
     metrics = metric_order(names - hardware_names)
-    rows = [row_of(r, metrics) for r in ordered]
-    tests = significance.against_baseline(ordered, alpha)
+    groups = draws.group(ordered)
+    rows, spreads = [], []
+    for members in groups:
+        row, spread = group_row(members, metrics)
+        rows.append(row)
+        spreads.append(spread)
+    by_record = dict(zip(map(id, ordered), significance.against_baseline(ordered, alpha), strict=True))
+    tests = [draws.tests_over_draws([by_record[id(r)] for r in members], members) for members in groups]
     marks = [{m: mark for m, t in row.items() if (mark := significance.mark_of(t))} for row in tests]
     lines = footer(results)
     if any(tests):
         lines.append(significance.footer_line(alpha))
         lines.append("Resolution (80% power): " + "; ".join(significance.resolution_lines(tests)))
-    return {
+    board = {
         "columns": list(rows[0]) if rows else [],
         "metrics": metrics,
         "rows": rows,
-        "cell_ids": [r.cell_id for r in ordered],
+        "cell_ids": [members[0].cell_id for members in groups],
         "marks": marks,
         "significance": tests,
         "alpha": alpha,
         "hardware_tables": hardware_tables(ordered, hardware_names),
         "footer": lines,
     }
+    if any(len(members) > 1 for members in groups):  # calibration draws: absent otherwise, as before
+        lines.append(draws.FOOTER)
+        board["spread"] = spreads
+        board["draws"] = [[{"draw": draws.draw_of(r), "cell_id": r.cell_id} for r in m] for m in groups]
+    return board
+
+
+def group_row(members: list[CellRecord], metrics: list[str]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """The row of one record, or of one configuration's calibration draws (``draws.group``): the mean over
+    the draws that finished and each number's spread; a status where any draw failed."""
+    if len(members) == 1:
+        return row_of(members[0], metrics), {}
+    ok = [r for r in members if r.ok]
+    if not ok:
+        row, spread = row_of(members[-1], metrics), {}
+    else:
+        row, spread = draws.aggregate([row_of(r, metrics) for r in ok])
+    failed = [r for r in members if not r.ok]
+    if failed:
+        error = failed[0].error or {}
+        what = f"FAILED in {len(failed)} of {len(members)} draws (first: draw {draws.draw_of(failed[0])})"
+        row["status"] = f"{what}: {error.get('type', '')}: {error.get('message', '')}"[:160]
+    return row, spread
 
 
 def hardware_metric_names(results: list[CellRecord]) -> set[str]:
@@ -133,11 +170,19 @@ def hardware_tables(ordered: list[CellRecord], names: set[str]) -> list[dict[str
     tables = []
     for label, group in sorted(groups.items()):
         metrics = metric_order({n for r in group for n in r.metrics if n in names})
-        rows = []
-        for result in group:
-            row = row_of(result, [])
-            rows.append({**{c: row[c] for c in ID_COLUMNS}, **{n: result.metrics.get(n) for n in metrics}})
-        tables.append({"hardware": label, "columns": [*ID_COLUMNS, *metrics], "metrics": metrics, "rows": rows})
+        rows, spreads = [], []
+        for members in draws.group(group):  # a configuration's calibration draws: their mean, one row
+            per_draw = []
+            for result in [r for r in members if r.ok] or members[-1:]:
+                row = row_of(result, [])
+                per_draw.append({**{c: row[c] for c in ID_COLUMNS}, **{n: result.metrics.get(n) for n in metrics}})
+            row, spread = draws.aggregate(per_draw) if len(per_draw) > 1 else (per_draw[0], {})
+            rows.append(row)
+            spreads.append(spread)
+        table = {"hardware": label, "columns": [*ID_COLUMNS, *metrics], "metrics": metrics, "rows": rows}
+        if any(spreads):
+            table["spread"] = spreads
+        tables.append(table)
     return tables
 
 
@@ -186,17 +231,28 @@ def row_label(result: CellRecord) -> str:
 def render(board: dict[str, Any], tablefmt: str = "github") -> str:
     columns = board["columns"] + (["status"] if any("status" in r for r in board["rows"]) else [])
     marks = board.get("marks") or [{} for _ in board["rows"]]
-    rows = [[marked(row.get(c), mark.get(c)) for c in columns] for row, mark in zip(board["rows"], marks, strict=True)]
+    spreads = draws.shown(board.get("spread") or [{} for _ in board["rows"]], board["metrics"])
+    rows = [
+        [marked(row.get(c), mark.get(c), spread.get(c)) for c in columns]
+        for row, mark, spread in zip(board["rows"], marks, spreads, strict=True)
+    ]
     text = tabulate(rows, headers=columns, tablefmt=tablefmt, disable_numparse=True)
     for table in board.get("hardware_tables", []):
-        body = [[fmt(row.get(c)) for c in table["columns"]] for row in table["rows"]]
+        spreads = draws.shown(table.get("spread") or [{} for _ in table["rows"]], table["metrics"])
+        body = [
+            [marked(row.get(c), None, spread.get(c)) for c in table["columns"]]
+            for row, spread in zip(table["rows"], spreads, strict=True)
+        ]
         text += f"\n\n### Hardware-bound metrics on {table['hardware']}\n\n"
         text += tabulate(body, headers=table["columns"], tablefmt=tablefmt, disable_numparse=True)
     return text + "\n\n" + "\n".join(f"- {line}" for line in board["footer"]) + "\n"
 
 
-def marked(value: Any, mark: str | None) -> str:
-    return fmt(value) if not mark else f"{fmt(value)} {mark}"
+def marked(value: Any, mark: str | None, spread: dict | None = None) -> str:
+    """``value`` as the tables write it: with its significance mark, and its spread over calibration
+    draws (``mean ± std [min, max] n=N``) where it is a mean of several."""
+    text = fmt(value) if not spread else f"{fmt(value)} {draws.describe(spread, fmt)}"
+    return text if not mark else f"{text} {mark}"
 
 
 def write(results: list[CellRecord], directory: Path, title: str, board: dict[str, Any] | None = None) -> str:

@@ -22,6 +22,12 @@ never below what the exact test can reach at all (``d`` one-sided discordant
 pairs with ``2 * 0.5**d < alpha``, i.e. ``d / n``). Where it exceeds
 ``RESOLVE``, "no significant difference" says nothing, and the mark is
 ``FEW`` (too few examples) instead; the footer says what the examples resolve.
+
+Calibration draws (``[calibration] draws = K``) are not more examples: each
+draw's cell is the same examples evaluated on a model calibrated on other
+windows. ``against_baseline`` tests every draw's record on its own; the
+leaderboard keeps those tests per draw in its row (``draws.tests_over_draws``)
+and marks the row ``≈`` only where no draw differs significantly.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ config: the model's fingerprint, the data fingerprints, the components with
 their options, the evaluation settings and the versions of the harness and of
 every plugin the cell uses. Change any of these and the cell is computed anew;
 change nothing and a rerun skips it.
+
+With ``[calibration] draws = K`` every cell that uses calibration data is
+repeated for draws 1 .. K-1 (``Cell.draw``): the same config with
+``"draw": d`` in its calibration settings, so each draw has its own id (and
+is resumed on its own). Draw 0 is the cell as without the option; the
+baseline and the cells without calibration are computed once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harness.options import options_dict
 from harness.store import canonical_json
 from harness.suite import Component, Method, Suite
 from harness.targets import Target
@@ -30,6 +37,8 @@ class Cell:
     allocator: Component | None
     target: Target | None
     config: dict[str, Any]
+    draw: int = 0
+    """The calibration draw this cell computes (0 .. calibration.draws - 1); 0 for cells without calibration."""
 
     @property
     def is_baseline(self) -> bool:
@@ -39,7 +48,8 @@ class Cell:
     def label(self) -> str:
         if self.method is None:
             return f"{self.model} baseline"
-        return f"{self.model} {self.method.label} {self.allocator.label} {self.target.label}"
+        label = f"{self.model} {self.method.label} {self.allocator.label} {self.target.label}"
+        return f"{label} draw={self.draw}" if self.draw else label
 
 
 def content_hash(config: dict[str, Any], length: int = 16) -> str:
@@ -70,7 +80,8 @@ def expand(
     calibrated: Callable[[Method, Component], bool] = lambda method, allocator: True,
     calibration: dict[str, Any] | None = None,
 ) -> list[Cell]:
-    """Baseline cell first, then every method x allocator x target, in suite order.
+    """Baseline cell first, then every method x allocator x target, in suite order, then the calibrated
+    cells of draws 1 .. ``calibration.draws`` - 1 (``draws``), draw by draw.
 
     ``calibrated(method, allocator)`` says whether the pair uses calibration
     data; only then are the calibration settings (``calibration``: the suite's,
@@ -89,6 +100,24 @@ def expand(
                     "surgery": suite.surgery.identity(),  # offload_originals changes no number
                 }
                 if calibrated(method, allocator):
-                    config["calibration"] = calibration or dataclasses.asdict(suite.calibration)
+                    config["calibration"] = calibration or settings(suite)
                 cells.append(Cell(content_hash(config), suite.name, model, method, allocator, target, config))
-    return cells
+    return cells + draws(cells, suite.calibration.draws)
+
+
+def settings(suite: Suite) -> dict[str, Any]:
+    """The calibration settings as a cell's identity holds them where no fingerprinted ones are given."""
+    config = options_dict(suite.calibration)  # ``draws`` left out while 1: the ids of before the option
+    config.pop("draws", None)
+    return config
+
+
+def draws(cells: list[Cell], count: int) -> list[Cell]:
+    """The cells of draws 1 .. ``count`` - 1: each calibrated cell with ``"draw": d`` in its calibration."""
+    out = []
+    for draw in range(1, count):
+        for cell in cells:
+            if cell.method is not None and "calibration" in cell.config:
+                config = {**cell.config, "calibration": {**cell.config["calibration"], "draw": draw}}
+                out.append(dataclasses.replace(cell, id=content_hash(config), config=config, draw=draw))
+    return out

@@ -60,7 +60,8 @@ def identity(env: RunEnv, fingerprint: str, method: Method) -> dict[str, Any]:
 
 def directory(env: RunEnv, fingerprint: str, method: Method) -> Path:
     model = fingerprint[:16] if HEX.match(fingerprint) else content_hash({"model": fingerprint})
-    return env.store.root / "factors" / model / method.label
+    draw = f"@draw{env.suite.draw}" if env.suite.draw else ""  # a calibration draw's own files
+    return env.store.root / "factors" / model / f"{method.label}{draw}"
 
 
 def method_files(

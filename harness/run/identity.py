@@ -18,12 +18,18 @@ if TYPE_CHECKING:
 
 
 def calibration_identity(suite: Suite) -> dict[str, Any]:
-    """The suite's calibration settings with the sha256 of the calibration text."""
+    """The suite's calibration settings with the sha256 of the calibration text, and the draw of this view
+    of the suite (``Suite.for_draw``) where it is not 0: what calibrated cells, cached statistics and stored
+    factorizations of one draw are told apart by. How many draws there are is no part of it (adding a
+    draw leaves the others' ids as they were)."""
     config = dataclasses.asdict(suite.calibration)
     del config["pipeline"]  # "whole" and "blocks" compute the same numbers (tests/test_pipeline.py): not identity
     del config["inputs"]  # part of a cell's identity only where it changes its numbers: ``propagated_inputs``
+    del config["draws"]
     text = data_mod.text_source(suite.calibration.source, "calibration")
     config["data"] = data_mod.sha256_texts(text.texts)
+    if suite.draw:
+        config["draw"] = suite.draw
     return config
 
 
@@ -81,8 +87,9 @@ def used_versions(suite: Suite, plugins: Plugins) -> dict[str, str]:
 
 
 def model_cells(env: RunEnv, loaded: LoadedModel) -> list[Cell]:
-    """The model's grid: baseline first, then every method x allocator x target in suite order."""
-    suite, plugins = env.suite, env.plugins
+    """The model's grid: baseline first, then every method x allocator x target in suite order, then the
+    calibrated cells of the further calibration draws (``harness.run.cells.expand``)."""
+    suite, plugins = env.suite.for_draw(0), env.plugins  # whichever draw the session is at: the whole grid
 
     def calibrated(method: Method, allocator: Component) -> bool:
         return needs_calibration(plugins, method, allocator)

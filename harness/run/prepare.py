@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 
 class Prepared:
-    """One model's calibration data and statistics, and its methods' factorizations."""
+    """One model's calibration data and statistics, and its methods' factorizations, for one calibration
+    draw: ``env.suite.draw`` (``Suite.for_draw``) picks the windows' seed and keys the cached statistics;
+    a session makes a new one per draw and lets go of the last."""
 
     def __init__(self, env: RunEnv, loaded: LoadedModel, layers: list[LayerInfo]) -> None:
         self.env = env
@@ -46,7 +48,7 @@ class Prepared:
             config = self.env.suite.calibration
             text = data_mod.text_source(config.source, "calibration")
             self._batches = data_mod.calibration_batches(
-                self.loaded.tokenizer, text, config.samples, config.seqlen, self.env.suite.seed
+                self.loaded.tokenizer, text, config.samples, config.seqlen, self.env.suite.calibration_seed
             )
         return self._batches
 

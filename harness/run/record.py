@@ -15,7 +15,9 @@ what they hold and their unit::
     allocator         dict  name, label, options; null for the baseline
     target            dict  kind (params|rank|bytes|bits), value, label; null for the baseline
     surgery           dict  kinds, lm_head, mode (factored|dense)
-    calibration       dict  source, samples, seqlen, ..., data (sha256 of the text) or null
+    calibration       dict  source, samples, seqlen, ..., data (sha256 of the text), draw (where not 0) or null
+    draw              int   calibration draw (``[calibration] draws``): windows drawn with seed + draw;
+                            0 (and left out of the stored form) for the first draw and uncalibrated cells
     ranks             dict  layer name -> rank kept (null: layer left dense)
     metrics           dict  metric name -> number; accuracies are fractions in [0, 1],
                             perplexity is per token, sizes are counts and bytes
@@ -69,6 +71,7 @@ class CellRecord:
     target: dict[str, Any] | None = None
     surgery: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    draw: int = 0
     ranks: dict[str, int | None] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     higher_is_better: dict[str, bool] = field(default_factory=dict)
@@ -140,8 +143,12 @@ class CellRecord:
 
     # ------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:
-        """The stored form: a plain dict with every field (the keys of the schema above)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The stored form: a plain dict with every field (the keys of the schema above), ``draw`` only where
+        it is not 0 (a record of one draw is stored as before the option)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.draw:
+            del out["draw"]
+        return out
 
     @classmethod
     def from_json(cls, data: Any, source: str = "cell result") -> CellRecord:

@@ -9,6 +9,7 @@ in (recorded with its error); a ``HarnessError`` (bad input) stops the run.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import tempfile
 import time
@@ -108,6 +109,24 @@ class ModelSession:
             self.record(baseline, lambda: self.compute_baseline(baseline))
         else:
             self.sink.skip(baseline)
+        for draw in range(self.env.suite.calibration.draws):  # ``[calibration] draws``: one draw at a time
+            self.use_draw(draw)
+            self.run_cells([c for c in method_cells if c.draw == draw])
+
+    def use_draw(self, draw: int) -> None:
+        """Compute calibration draw ``draw`` from now on: a fresh ``Prepared`` (its windows drawn with
+        ``seed + draw``), the last draw's batches, statistics and factorizations let go of first, so
+        that memory does not grow with the number of draws."""
+        if draw == self.env.suite.draw:
+            return
+        del self.prepared
+        gc.collect()
+        self.env = dataclasses.replace(self.env, suite=self.env.suite.for_draw(draw))
+        self.prepared = Prepared(self.env, self.loaded, self.layers)
+        log(f"calibration draw {draw}: windows drawn with seed {self.env.suite.calibration_seed}")
+
+    def run_cells(self, method_cells: Sequence[Cell]) -> None:
+        """One draw's method cells, method by method (its factorizations computed once for its cells)."""
         methods = self.env.suite.methods
         pending = [c for c in method_cells if self.env.pending(c)]
         self.prepared.expect(*self.to_compute(methods, pending))
@@ -228,6 +247,7 @@ class ModelSession:
             target=None if cell.target is None else {**cell.target.to_dict(), "label": cell.target.label},
             surgery=dataclasses.asdict(suite.surgery),
             calibration=cell.config.get("calibration"),
+            draw=cell.draw,
             sizes={"dense_decomposable_params": self.dense[0], "dense_decomposable_bytes": self.dense[1]},
             provenance=cell_provenance(self.env, loaded, cell),
             config=cell.config,

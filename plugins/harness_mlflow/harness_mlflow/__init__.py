@@ -164,15 +164,26 @@ TABLE = "leaderboard_table.json"
 
 def leaderboard_table(board: dict[str, Any]) -> dict[str, list]:
     """``leaderboard.json``'s rows as MLflow table columns: identity columns, the cell id, each metric
-    (a number, None where the cell has none) and its significance mark ("", "≈" or "(few)")."""
+    (a number, None where the cell has none) and its significance mark ("", "≈" or "(few)").
+
+    Rows computed over several calibration draws (``[calibration] draws``) hold the mean; the table then
+    has ``draws`` (n, 1 for the others) and, per metric, ``<metric> std`` (sample standard deviation,
+    ddof 1), ``<metric> min`` and ``<metric> max`` (None for rows of one draw)."""
     rows, marks = board.get("rows", []), board.get("marks") or [{} for _ in board.get("rows", [])]
+    spreads = board.get("spread")
     ids = board.get("cell_ids") or [None] * len(rows)
     columns = [c for c in board.get("columns", []) if c not in board.get("metrics", [])]
     table: dict[str, list] = {"cell_id": list(ids), **{c: [row.get(c) for row in rows] for c in columns}}
+    if spreads:
+        table["draws"] = [len(draws) for draws in board.get("draws") or [[None]] * len(rows)]
     for metric in board.get("metrics", []):
         table[metric_key(metric)] = [_number(row.get(metric)) for row in rows]
         if any(metric in mark for mark in marks):
             table[f"{metric_key(metric)} mark"] = [mark.get(metric, "") for mark in marks]
+        if spreads and any(metric in spread for spread in spreads):
+            for what in ("std", "min", "max"):
+                values = [(spread.get(metric) or {}).get(what) for spread in spreads]
+                table[f"{metric_key(metric)} {what}"] = [_number(v) for v in values]
     if any("status" in row for row in rows):
         table["status"] = [row.get("status", "ok") for row in rows]
     return table
