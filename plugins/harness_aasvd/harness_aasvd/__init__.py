@@ -21,7 +21,7 @@ README.md names the core hook it needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 class AASVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the SVD (the Cholesky is always float64; factors are cast to the model's dtype)."""
-    jitter_eps: float = 1e-6
+    jitter_eps: float = field(default=1e-6, metadata={"exclusive_minimum": 0})
     """Added on top of -lambda_min to the diagonal of X'^T X' where its Cholesky fails (SVD-LLM's 1e-6,
     ``harness.CHOLESKY_EPS``, grown tenfold while it still fails; the official code adds 1e-3 once)."""
 

@@ -19,7 +19,7 @@ is not offered (README, deviations).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 class ZSSVDOptions:
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of the SVD (the Cholesky and the scores are float64; factors are cast to the model's dtype)."""
-    jitter_eps: float = 1e-6
+    jitter_eps: float = field(default=1e-6, metadata={"exclusive_minimum": 0})
     """Added on top of -lambda_min to the Gram's diagonal where Cholesky fails (SVD-LLM's rule,
     ``harness.cholesky_with_jitter``)."""
 
@@ -65,9 +65,9 @@ class ZSSVD(harness.SingleMatrixDecomposer):
 
 @dataclass(frozen=True)
 class ZSSVDAllocatorOptions:
-    min_rank: int = 1
+    min_rank: int = field(default=1, metadata={"minimum": 0})
     """No matrix is truncated below this rank (the official code's floor at keep_rank_ratio = 0)."""
-    keep_rank_ratio: float = 0.0
+    keep_rank_ratio: float = field(default=0.0, metadata={"minimum": 0, "maximum": 1})
     """Also no matrix below ceil(keep_rank_ratio * its break-even rank) (the official ``--keep_rank_ratio``;
     its scripts use 0 at 20 % and 40 % removed, 0.3 at 60 %)."""
 
