@@ -92,13 +92,18 @@ TARGETS = [
             ),
             M(
                 "Gram doubled",
-                "cholesky_with_jitter(gram.to(weight.device), eps=eps)",
-                "cholesky_with_jitter(2 * gram.to(weight.device), eps=eps)",
+                "S, shift = cholesky(gram.to(weight.device), eps, jitter)",
+                "S, shift = cholesky(2 * gram.to(weight.device), eps, jitter)",
             ),
             M(
                 "jitter eps ignored",
-                "cholesky_with_jitter(gram.to(weight.device), eps=eps)",
-                "cholesky_with_jitter(gram.to(weight.device), eps=1e-3)",
+                "return harness.cholesky_with_jitter(gram, eps=eps)",
+                "return harness.cholesky_with_jitter(gram, eps=1e-3)",
+            ),
+            M(
+                "closed form on B G B^T transposed",
+                "return torch.linalg.solve(H, B @ G @ W.T).T",
+                "return torch.linalg.solve(H.T @ H, B @ G @ W.T).T",
             ),
         ),
     ),
@@ -444,6 +449,57 @@ TARGETS = [
                 "candidates off by one",
                 "FRACTIONS = tuple(0.1 + i * 0.1 for i in range(10))",
                 "FRACTIONS = tuple(0.1 + i * 0.1 for i in range(9))",
+            ),
+        ),
+    ),
+    Target(
+        "aa-svd",
+        f"{P}/harness_aasvd/harness_aasvd/decompose.py",
+        ("tests/test_aasvd.py",),
+        (
+            M("cross not transposed", "(W @ cross.to(", "(W @ cross.T.to("),
+            M("L^-1 not transposed", "@ L_inv.T", "@ L_inv"),
+            M("shift never seen", "return cross is gram or (", "return True or ("),
+        ),
+    ),
+    Target(
+        "zs-svd-scores",
+        f"{P}/harness_zssvd/harness_zssvd/scores.py",
+        ("tests/test_zssvd.py",),
+        (
+            M("right transform left out", "rows = rows @ right.to(torch.float64)", "rows = rows"),
+            M("change sign", "return (-(s.to(torch.float64)", "return ((s.to(torch.float64)"),
+            M("sigma not weighed", "(-(s.to(torch.float64) * sigma_grad", "(-(1.0 * sigma_grad"),
+        ),
+    ),
+    Target(
+        "zs-svd-select",
+        f"{P}/harness_zssvd/harness_zssvd/select.py",
+        ("tests/test_zssvd.py",),
+        (
+            M(
+                "zero-sum rule inverted",
+                "heads.pop(prefer_positive=total <= 0)",
+                "heads.pop(prefer_positive=total > 0)",
+            ),
+            M("largest sigma first", "delta = scores[g][ranks[g]]", "delta = scores[g][0]"),
+            M(
+                "no revert above break-even",
+                "return ranks[g] if harness.saves(facts[g], ranks[g]) else None",
+                "return ranks[g]",
+            ),
+        ),
+    ),
+    Target(
+        "l2-seq",
+        "harness/run/calibration.py",
+        ("tests/test_l2_seq.py",),
+        (
+            M("pooled over tokens", "norms = x.square().sum(-2).sqrt()", "norms = x.square().sum(-2)"),
+            M(
+                "mean over tokens",
+                "cpu(self.l2_sum / max(self.sequences, 1))",
+                "cpu(self.l2_sum / max(self.tokens, 1))",
             ),
         ),
     ),
