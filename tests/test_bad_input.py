@@ -299,7 +299,10 @@ CASES = [
     ),
     Case(
         "surgery-kinds-match-nothing",
-        SUITE + r"models\[0\]: expected a model with torch\.nn\.Linear layers .*surgery\.kinds nope_proj",
+        # checked against the model's config before any weight loads (harness/modelcheck.py)
+        SUITE
+        + r"surgery\.kinds\[0\]: expected a layer kind of .*\(q_proj, .*\), "
+        + r"got 'nope_proj' \(did you mean 'o_proj'\?\)",
         suite=BASE + '[surgery]\nkinds = ["nope_proj"]\n',
         argv=RUN,
     ),
