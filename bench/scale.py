@@ -329,13 +329,14 @@ def plan_figures(method: str, pipeline: str, c: dict, blocks: int) -> dict:
         stages = plan.plan_model(suite, f"llama-2-7b x{blocks}", "cpu").stages
     one = plan.linear_layers({**config, "num_hidden_layers": 1})
     decomposer = plan_decomposer(method)
-    needs = frozenset(decomposer.needs)
     methods = suite.methods[0]
+    # what the pass collects for the method's options (svd-llm's gram_original only for its closed-form update)
+    needs = plan.collected_needs(decomposer.needs_for(methods.options), suite.calibration.inputs)
     from harness.plugins import get_plugins
 
     allocators = [get_plugins().get("allocator", a.name) for a in methods.allocators]
-    forward = needs & {"gram", "abs_mean", "out_cov"}
-    blockwise = pipeline == "blocks" and forward and "fisher" not in needs
+    forward = needs & plan.FORWARD
+    blockwise = pipeline == "blocks" and forward and not needs & {"fisher", "grad"}
     stats = sum(plan.block_stats_bytes(one, needs, shared=bool(blockwise)))
     return {
         "host": {s.name: s.host for s in stages},
