@@ -252,10 +252,11 @@ def test_factorization_contract(decomposer):
     (replacement,) = fact.materialize(4).values()
     x = X[:5].float()
     expected = x @ B.T @ A.T + (bias[0] if bias else 0)
-    if isinstance(replacement, harness.LowRank):
-        assert replacement.rank == 4 and not bias
-        torch.testing.assert_close(x @ replacement.B.T @ replacement.A.T, expected)
-    else:  # a module of its own (LoRD's centred layer: A (B x) + bias)
+    if isinstance(replacement, harness.LowRank):  # a centred method's carries its bias: the layer's whole offset
+        assert replacement.rank == 4 and (replacement.bias is not None) == bool(bias)
+        offset = 0 if replacement.bias is None else replacement.bias
+        torch.testing.assert_close(x @ replacement.B.T @ replacement.A.T + offset, expected)
+    else:  # a module of its own
         torch.testing.assert_close(replacement(x), expected)
     assert fact.params(4) == 4 * (M + N) + M * len(bias)
     assert decomposer.needs <= set(harness.STAT_KINDS) and decomposer.needs
