@@ -362,13 +362,17 @@ class MethodFiles:
             return None
         except (OSError, ValueError) as exc:
             raise FactorFileError(f"{self.manifest}: cannot read stored factors ({first_line(exc)})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("tag") != self.tag:
+        if not self.owns(manifest):
             return None
         paths = [self.directory / name for name in manifest["groups"]]
         facts = [open_group(path, self.roots, self.device, self.tag) for path in paths]
         self._written = {id(f): path for f, path in zip(facts, paths, strict=True)}  # ``finish`` rewrites none
         self._started = True
         return facts, float(manifest["seconds"])
+
+    def owns(self, manifest: Any) -> bool:
+        """True where ``manifest`` (a parsed manifest file) is this format's and this identity's."""
+        return isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("tag") == self.tag
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -381,7 +385,7 @@ def stored_complete(files: MethodFiles) -> bool:
         manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("tag") != files.tag:
+    if not files.owns(manifest):
         return False
     groups = manifest.get("groups")
     return isinstance(groups, list) and all((files.directory / str(name)).is_file() for name in groups)

@@ -70,14 +70,18 @@ def method_files(
     """The method's files; None under ``keep = "memory"`` unless ``always`` (the Ray executor's store)."""
     if env.suite.factorization.keep != "disk" and not always:
         return None
-    where, what = directory(env, fingerprint, method), identity(env, fingerprint, method)
-    key = (str(where), content_hash(what, 32), str(device))
-    if key not in _OPEN:  # one per directory and identity: whoever writes a group, the manifest lists it
-        _OPEN[key] = MethodFiles(where, what, factstore.plugin_roots(env.plugins), device)
-    return _OPEN[key]
+    return opened(env, directory(env, fingerprint, method), identity(env, fingerprint, method), device)
 
 
 _OPEN: dict[tuple[str, str, str], MethodFiles] = {}
+
+
+def opened(env: RunEnv, where: Path, what: dict[str, Any], device: torch.device | None) -> MethodFiles:
+    """The one ``MethodFiles`` per directory and identity (whoever writes a group, the manifest lists it)."""
+    key = (str(where), content_hash(what, 32), str(device))
+    if key not in _OPEN:
+        _OPEN[key] = MethodFiles(where, what, factstore.plugin_roots(env.plugins), device)
+    return _OPEN[key]
 
 
 def cell_files(env: RunEnv, fingerprint: str, cell: Cell, device: torch.device | None = None) -> MethodFiles | None:
@@ -85,14 +89,9 @@ def cell_files(env: RunEnv, fingerprint: str, cell: Cell, device: torch.device |
     ``<method directory>@<cell id>``; None under ``keep = "memory"``."""
     if env.suite.factorization.keep != "disk":
         return None
-    method = cell.method
-    where = directory(env, fingerprint, method)
-    where = where.with_name(f"{where.name}@{cell.id[:16]}")
-    what = {**identity(env, fingerprint, method), "cell": cell.id}
-    key = (str(where), content_hash(what, 32), str(device))
-    if key not in _OPEN:
-        _OPEN[key] = MethodFiles(where, what, factstore.plugin_roots(env.plugins), device)
-    return _OPEN[key]
+    where = directory(env, fingerprint, cell.method)
+    what = {**identity(env, fingerprint, cell.method), "cell": cell.id}
+    return opened(env, where.with_name(f"{where.name}@{cell.id[:16]}"), what, device)
 
 
 def stored(files: MethodFiles | None, force: bool = False) -> bool:
