@@ -133,3 +133,19 @@ FOOTER = (
     "seed + draw) shows the mean over its draws, ± their sample standard deviation (ddof 1) and [min, max]; "
     "its accuracies are tested against the baseline per draw, marked ≈ only where no draw differs significantly"
 )
+
+
+def metric_means(members: Sequence[CellRecord]) -> tuple[dict[str, Any], dict[str, dict[str, float | int]]]:
+    """A group's metrics (``group``): the record's own for one record; for one configuration's draws the
+    mean over the draws that finished (the last draw's where none did) and each metric's ``spread``, as
+    the leaderboard's row of them (``aggregate``)."""
+    if len(members) == 1:
+        return dict(members[0].metrics), {}
+    ok = [r for r in members if r.ok] or list(members[-1:])
+    return aggregate([r.metrics for r in ok]) if len(ok) > 1 else (dict(ok[0].metrics), {})
+
+
+def counted(counts: Sequence[int]) -> str:
+    """``K draws`` (or ``K1-K2 draws`` where the groups have different numbers of them)."""
+    low, high = min(counts), max(counts)
+    return f"{low} draws" if low == high else f"{low}-{high} draws"

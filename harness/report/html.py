@@ -10,6 +10,11 @@ MLflow can log the files) and ``harness report`` calls on stored results:
                                         as base64 PNG, the paired tests and the
                                         provenance of every cell; no script, no
                                         network, opens from disk
+
+A cell computed over calibration draws is one row of each table (the
+leaderboard's mean ± spread; one provenance row naming every draw's cell id)
+and one point of each plot (the caption says "mean ± spread over K draws");
+only the paired tests stay per draw, each draw tested on its own.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def spreads(board: dict) -> list[dict] | None:
     return draws.shown(board["spread"], board["metrics"]) if board.get("spread") else None
 
 
-def plots_html(plots: Sequence[Path]) -> str:
+def plots_html(plots: Sequence[Path], caption: str = "") -> str:
     if not plots:
         return "<h2>Pareto plots</h2><p>No plottable metric.</p>"
     parts = ["<h2>Pareto plots</h2>"]
@@ -112,7 +117,7 @@ def plots_html(plots: Sequence[Path]) -> str:
         data = base64.b64encode(plot.read_bytes()).decode("ascii")
         parts.append(
             f'<figure id="{esc(plot.stem)}"><img alt="{esc(plot.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{esc(plot.name)}</figcaption></figure>"
+            f"<figcaption>{esc(plot.name)}{esc(': ' + caption) if caption else ''}</figcaption></figure>"
         )
     return "\n".join(parts)
 
@@ -146,22 +151,7 @@ def significance_row(label: str, metric: str, t: dict) -> dict[str, Any]:
 
 
 def provenance_html(results: Sequence[dict]) -> str:
-    rows = []
-    for result in sorted(results, key=leaderboard.order_key):
-        prov = result.provenance
-        rows.append(
-            {
-                "cell": leaderboard.row_label(result) + (f" draw={d}" if (d := getattr(result, "draw", 0)) else ""),
-                "model": result.model_id,
-                "cell id": result.cell_id,
-                "status": result.status,
-                "created": prov.get("created"),
-                "git": prov.get("git"),
-                "hardware": hardware_label(prov["hardware"]) if prov.get("hardware") else "—",
-                "seed": prov.get("seed"),
-                "limit": prov.get("limit"),
-            }
-        )
+    rows = [provenance_row(members) for members in draws.group(sorted(results, key=leaderboard.order_key))]
     parts = ["<h2>Provenance</h2>", table(list(rows[0]) if rows else [], rows, table_id="provenance")]
     last = (results[-1].get("provenance") or {}) if results else {}
     if last:
@@ -178,6 +168,37 @@ def provenance_html(results: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
+def provenance_row(members: Sequence) -> dict[str, Any]:
+    """One record's provenance; for one configuration's draws (``draws.group``) one row: ``draws=0,1,..``
+    beside the label, every draw's cell id, and each other column's values where the draws differ."""
+    first = members[0]
+
+    def joined(values: list) -> Any:
+        distinct = list(dict.fromkeys(values))
+        return distinct[0] if len(distinct) == 1 else "; ".join(str(v) for v in distinct)
+
+    def column(of) -> Any:
+        return joined([of(r) for r in members])
+
+    label = leaderboard.row_label(first)
+    if len(members) == 1:
+        label += f" draw={d}" if (d := getattr(first, "draw", 0)) else ""
+    else:
+        label += " draws=" + ",".join(str(draws.draw_of(r)) for r in members)
+    statuses = [r.status for r in members]
+    return {
+        "cell": label,
+        "model": first.model_id,
+        "cell id": " ".join(r.cell_id for r in members),
+        "status": statuses[0] if len(set(statuses)) == 1 else ", ".join(statuses),
+        "created": column(lambda r: r.provenance.get("created")),
+        "git": column(lambda r: r.provenance.get("git")),
+        "hardware": column(lambda r: hardware_label(r.provenance["hardware"]) if r.provenance.get("hardware") else "—"),
+        "seed": column(lambda r: r.provenance.get("seed")),
+        "limit": column(lambda r: r.provenance.get("limit")),
+    }
+
+
 def render_html(board: dict, results: Sequence[dict], plots: Sequence[Path], title: str, directory: Path) -> str:
     created = datetime.now(UTC).isoformat(timespec="seconds")
     body = "\n".join(
@@ -185,7 +206,7 @@ def render_html(board: dict, results: Sequence[dict], plots: Sequence[Path], tit
             f"<h1>{esc(title)}</h1>",
             f"<p>{len(results)} cells from <code>{esc(directory)}</code>.</p>",
             leaderboard_html(board),
-            plots_html(plots),
+            plots_html(plots, pareto.caption(results)),
             significance_html(board),
             provenance_html(results),
             f"<footer>Written by harness report at {esc(created)}.</footer>",

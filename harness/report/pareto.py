@@ -8,15 +8,26 @@ suite's Pareto front (the points no other point beats on both size and the
 metric) as a grey step line. The size axis is the decomposable weights' kept
 bytes / parameters where every cell has them (the ``params`` profiler), else
 the whole model's as evaluated. Drawn with matplotlib's Agg canvas (no display).
+
+Calibration draws (``[calibration] draws = K``): the draws of one cell are one
+point (``draws.group``), at the mean over the draws that finished, with an
+error bar of ± their spread (sample standard deviation, ddof 1, as the
+leaderboard's) on the metric axis; the legend and report.html's caption say
+"mean ± spread over K draws". The size axis is the same for every draw where
+the allocator does not use calibration data; where it does vary (an allocator
+that does), the point sits at the mean size with a horizontal error bar of
+its spread as well. A suite without draws is drawn as before: no error bars.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.report import draws
 from harness.report.leaderboard import SIZE_METRICS, hardware_of, metric_order
 from harness.run.record import CellRecord
 from harness.store import atomic_savefig
@@ -81,6 +92,46 @@ def key_label(key: tuple[str, ...]) -> str:
     return text + (f" [{', '.join(extras)}]" if extras else "")
 
 
+@dataclass
+class Point:
+    """One plotted cell: its size and metric (the means over its draws), their spreads (None: one draw,
+    or a size that does not vary) and ``n`` the draws averaged."""
+
+    x: float
+    y: float
+    record: CellRecord
+    n: int = 1
+    xerr: float | None = None
+    yerr: float | None = None
+    bars: Any = None
+
+
+def point_of(members: Sequence[CellRecord], metric: str, axis: str, use_kept: bool) -> Point | None:
+    """The point of one record, or of one configuration's draws (``draws.group``); None without a size
+    or a finite value."""
+    pairs = [(size_of(r, axis, use_kept), r.metrics.get(metric)) for r in members]
+    pairs = [(x, y) for x, y in pairs if y is not None and x is not None and math.isfinite(y)]
+    if not pairs:
+        return None
+    if len(pairs) == 1:
+        return Point(pairs[0][0], pairs[0][1], members[0])
+    sx, sy = draws.spread([x for x, _ in pairs]), draws.spread([y for _, y in pairs])
+    xerr = sx["std"] if sx["max"] != sx["min"] else None
+    return Point(sx["mean"], sy["mean"], members[0], len(pairs), xerr, sy["std"])
+
+
+def caption(results: Sequence[CellRecord]) -> str:
+    """What the plots' error bars are, for report.html; "" where no cell has several draws."""
+    counts = [len(m) for m in draws.group([r for r in results if r.ok]) if len(m) > 1]
+    if not counts:
+        return ""
+    return f"cells with calibration draws: {spread_label(counts)} (sample standard deviation, ddof 1)"
+
+
+def spread_label(counts: Sequence[int]) -> str:
+    return f"mean ± spread over {draws.counted(counts)}"
+
+
 def write_pareto(results: Sequence[dict], directory: Path, title: str = "") -> list[Path]:
     """Draw both PNGs under ``directory``; returns the paths written (none without plottable metrics)."""
     ok = [r for r in results if r.ok]
@@ -97,6 +148,11 @@ def write_pareto(results: Sequence[dict], directory: Path, title: str = "") -> l
 
 
 def draw(results: list[CellRecord], metrics: list[str], axis: str, use_kept: bool, path: Path, title: str) -> None:
+    atomic_savefig(figure(results, metrics, axis, use_kept, title), path, dpi=110)
+
+
+def figure(results: list[CellRecord], metrics: list[str], axis: str, use_kept: bool, title: str):
+    """The figure of one size axis (a matplotlib ``Figure`` on the Agg canvas), one panel per metric."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -121,7 +177,7 @@ def draw(results: list[CellRecord], metrics: list[str], axis: str, use_kept: boo
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=ncol, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    atomic_savefig(fig, path, dpi=110)
+    return fig
 
 
 class Styles:
@@ -148,27 +204,30 @@ class Styles:
 
 
 def panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_hardware, many_models) -> None:
-    lines: dict[tuple[str, ...], list[tuple[float, float, dict]]] = {}
-    for result in results:
-        value, size = result.metrics.get(metric), size_of(result, axis, use_kept)
-        if value is None or size is None or not math.isfinite(value):
-            continue
-        lines.setdefault(line_key(result, metric, many_hardware, many_models), []).append((size, value, result))
-    points = [(x, y) for line in lines.values() for x, y, _ in line]
+    lines: dict[tuple[str, ...], list[Point]] = {}
+    for members in draws.group(results):
+        point = point_of(members, metric, axis, use_kept)
+        if point is not None:
+            lines.setdefault(line_key(point.record, metric, many_hardware, many_models), []).append(point)
+    points = [(p.x, p.y) for line in lines.values() for p in line]
     if not points:
         ax.text(0.5, 0.5, "no cell has this size", transform=ax.transAxes, ha="center", va="center", fontsize=8)
+    spread = []
     for key, line in lines.items():
-        line.sort(key=lambda p: p[0])
-        style = styles.of(line[0][2])
+        line.sort(key=lambda p: p.x)
+        style = styles.of(line[0].record)
         label = key_label(key)
         if key[0] == "baseline":
-            for x, y, _ in line:
-                handle = ax.plot([x], [y], marker="*", markersize=13, color="black", linestyle="none")[0]
-                ax.axhline(y, color="black", linestyle=":", linewidth=0.8, alpha=0.6)
+            for p in line:
+                handle = ax.plot([p.x], [p.y], marker="*", markersize=13, color="black", linestyle="none")[0]
+                ax.axhline(p.y, color="black", linestyle=":", linewidth=0.8, alpha=0.6)
             handles.setdefault(label, handle)
-            continue
-        handle = ax.plot([p[0] for p in line], [p[1] for p in line], markersize=5, linewidth=1.2, **style)[0]
-        handles.setdefault(label, handle)
+        else:
+            handle = ax.plot([p.x for p in line], [p.y for p in line], markersize=5, linewidth=1.2, **style)[0]
+            handles.setdefault(label, handle)
+        spread += error_bars(ax, [p for p in line if p.n > 1], style["color"])
+    if spread:
+        handles.setdefault(spread_label([p.n for p in spread]), spread[0].bars)
     front = pareto_front(points, higher)
     if len(front) > 1:
         xs, ys = zip(*front, strict=True)
@@ -177,3 +236,12 @@ def panel(ax, results, metric, axis, use_kept, higher, styles, handles, many_har
     values = [y for _, y in points]
     if values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
+
+
+def error_bars(ax, points: list[Point], color) -> list[Point]:
+    """± the spread of each point of several draws (``Point.yerr``, and ``xerr`` where the size varies);
+    each point keeps its bars (``Point.bars``) for the legend. Returns ``points``."""
+    for p in points:
+        xerr = None if p.xerr is None else [p.xerr]
+        p.bars = ax.errorbar([p.x], [p.y], yerr=[p.yerr], xerr=xerr, fmt="none", ecolor=color, capsize=2.5)
+    return points

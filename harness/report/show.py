@@ -6,6 +6,11 @@ suite's own directory). The text says the cell's settings and metrics, then
 its provenance: the model files and datasets read with their sha256, the
 resolved suite, the seed, the command, the git revision, the hardware and
 every version; ``--json`` prints the stored result as it is.
+
+A cell that is one of a configuration's calibration draws (``[calibration]
+draws = K``) says so: which draw it is, the cell ids of the configuration's
+draws found beside it, and the mean ± spread over them of each metric (the
+leaderboard's row of them, harness/report/draws.py).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def describe(result: CellRecord, path: Path) -> str:
         lines.append(_line("error", f"{result.error.get('type')}: {result.error.get('message')}"))
     metrics = result.metrics
     lines.append(_line("metrics", "; ".join(f"{k} {v:.6g}" for k, v in metrics.items()) or "—"))
+    lines += draw_lines(result, path)
     lines += data_lines(prov.get("data") or {}, result.calibration)
     lines += [
         _line("seed", f"{prov.get('seed')}  (torch deterministic algorithms: {prov.get('torch_deterministic')})"),
@@ -118,3 +124,26 @@ def data_lines(data: dict[str, Any], calibration: dict | None) -> list[str]:
         settings = ", ".join(f"{k}={v}" for k, v in calibration.items() if k != "data")
         lines.append(_line("calibration", settings))
     return lines or [_line("data", "—")]
+
+
+def draw_lines(result: CellRecord, path: Path) -> list[str]:
+    """Where ``result`` is one of several calibration draws of its configuration (the records beside it,
+    ``draws.group``): the draws with their cell ids, and the mean ± spread of each metric over them."""
+    from harness.report import draws
+    from harness.store import read_results
+
+    path = Path(path)
+    if path.parent.name != "cells":
+        return []
+    key = draws.series_key(result)
+    siblings = [r for r in read_results(path.parent.parent, warn=None) if draws.series_key(r) == key]
+    members = next((m for m in draws.group(siblings) if len(m) > 1), None)
+    if members is None:
+        return []
+    listed = ", ".join(f"{draws.draw_of(r)} {r.cell_id[:12]}{'' if r.ok else ' (failed)'}" for r in members)
+    lines = [_line("draw", f"{draws.draw_of(result)} of the configuration's {len(members)} draws: {listed}")]
+    means, spreads = draws.metric_means(members)
+    summary = [f"{k} {v:.6g} {draws.describe(spreads[k], '{:.4g}'.format)}" for k, v in means.items() if k in spreads]
+    if summary:
+        lines.append(_line("over draws", "; ".join(summary)))
+    return lines
