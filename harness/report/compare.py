@@ -39,7 +39,7 @@ from tabulate import tabulate
 
 from harness.errors import HarnessError
 from harness.report import draws, significance
-from harness.report.leaderboard import fmt, hardware_of, marked, metric_order, order_key
+from harness.report.leaderboard import SIZE_METRICS, fmt, hardware_of, marked, metric_order, order_key
 from harness.run.record import CellRecord, row_label
 from harness.store import read_results
 
@@ -113,7 +113,8 @@ def cell_rows(label: str, ga: Group, gb: Group, only_changed: bool) -> list[dict
         for column, shown in (("A spread", shown_a), ("B spread", shown_b)):
             if name in shown:
                 row[column] = shown[name]
-        if (over := draws_test(ga, gb, name)) is not None:
+        constant_size = name in SIZE_METRICS and name not in shown_a and name not in shown_b
+        if not constant_size and (over := draws_test(ga, gb, name)) is not None:
             row["draws test"] = over
         if name in examples:
             row["per example"] = examples[name]
@@ -128,9 +129,12 @@ def identity_notes(label: str, ga: Group, gb: Group) -> list[str]:
     if len(ga) == len(gb) == 1:
         if ids_a != ids_b:
             notes.append(f"{label}: cell id {ids_a[0]} -> {ids_b[0]} (config, versions or data changed)")
-    elif [i for i in ids_a if i not in ids_b]:
-        changed = ", ".join(f"draw {draws.draw_of(r)}" for r in ga if r.get("cell_id") not in ids_b)
-        notes.append(f"{label}: cell id of {changed} not in B (config, versions or data changed)")
+    else:
+        by_draw = {draws.draw_of(r): r.get("cell_id") for r in gb}
+        changed = [r for r in ga if by_draw.get(draws.draw_of(r), r.get("cell_id")) != r.get("cell_id")]
+        if changed:
+            which = ", ".join(str(draws.draw_of(r)) for r in changed)
+            notes.append(f"{label}: cell id of draw {which} changed (config, versions or data changed)")
     if status_of(ga) != status_of(gb):
         notes.append(f"{label}: status {status_of(ga)} -> {status_of(gb)}")
     da, db = [draws.draw_of(r) for r in ga], [draws.draw_of(r) for r in gb]
@@ -232,7 +236,8 @@ def written(test: dict[str, Any] | None) -> str:
         many = f" (smallest of {len(test['draws'])} draws)" if "draws" in test else ""
         return f"McNemar p={test['mcnemar_p']:.3g}{many}, n={test['n']}"
     if test["test"] == "paired t":
-        return f"paired t p={test['p']:.3g}, {test['n']} draws"
+        p = f"{test['p']:.3g}" if test["p"] else "0 (the same difference on every draw)"
+        return f"paired t p={p}, {test['n']} draws"
     return f"Welch t p={test['p']:.3g}, {test['n_a']} vs {test['n_b']} draws"
 
 
@@ -241,8 +246,9 @@ FOOTER = {
     "n=N, as the leaderboard; B - A and relative: of the means",
     "draws test": "over draws: paired t-test of B's draw d against A's draw d over the draws both have "
     "(scipy.stats.ttest_rel, two-sided); Welch's t-test where they share fewer than 2",
-    "per example": f"per example: {significance.TEST} of B against A on the same examples, per calibration draw "
-    "both have, never pooled (the smallest p over the draws shown; both tests in compare's JSON)",
+    "per example": f"per example: {significance.TEST} of B against A on the same examples (and a paired bootstrap, "
+    "in compare's JSON): one test per calibration draw both runs have, never pooled; a cell of several draws "
+    "shows the smallest p",
 }
 
 
