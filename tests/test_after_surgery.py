@@ -152,3 +152,40 @@ def test_lora_options_keep_existing_cell_ids_and_apply_to_update_lora_only():
         parse_options(SVDLLM.Options, {"update": "lora", "lora_dropout": 1.0}, "m")
     assert SVDLLM().tunes(parse_options(SVDLLM.Options, {"update": "lora"}, "m"))
     assert not SVDLLM().tunes(parse_options(SVDLLM.Options, {"update": "closed-form"}, "m"))
+
+
+# ---------------------------------------------------------------- the planner's training term
+def plan_of(tmp: Path, methods: list[str], seqlen: int = 32, targets: tuple = (0.5,)):
+    from harness.plan import plan_model
+
+    text = suite_text(f"plan-{len(methods)}-{seqlen}", list(targets), methods).replace(
+        "seqlen = 32\nbatch_size", f"seqlen = {seqlen}\nbatch_size"
+    )
+    suite = load_suite(write_suite(tmp / f"plan-{'-'.join(methods)}-{seqlen}.toml", text))
+    return suite, {s.name: s for s in plan_model(suite, "random:tiny-llama", "cpu").stages}
+
+
+def test_the_plan_counts_a_training_step_for_tuned_cells_only_and_it_scales_with_batch_tokens(tmp_path):
+    """By hand, for tiny-llama (h 64, I 176, 2 blocks, vocab 4096, float32 on the CPU) at batch 4: the
+    backward keeps 4 * seqlen tokens x (2 (8 h + 5 I) x 4 bytes + 3 x 4096 x 4 bytes); AdamW 12 bytes per
+    value of the factors kept at keep=0.5 (half the decomposable values)."""
+    decomposable = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 176)  # q, o; k, v (2 kv heads of 16); gate, up, down
+    adamw = 12 * int(0.5 * decomposable)
+    _, plain = plan_of(tmp_path, ["none"])
+    assert "training step" not in plain["evaluation"].note
+    from harness.plan import evaluation_tokens, evaluation_tokens_bytes, forward_bytes, model_config
+
+    config = model_config("random:tiny-llama", None, False)
+    extra = {}
+    for seqlen in (32, 64):
+        suite, tuned = plan_of(tmp_path, ["lora"], seqlen)
+        _, untuned = plan_of(tmp_path, ["none"], seqlen)
+        assert "a tuned cell's training step" in tuned["evaluation"].note
+        for stage in ("load", "calibration", "factorization"):  # the term is the evaluation stage's only
+            assert tuned[stage].host == untuned[stage].host
+        activations = 4 * seqlen * (2 * (8 * 64 + 5 * 176) * 4 + 3 * 4096 * 4)
+        tokens = evaluation_tokens(suite)  # the evaluation batch: the stage holds the larger of the two
+        evaluated = evaluation_tokens_bytes(tokens, 4096, 4) + forward_bytes(tokens, config, 4)
+        extra[seqlen] = tuned["evaluation"].host - untuned["evaluation"].host
+        assert extra[seqlen] == max(activations + adamw - evaluated, 0), seqlen
+    assert extra[64] - extra[32] == 4 * 32 * (2 * (8 * 64 + 5 * 176) * 4 + 3 * 4096 * 4)  # linear in tokens
