@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Profiler": "harness.api",
     "RankAllocator": "harness.api",
     "RunContext": "harness.api",
+    "SurgeryContext": "harness.api",
     "SingleMatrixDecomposer": "harness.api",
     "Tracker": "harness.api",
     # the cell record (results, lifecycle hooks, trackers)
@@ -114,6 +115,7 @@ __all__ = [
     "SVDLikeFactorization",
     "SingleMatrixDecomposer",
     "Suite",
+    "SurgeryContext",
     "Target",
     "TextData",
     "Tracker",
@@ -172,6 +174,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         RankAllocator,
         RunContext,
         SingleMatrixDecomposer,
+        SurgeryContext,
         Tracker,
     )
     from harness.budget import Assignment, Fitting, keep_fraction, kept_rank_fraction, largest_fitting, saves, top_up

@@ -113,12 +113,56 @@ class FactorizeContext:
     log: Callable[[str], None] = print
 
 
-class Decomposer:
+# ---------------------------------------------------------------- weight optimization after surgery
+@dataclass
+class SurgeryContext:
+    """What ``Decomposer.after_surgery`` receives besides the model: where to compute, the suite's seed, the
+    calibration batch size (``[calibration] batch_size``: the batch the planner counts a training step for)."""
+
+    seed: int
+    device: torch.device
+    batch_size: int = 1
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AfterSurgery:
+    """The optional per-cell step after surgery (a mixin of ``Decomposer``; default: nothing).
+
+    One factorization serves every cell of a method, so a method that fine-tunes its compressed model (SVD-LLM's
+    LoRA update) needs the cell: its layers replaced at their final ranks. Where ``tunes(options)`` is true the
+    core calls ``after_surgery`` once per cell, after the replacements are in and before any evaluator, with
+    the replacement modules' parameters trainable (``requires_grad``; every other parameter frozen), grad mode on
+    and ``windows`` the suite's calibration windows (samples, seqlen) of token ids on the host. Changes live in
+    the replacement modules only and last for that cell's evaluation: the next cell starts from the dense
+    originals and fresh replacements. The returned dict (JSON-able: steps, losses, ...) is recorded in the cell's
+    ``weight_optimization`` with the seconds it took; the planner counts a training step's memory for such cells.
+    """
+
+    def tunes(self, options: Any) -> bool:
+        """Whether ``after_surgery`` changes weights under ``options`` (known before any cell runs)."""
+        return False
+
+    def after_surgery(
+        self,
+        model: torch.nn.Module,
+        replaced_names: Sequence[str],
+        windows: torch.Tensor,
+        options: Any,
+        ctx: SurgeryContext,
+    ) -> dict[str, Any] | None:
+        """Optimize the replaced layers ``replaced_names`` of ``model`` in place; a summary for the record."""
+        return None
+
+
+# ---------------------------------------------------------------- decomposers
+class Decomposer(AfterSurgery):
     """Turns a group of weights (+ calibration statistics) into a Factorization.
 
     Subclasses set ``name``, ``needs`` (a subset of ``STAT_KINDS``) and
     ``Options``, and implement ``factorize``. Methods that decompose several
-    matrices jointly override ``groups``.
+    matrices jointly override ``groups``. A method that fine-tunes each cell's
+    compressed model overrides ``tunes`` and ``after_surgery`` (``AfterSurgery``).
     """
 
     name: ClassVar[str]

@@ -25,6 +25,10 @@ must equal those its record holds, else the export is refused. Then:
   (``save_pretrained``) that ``AutoModelForCausalLM.from_pretrained`` loads
   anywhere; as large as the uncompressed model, by design.
 
+A cell whose method fine-tunes its compressed model (``Decomposer.after_surgery``, e.g. svd-llm's
+``update = "lora"``) is tuned again before it is written, and exported only where the tuning's summary
+equals the record's (``retune``): its tuned factors, never the untuned ones.
+
 Only ``LowRank`` replacements (with or without a bias) can be exported
 ``factored``; a method whose replacements are modules of its own (BitStack,
 TRAWL, Basis Sharing) exports ``dense``.
@@ -111,6 +115,7 @@ def export_cell(suite: Suite, results_root: Path, cell: str, out: Path, fmt: str
         out.mkdir(parents=True, exist_ok=True)
         names = list(compressed.replacements)
         with replaced(model, compressed.replacements):
+            retune(session.env, prepared, target, record, names)
             if fmt == "factored":
                 write_factored(model, tokenizer, record, names, out)
             else:
@@ -121,6 +126,29 @@ def export_cell(suite: Suite, results_root: Path, cell: str, out: Path, fmt: str
         session.close()
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     return Exported(out, fmt, record.cell_id, files)
+
+
+def retune(env, prepared, cell, record: CellRecord, names: list[str]) -> None:
+    """A cell whose method tunes after surgery (``Decomposer.after_surgery``) is tuned again, as its run did
+    (same seed, windows and code), so that the export holds the tuned factors, never the untuned ones; its
+    summary must equal the record's (seconds aside), else the export is refused."""
+    from harness.run.tuning import after_surgery, tunes
+
+    if not tunes(env, cell):
+        return
+    summary = after_surgery(env, prepared, cell, names) or {}
+    again, recorded = comparable(summary), comparable(record.weight_optimization or {})
+    if again != recorded:
+        moved = sorted(k for k in {*again, *recorded} if again.get(k) != recorded.get(k))
+        raise HarnessError(
+            f"cell {record.cell_id}: its weight optimization after surgery, recomputed, differs from the record's "
+            f"(at {', '.join(moved[:3])}); the export would not be the cell that was measured"
+        )
+
+
+def comparable(summary: dict) -> dict:
+    """A weight-optimization summary as stored (JSON), without its ``seconds``."""
+    return {k: v for k, v in json.loads(json.dumps(summary)).items() if k != "seconds"}
 
 
 def write_factored(model: nn.Module, tokenizer, record: CellRecord, names: list[str], out: Path) -> None:

@@ -120,12 +120,12 @@ def test_plugin_direct_is_the_least_squares_left_factor_of_the_plain_svd():
     assert fact.error(N) == pytest.approx(0.0, abs=1e-9 * float((W**2).sum()) * TOKENS)
 
 
-def test_plugin_direct_differs_from_none_and_lora_is_refused():
+def test_plugin_direct_differs_from_none_and_lora_factorizes_as_whitening():
     W, _, Xp = planted(5)
     none, closed = factorize(W, Xp.T @ Xp), factorize(W, Xp.T @ Xp, update="direct")
     assert not torch.allclose(none.materialize(K)["w"].A, closed.materialize(K)["w"].A)
-    with pytest.raises(HarnessError, match=r"m: update = 'lora' is not offered: .*whole model"):
-        parse_options(SVDLLM.Options, {"update": "lora"}, "m")
+    lora = factorize(W, Xp.T @ Xp, update="lora")  # its update runs per cell, after surgery
+    assert torch.equal(none.materialize(K)["w"].A, lora.materialize(K)["w"].A)
     with pytest.raises(
         HarnessError, match=r"m.update: expected 'none' or 'closed-form' or 'direct' or 'lora', got 'ls'"
     ):

@@ -7,14 +7,10 @@ values before training; every other parameter must come back bitwise.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from harness_svdllm import LORA_REFUSAL, SVDLLM
 from harness_svdllm.lora import LoRAConfig, sequential_lora
 
-from harness.errors import HarnessError
 from harness.factorization import LowRank
-from harness.options import parse_options
 from harness.surgery import FactoredLinear, replaced
 
 RANK = 4
@@ -100,9 +96,3 @@ def test_stage_u_alone_changes_only_a():
             for adapter in adapters:
                 adapter.merge()
         assert all(torch.equal(model.get_submodule(n).B, B0[n]) for n in names)
-
-
-def test_lora_update_is_refused_at_suite_load_naming_the_missing_hook():
-    with pytest.raises(HarnessError, match=r"m: update = 'lora' is not offered: .*no per-cell hook after surgery"):
-        parse_options(SVDLLM.Options, {"update": "lora"}, "m")
-    assert "sequential_lora" in LORA_REFUSAL

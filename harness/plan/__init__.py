@@ -65,6 +65,7 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
     kept_rank,
     pipeline_stats_peak,
     replaced_bytes,
+    training_bytes,
     whole_stats_bytes,
     working_set_bytes,
 )
@@ -270,14 +271,32 @@ def plan_model(
     tokens = evaluation_tokens(suite)
     logits = evaluation_tokens_bytes(tokens, int(c["vocab_size"]), wb) + forward_bytes(tokens, config, wb)
     alive = passed + max((own for _, _, own in rows), default=0)  # the kept factors stay in host memory
+    training = tuned_training_bytes(suite, methods, targets_layers, config, wb, plugins)
+    step = max(logits, training)  # a tuned cell trains, then evaluates: the larger of the two
+    tuned = "; a tuned cell's training step (backward activations, gradients, AdamW moments)" if training else ""
     if suite.offload:  # replacements are offloaded as the Linears they replace (host memory)
-        note = "resident model + one block; replacements on the host; kept factors on the host"
-        evaluation = (weights + logits, host_w + replaced + alive, note)
+        note = "resident model + one block; replacements on the host; kept factors on the host" + tuned
+        evaluation = (weights + step, host_w + replaced + alive, note)
     else:
-        note = "model + largest replaced layer set + one batch's logits; kept factors on the host"
-        evaluation = (weights + replaced + logits, alive, note)
+        note = "model + largest replaced layer set + one batch's logits; kept factors on the host" + tuned
+        evaluation = (weights + replaced + step, alive, note)
     plan.stages.append(stage("evaluation", evaluation[0], evaluation[1], disk_w, evaluation[2]))
     return plan
+
+
+def tuned_training_bytes(suite: Suite, methods: list, layers: list, config: dict, wb: int, plugins) -> int:
+    """The largest training step (``harness.plan.memory.training_bytes``) of a cell whose method tunes after
+    surgery (``Decomposer.tunes``), for one calibration batch at ``calibration.seqlen``; 0 where none tunes."""
+    tokens = suite.calibration.batch_size * suite.calibration.seqlen
+    return max(
+        (
+            training_bytes(layers, target, allocators, tokens, config, wb)
+            for method, _, _, allocators in methods
+            if plugins.get("decomposer", method.name).tunes(method.options)
+            for target in method.targets
+        ),
+        default=0,
+    )
 
 
 ORIGINAL_STREAM_KINDS = frozenset({"anchor_cross", "gram_original"})

@@ -249,3 +249,32 @@ def replaced_bytes(layers: Sequence[LayerInfo], target: Any, allocators: Sequenc
             ranks[m, n] = (own[0] if own is not None else kept_rank(m, n, [target], allocators)) or 0
         total += ranks[m, n] * (m + n) * dtype_bytes
     return total
+
+
+# ---------------------------------------------------------------- a tuned cell's training step
+ADAMW_STATE_BYTES = 12
+"""Per trainable value: its float32 gradient and AdamW's two float32 moments."""
+
+
+def backward_activations_bytes(tokens: int, config: dict[str, Any], dtype_bytes: int) -> int:
+    """What one training step's forward keeps for the backward through the whole model, for ``tokens``
+    (batch x seqlen): per token and block 8 h + 5 I values in the model dtype (the inputs of the norms, of
+    q/k/v, o, gate/up and down, attention's q, k, v and output, the MLP's gate, up and activation), and the
+    logits with their float32 log-softmax and gradient (3 x vocab float32 per token). An estimate: eager
+    attention's probabilities (heads x seqlen per token) and the factored layers' rank-wide intermediates
+    are not counted."""
+    c = text_config(config)
+    h, inter = int(c["hidden_size"]), int(c.get("intermediate_size", c["hidden_size"]))
+    blocks = int(c["num_hidden_layers"]) * (8 * h + 5 * inter) * dtype_bytes
+    return tokens * (blocks + 3 * int(c["vocab_size"]) * 4)
+
+
+def training_bytes(
+    layers: Sequence[LayerInfo], target: Any, allocators: Sequence[Any], tokens: int, config: dict[str, Any], wb: int
+) -> int:
+    """One training step of a cell whose method tunes after surgery (``Decomposer.tunes``): the backward's
+    activations for one calibration batch of ``tokens`` and, for every value of the cell's factors (the
+    trainable ones: ``replaced_bytes`` / ``wb``, an upper bound for adapters on them), its gradient and
+    AdamW's two moments (``ADAMW_STATE_BYTES``)."""
+    values = replaced_bytes(layers, target, allocators, wb) // wb
+    return backward_activations_bytes(tokens, config, wb) + ADAMW_STATE_BYTES * values

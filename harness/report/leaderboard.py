@@ -38,6 +38,8 @@ from harness.store import atomic_write_json, atomic_write_text
 
 SIZE_METRICS = ("kept_fraction", "params_kept", "bytes_kept", "model_params", "model_bytes")
 ID_COLUMNS = ("model", "method", "allocator", "target", "kept")
+TUNED = "weight optimization"
+"""The column of cells whose method tuned weights after surgery (``Decomposer.after_surgery``)."""
 
 
 def metric_order(names: set[str]) -> list[str]:
@@ -78,10 +80,27 @@ def row_of(result: CellRecord, metrics: list[str]) -> dict[str, Any]:
     }
     for name in metrics:
         row[name] = values.get(name)
+    if (result.method or {}).get("weight_optimization"):  # tuned after surgery: a column of its own
+        row[TUNED] = tuned_summary(result.weight_optimization)
     if not result.ok:
         error = result.error or {}
         row["status"] = f"FAILED: {error.get('type', '')}: {error.get('message', '')}"[:120]
     return row
+
+
+def tuned_summary(summary: dict | None) -> str:
+    """The weight-optimization column of a tuned cell: its calibration loss before -> after, else "yes"."""
+    summary = summary or {}
+    before, after = summary.get("calibration_loss_before"), summary.get("calibration_loss_after")
+    if isinstance(before, int | float) and isinstance(after, int | float):
+        return f"loss {before:.4g} -> {after:.4g}"
+    return "yes"
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Every row's keys in first-seen order, ``status`` aside (rendered where any row has it): a column only
+    some rows have (``weight optimization``) comes after the others."""
+    return list(dict.fromkeys(k for row in rows for k in row if k != "status"))
 
 
 def order_key(result: CellRecord) -> tuple:
@@ -116,7 +135,7 @@ def build(results: list[CellRecord], alpha: float = significance.ALPHA) -> dict[
         lines.append(significance.footer_line(alpha))
         lines.append("Resolution (80% power): " + "; ".join(significance.resolution_lines(tests)))
     board = {
-        "columns": list(rows[0]) if rows else [],
+        "columns": columns_of(rows),
         "metrics": metrics,
         "rows": rows,
         "cell_ids": [members[0].cell_id for members in groups],

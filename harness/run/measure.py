@@ -12,6 +12,7 @@ from harness.errors import first_line
 from harness.provenance import seed_everything
 from harness.run.env import log
 from harness.run.memory import out_of_memory_as
+from harness.run.tuning import after_surgery
 from harness.surgery import count_model, replaced
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class Measured:
     timing: dict[str, float] = field(default_factory=dict)
     model_params: int = 0
     model_bytes: int = 0
+    weight_optimization: dict[str, Any] | None = None
+    """The method's ``after_surgery`` summary (with ``seconds``) where it tuned this cell, else None."""
 
 
 def metric_name(component: Component, metric: str) -> str:
@@ -57,6 +60,14 @@ def measure(env: RunEnv, prepared: Prepared, cell: Cell, replacements: dict, den
     measured = Measured()
     suite = env.suite
     with replaced(model, replacements, suite.surgery.mode == "dense", suite.surgery.offload_originals):
+        if cell.method is not None:  # the method's per-cell step (a no-op unless it tunes): before any evaluator
+            with (
+                out_of_memory_as(lambda exc: tuning_oom_message(env, cell, exc)),
+                env.captured(f"cell {cell.label} [{cell.id}]: weight optimization"),
+            ):
+                measured.weight_optimization = after_surgery(env, prepared, cell, list(replacements))
+            if measured.weight_optimization is not None:
+                measured.timing["weight_optimization_s"] = measured.weight_optimization["seconds"]
         for kind, components in (("evaluator", suite.evaluators), ("profiler", suite.profilers)):
             for component in components:
                 plugin = env.plugins.get(kind, component.name)
@@ -97,4 +108,13 @@ def oom_message(env: RunEnv, kind: str, component: Component, exc: BaseException
     return (
         f"{kind} {component.label!r} ran out of memory on {env.device}: {lower} or cap examples "
         f"with --limit, in {suite.file} [{first_line(exc)}]"
+    )
+
+
+def tuning_oom_message(env: RunEnv, cell: Cell, exc: BaseException) -> str:
+    suite = env.suite
+    return (
+        f"weight optimization of {cell.method.label!r} (after surgery) ran out of memory on {env.device}: lower "
+        f"calibration.batch_size (now {suite.calibration.batch_size}) or calibration.seqlen "
+        f"({suite.calibration.seqlen}) in {suite.file} [{first_line(exc)}]"
     )

@@ -30,6 +30,10 @@ what they hold and their unit::
     timing            dict  seconds: factorize_s (the method's one factorization of every
                             group, shared by its cells), allocate_s, <component>_s, cell_s
     factorization_info dict group -> diagnostics (iterations, jitter, relative error)
+    weight_optimization dict the method's summary of its per-cell step after surgery (``Decomposer.
+                            after_surgery``: steps, losses, ...) and ``seconds``; only where it tuned the
+                            cell (left out of the stored form otherwise; ``method.weight_optimization``
+                            is then true as well)
     artifacts         list  files beside the results (relative to the suite's results dir):
                             ranks/<cell id>.csv and .png (rank chosen for every matrix)
     provenance        dict  seed, seeding, torch_deterministic, suite_file and suite_sha256,
@@ -81,6 +85,7 @@ class CellRecord:
     timing: dict[str, float] = field(default_factory=dict)
     factorization_info: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
+    weight_optimization: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
@@ -144,10 +149,12 @@ class CellRecord:
     # ------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:
         """The stored form: a plain dict with every field (the keys of the schema above), ``draw`` only where
-        it is not 0 (a record of one draw is stored as before the option)."""
+        it is not 0 (a record of one draw is stored as before the option), ``weight_optimization`` only where set."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.draw:
             del out["draw"]
+        if self.weight_optimization is None:
+            del out["weight_optimization"]
         return out
 
     @classmethod

@@ -30,6 +30,7 @@ from harness.run.measure import Measured, measure
 from harness.run.prepare import Prepared
 from harness.run.provenance import cell_provenance
 from harness.run.record import CellRecord, error_record
+from harness.run.tuning import tunes
 from harness.surgery import count_layers, find_linears
 
 if TYPE_CHECKING:
@@ -222,6 +223,7 @@ class ModelSession:
         record.metrics, record.higher_is_better = measured.metrics, measured.higher_is_better
         record.evaluations, record.hardware_metrics = measured.evaluations, measured.hardware_metrics
         record.timing = measured.timing
+        record.weight_optimization = measured.weight_optimization
         record.sizes.update(model_params=measured.model_params, model_bytes=measured.model_bytes)
         return record
 
@@ -242,7 +244,7 @@ class ModelSession:
                 "note": loaded.note,
                 "dtype": suite.dtype,
             },
-            method=None if method is None else {**method.to_dict(), "needs": needs},
+            method=None if method is None else {**method.to_dict(), "needs": needs, **tuned_flag(self.env, cell)},
             allocator=None if cell.allocator is None else cell.allocator.to_dict(),
             target=None if cell.target is None else {**cell.target.to_dict(), "label": cell.target.label},
             surgery=dataclasses.asdict(suite.surgery),
@@ -252,3 +254,9 @@ class ModelSession:
             provenance=cell_provenance(self.env, loaded, cell),
             config=cell.config,
         )
+
+
+def tuned_flag(env: RunEnv, cell: Cell) -> dict[str, bool]:
+    """``{"weight_optimization": True}`` for a cell whose method tunes after surgery, else nothing (the record
+    of every other cell stays as it was)."""
+    return {"weight_optimization": True} if tunes(env, cell) else {}

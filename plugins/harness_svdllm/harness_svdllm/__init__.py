@@ -20,25 +20,32 @@ inputs X' under ``[calibration] inputs = "propagated"``). Under ``"original"``
 the two Grams are one and the update is the identity (README): whitening.
 ``update = "direct"``: the repo's update-only mode (``--step 3``): the plain
 SVD's right factor, the least-squares left factor on ``gram``.
-``update = "lora"`` is refused at suite load: the ICLR version's LoRA stage
-fine-tunes the compressed model per cell (``harness_svdllm.lora`` has the loop;
-the core has no per-cell hook to run it, README).
+``update = "lora"``: the ICLR version's sequential LoRA of U then V
+(``harness_svdllm.lora.sequential_lora``), run per cell after surgery through
+``Decomposer.after_surgery`` on the suite's calibration windows; the
+factorization itself is step 1's whitening (the cell id carries ``update``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import harness
 
 __version__ = "0.1.0"
 
-LORA_REFUSAL = (
-    "update = 'lora' is not offered: SVD-LLM's LoRA stage fine-tunes each cell's compressed model (U, then V, "
-    "through the whole model with the LM loss; harness_svdllm.lora.sequential_lora), and the core has no per-cell "
-    "hook after surgery to run it: a decomposer receives one layer's weight and statistics before any rank is chosen"
+LORA_OPTIONS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_lr",
+    "lora_epochs",
+    "lora_batch_size",
+    "lora_micro_batch_size",
+    "lora_warmup_steps",
 )
+"""The LoRA stage's hyper-parameters: they apply to ``update = "lora"`` only."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,32 @@ class SVDLLMOptions:
     """"none": whitening alone (step 1). "closed-form": whitening on the uncompressed model's inputs, then the
     least-squares left factor on the cell's (propagated) inputs (v1 step 2). "direct": the plain SVD's right
     factor and the least-squares left factor on the cell's inputs (the repo's update-only mode, step 3).
-    "lora": refused (``LORA_REFUSAL``)."""
+    "lora": whitening, then per cell the sequential LoRA fine-tune of U then V on the calibration windows
+    (``lora_*`` below; the official repo's defaults)."""
+    lora_r: int = field(default=8, metadata={"omit_default": True, "minimum": 1})
+    """LoRA rank (the repo's README step 2: --lora_r 8)."""
+    lora_alpha: float = field(default=16.0, metadata={"omit_default": True, "exclusive_minimum": 0})
+    """The branch's scale is lora_alpha / lora_r (the repo's apply_lora: lora_alpha 16)."""
+    lora_dropout: float = field(default=0.05, metadata={"omit_default": True, "minimum": 0, "exclusive_maximum": 1})
+    """Dropout on the branch's input (apply_lora: lora_dropout 0.05)."""
+    lora_lr: float = field(default=1e-4, metadata={"omit_default": True, "exclusive_minimum": 0})
+    """AdamW learning rate (README step 2: 1e-4)."""
+    lora_epochs: int = field(default=2, metadata={"omit_default": True, "minimum": 1})
+    """Passes over the calibration windows per stage (README step 2: 2 epochs)."""
+    lora_batch_size: int = field(default=64, metadata={"omit_default": True, "minimum": 1})
+    """Windows per optimizer step (the repo's batch_size 64, by gradient accumulation)."""
+    lora_micro_batch_size: int | None = field(default=None, metadata={"omit_default": True, "minimum": 1})
+    """Windows per forward and backward; None: the suite's ``calibration.batch_size`` (what the planner counts;
+    the repo's micro_batch_size is 4: the same optimizer steps, another memory peak)."""
+    lora_warmup_steps: int = field(default=100, metadata={"omit_default": True, "minimum": 0})
+    """Optimizer steps of linear warm-up, then linear decay to 0 (the repo's Trainer: warmup_steps 100)."""
 
     def __post_init__(self) -> None:
         if self.jitter_eps <= 0:
             raise ValueError(f"jitter_eps must be positive, got {self.jitter_eps}")
-        if self.update == "lora":
-            raise ValueError(LORA_REFUSAL)
+        changed = [f.name for f in fields(self) if f.name in LORA_OPTIONS and getattr(self, f.name) != f.default]
+        if changed and self.update != "lora":
+            raise ValueError(f"{', '.join(changed)}: apply to update = 'lora' only, got update = {self.update!r}")
 
 
 class SVDLLM(harness.SingleMatrixDecomposer):
@@ -71,6 +97,15 @@ class SVDLLM(harness.SingleMatrixDecomposer):
     it is ``gram`` itself, under ``"propagated"`` one more (uncompressed) activation stream in the pass."""
     Options = SVDLLMOptions
     description = "SVD of W S with S the Cholesky factor of X^T X (truncation-aware whitening)"
+
+    def tunes(self, options) -> bool:
+        return options.update == "lora"
+
+    def after_surgery(self, model, replaced_names, windows, options, ctx):
+        """SVD-LLM's sequential LoRA (U, then V) of the cell's factored layers on the calibration windows."""
+        from harness_svdllm.lora import tune_cell
+
+        return tune_cell(model, replaced_names, windows, options, ctx)
 
     def needs_for(self, options) -> frozenset[str]:
         return self.needs if options.update == "closed-form" else frozenset({"gram"})

@@ -10,9 +10,10 @@ B. (The repo: ``utils/LoRA.py`` with peft on the ``*_u_proj`` modules, then on
 the ``*_v_proj`` ones; README step 2: lora_r 8, 2 epochs, lr 1e-4, batch 64,
 AdamW, 100 warm-up steps, LoRA α 16 and dropout 0.05 from its ``apply_lora``.)
 
-The harness cannot run this per cell yet (``harness_svdllm.LORA_REFUSAL``):
-it is a library function, tested small on CPU. Adapters train in float32
-whatever the model's dtype; the merged factors are cast back.
+A run does this per cell with ``update = "lora"``: ``tune_cell`` is what
+``SVDLLM.after_surgery`` calls on the cell's compressed model (the core's
+per-cell hook after surgery) with the suite's calibration windows. Adapters
+train in float32 whatever the model's dtype; the merged factors are cast back.
 """
 
 from __future__ import annotations
@@ -184,3 +185,56 @@ def sequential_lora(
                 for adapter in adapters:
                     adapter.merge()
     return losses
+
+
+# ---------------------------------------------------------------- one cell of a run
+def config_of(options, ctx) -> LoRAConfig:
+    """The ``LoRAConfig`` of svd-llm's ``lora_*`` options; the micro-batch defaults to the calibration batch."""
+    micro = options.lora_micro_batch_size or ctx.batch_size
+    return LoRAConfig(
+        r=options.lora_r,
+        alpha=options.lora_alpha,
+        dropout=options.lora_dropout,
+        lr=options.lora_lr,
+        epochs=options.lora_epochs,
+        batch_size=max(options.lora_batch_size, micro),
+        micro_batch_size=micro,
+        warmup_steps=options.lora_warmup_steps,
+        seed=ctx.seed,
+    )
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, windows: torch.Tensor, batch: int, device) -> float:
+    """The mean over windows of their mean token loss, in eval mode (no dropout): before and after tuning."""
+    training = model.training
+    model.eval()
+    try:
+        total = 0.0
+        for chunk in windows.split(batch):
+            ids = chunk.to(device)
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * chunk.shape[0]
+        return total / windows.shape[0]
+    finally:
+        model.train(training)
+
+
+def tune_cell(model: nn.Module, names, windows: torch.Tensor, options, ctx) -> dict:
+    """``sequential_lora`` on one cell's factored layers with the options' config; the record's summary:
+    the calibration loss before and after (eval mode), optimizer steps and each stage's first and last loss."""
+    config = config_of(options, ctx)
+    before = mean_loss(model, windows, config.micro_batch_size, ctx.device)
+    losses = sequential_lora(model, list(names), windows, config, log=ctx.log)
+    after = mean_loss(model, windows, config.micro_batch_size, ctx.device)
+    accumulate = max(1, config.batch_size // config.micro_batch_size)
+    per_epoch = math.ceil(math.ceil(windows.shape[0] / config.micro_batch_size) / accumulate)
+    ctx.log(f"svd-llm lora: calibration loss {before:.4f} -> {after:.4f}")
+    return {
+        "update": "lora",
+        "stages": {k: {"first_loss": v[0], "last_loss": v[-1], "micro_batches": len(v)} for k, v in losses.items()},
+        "steps": 2 * per_epoch * config.epochs,
+        "windows": int(windows.shape[0]),
+        "micro_batch_size": config.micro_batch_size,
+        "calibration_loss_before": before,
+        "calibration_loss_after": after,
+    }
