@@ -377,7 +377,27 @@ class SuiteParser:
         )
         self.check_targets(suite)
         self.check_offload(suite)
+        self.check_tuning(suite)
         return suite
+
+    def check_tuning(self, suite: Suite) -> None:
+        """A method that optimizes weights after surgery (``Decomposer.tunes``) trains the factored layers of the
+        whole model: it needs ``surgery.mode = "factored"`` and every block's weights in place (no offload)."""
+        for i, method in enumerate(suite.methods):
+            if not self.plugins.get("decomposer", method.name).tunes(method.options):
+                continue
+            if suite.surgery.mode != "factored":
+                raise self.fail(
+                    "surgery.mode",
+                    f"expected 'factored' for {shown(method.label)} (methods[{i}] trains its factors after "
+                    f"surgery), got {shown(suite.surgery.mode)}",
+                )
+            if suite.offload:
+                raise self.fail(
+                    f"methods[{i}]",
+                    f"expected a method without weight optimization under offload = {shown(suite.offload)}, got "
+                    f"{shown(method.label)} (it trains through every block; remove offload or run it in another suite)",
+                )
 
     def check_offload(self, suite: Suite) -> None:
         """Offloaded blocks keep their weights only during a forward: no gradients for ``fisher`` or ``grad``
