@@ -229,7 +229,11 @@ class ModelSession:
         """The cell's record without results: failed with ``error`` (type, message, traceback), or None."""
         loaded, suite = self.loaded, self.env.suite
         method = cell.method
-        needs = None if method is None else sorted(self.env.plugins.get("decomposer", method.name).needs)
+        decomposer = None if method is None else self.env.plugins.get("decomposer", method.name)
+        needs = None if method is None else sorted(decomposer.needs)
+        described = None if method is None else {**method.to_dict(), "needs": needs}
+        if method is not None and decomposer.refines(method.options):  # its factors trained on calibration data
+            described["weight_optimization"] = True
         return CellRecord(
             cell_id=cell.id,
             suite=cell.suite,
@@ -242,7 +246,7 @@ class ModelSession:
                 "note": loaded.note,
                 "dtype": suite.dtype,
             },
-            method=None if method is None else {**method.to_dict(), "needs": needs},
+            method=described,
             allocator=None if cell.allocator is None else cell.allocator.to_dict(),
             target=None if cell.target is None else {**cell.target.to_dict(), "label": cell.target.label},
             surgery=dataclasses.asdict(suite.surgery),
