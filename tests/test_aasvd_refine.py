@@ -15,7 +15,6 @@ import pytest
 import torch
 from harness_aasvd.refine import lr_factor
 
-import harness
 from harness.errors import HarnessError
 from harness.run.refine import RefinedFactorization
 from harness.run.runner import RunOptions, SuiteRunner, run_suite
