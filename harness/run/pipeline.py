@@ -82,6 +82,14 @@ stream to the pass, shared by all such jobs: the captured inputs passed on throu
 blocks, whose ``gram`` per layer each such job gets as ``gram_original`` beside its own stream's
 ``gram`` (one more block forward and one more set of activations per pass; under original inputs
 ``gram_original`` is ``gram`` itself).
+Block refinement (a decomposer whose ``refines(options)`` is true, e.g. ``aa-svd`` with ``refine``):
+once a block's groups are materialized at a job's reference ranks, before the block's outputs pass on,
+the method's ``refine_block`` trains those replacements on the stream's batches (X') towards the
+uncompressed block's outputs on the original model's batches (the uncompressed model's stream is kept for
+it, as for ``anchor_cross``; those outputs are computed once per block and are that stream's next inputs);
+the refined groups become the job's factorizations, fixed at that rank (``harness.run.refine``), and the
+block's outputs pass on through them. The last block is refined too (its outputs are not computed), the head
+is not. Jobs of one method at the same ranks share one refinement (the same inputs, the same result).
 A model the pipeline cannot run is refused under propagated inputs (one
 line naming ``calibration.inputs``) rather than silently given original ones,
 and so is ``--executor ray``, whose tasks share one factorization per method.
