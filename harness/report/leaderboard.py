@@ -78,8 +78,6 @@ def row_of(result: CellRecord, metrics: list[str]) -> dict[str, Any]:
     }
     for name in metrics:
         row[name] = values.get(name)
-    if (result.method or {}).get("weight_optimization"):  # factors trained on calibration data (record.method)
-        row["weight_optimization"] = True
     if not result.ok:
         error = result.error or {}
         row["status"] = f"FAILED: {error.get('type', '')}: {error.get('message', '')}"[:120]
