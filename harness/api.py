@@ -9,6 +9,7 @@ and a context object; contexts may gain fields, never lose them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # annotations only: importing the API must not load torch
     import torch
 
-    from harness.factorization import Factorization
+    from harness.factorization import Factorization, Replacement
     from harness.targets import Target
 
 
@@ -188,6 +189,50 @@ class Decomposer(AfterSurgery):
         ctx: FactorizeContext,
     ) -> Factorization:
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- block refinement (weight optimization)
+    def refines(self, options: Any) -> bool:
+        """True where ``refine_block`` trains a block's factors under ``options`` (default: never). The core
+        asks ahead: such a method's cells need ``[calibration] inputs = "propagated"`` and an allocator whose
+        ranks are the reference ranks (``uniform`` with a per-matrix target), keep the original model's
+        activations for the targets, are planned with the training's memory, and record
+        ``"weight_optimization": true``."""
+        return False
+
+    def refine_block(
+        self,
+        block: torch.nn.Module,
+        replacements: dict[str, Replacement],
+        inputs: Sequence[Any],
+        targets: Sequence[torch.Tensor],
+        options: Any,
+        ctx: RefineContext,
+    ) -> dict[str, Replacement]:
+        """The block's ``replacements`` after training them (default: as they are). Called under propagated
+        inputs once a decoder block's groups are materialized at the cell's reference ranks, before the block's
+        outputs pass on: ``inputs`` are the block's batches through the compressed earlier blocks (X'), for
+        ``ctx.forward``; ``targets`` the uncompressed block's outputs on the original model's batches (one
+        tensor per batch, in order). Return ``harness.LowRank`` replacements for the same names, at the same
+        ranks: they become the cell's factorizations of those groups, fixed at that rank (what the cell
+        evaluates and what the next block's inputs pass through). Gradients are enabled; the block's own
+        parameters do not require them and are not replaced (only target layers are)."""
+        return replacements
+
+
+@dataclass
+class RefineContext:
+    """What ``Decomposer.refine_block`` receives besides the block and its data."""
+
+    seed: int
+    device: torch.device
+    forward: Callable[[Any], torch.Tensor]
+    """``forward(batch)``: the block's output hidden states on one of ``inputs``, as the block now is (inside
+    ``swapped``: with the replacements in place; gradients flow to their parameters)."""
+    swapped: Callable[[dict[str, Replacement]], AbstractContextManager[dict[str, torch.nn.Module]]]
+    """``with ctx.swapped(replacements) as modules``: the replacements in the block (factored, whatever
+    ``surgery.mode``), ``modules`` the layers swapped in by name (``harness.FactoredLinear`` for a
+    ``LowRank``: train its ``A`` and ``B``, parameters built on copies of the factors); originals back on exit."""
+    log: Callable[[str], None] = print
 
 
 class SingleMatrixDecomposer(Decomposer):

@@ -378,6 +378,7 @@ class SuiteParser:
         self.check_targets(suite)
         self.check_offload(suite)
         self.check_tuning(suite)
+        self.check_refine(suite)
         return suite
 
     def check_tuning(self, suite: Suite) -> None:
@@ -398,6 +399,34 @@ class SuiteParser:
                     f"expected a method without weight optimization under offload = {shown(suite.offload)}, got "
                     f"{shown(method.label)} (it trains through every block; remove offload or run it in another suite)",
                 )
+
+    def check_refine(self, suite: Suite) -> None:
+        """A method that refines its blocks (``Decomposer.refines``) trains each block's factors at the cell's
+        reference ranks and keeps them at those ranks: it needs propagated inputs, and ranks that the cell's
+        allocator gives each group alone, whatever the rest of the model (``uniform`` with a target that has a
+        per-matrix rule: params, rank), so that the reference ranks are the cell's final ones."""
+        for i, method in enumerate(suite.methods):
+            if not self.plugins.get("decomposer", method.name).refines(method.options):
+                continue
+            what = f"block refinement ({shown(method.label)} refines its blocks at the reference ranks)"
+            if suite.calibration.inputs != "propagated":
+                raise self.fail(
+                    "calibration.inputs", f"expected 'propagated' for {what}, got {shown(suite.calibration.inputs)}"
+                )
+            for allocator in method.allocators:
+                if allocator.name != "uniform":
+                    raise self.fail(
+                        f"methods[{i}].allocators",
+                        f"expected only 'uniform' for {what}: another allocator's final ranks may differ from "
+                        f"the reference ranks the blocks were refined at, got {shown(allocator.name)}",
+                    )
+            for target in method.targets:
+                if type(target).per_matrix is Target.per_matrix:
+                    raise self.fail(
+                        f"methods[{i}].targets",
+                        f"expected per-matrix targets (params or rank) for {what}: a whole-model budget's "
+                        f"uniform ranks differ from a block's, got a {target.kind} target",
+                    )
 
     def check_offload(self, suite: Suite) -> None:
         """Offloaded blocks keep their weights only during a forward: no gradients for ``fisher`` or ``grad``

@@ -64,6 +64,7 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
     kept_bytes,
     kept_rank,
     pipeline_stats_peak,
+    refine_bytes,
     replaced_bytes,
     training_bytes,
     whole_stats_bytes,
@@ -196,7 +197,8 @@ def plan_model(
         forward = frozenset().union(*(n for _, n, _, _ in methods if not n & GRADIENT_KINDS)) & forward
     by_name = {x.name: x for x in targets_layers}
     tokens = cal.batch_size * cal.seqlen
-    streams = propagated_streams(suite, methods)
+    refining = [m for m in methods if plugins.get("decomposer", m[0].name).refines(m[0].options)]
+    streams = propagated_streams(suite, methods, refining=bool(refining))
     activations = activations_bytes(cal.samples, cal.seqlen, hidden, wb) * max(1, streams)
     calibration_peak = (weights, 0)  # the model stays where it was loaded
     notes = []
@@ -212,6 +214,14 @@ def plan_model(
         notes.append(f"blocks: {', '.join(sorted(forward))}, one block's statistics")
         if streams:
             notes.append(f"propagated inputs: {streams} streams of activations")
+        if streams and refining:  # one refinement at a time, on the device: the largest block's
+            refine = max(
+                refine_bytes(block, m.targets, a, cal.samples, cal.batch_size, cal.seqlen, config, wb)
+                for m, _, _, a in refining
+                for block in blocks_of(targets_layers)
+            )
+            calibration_peak = (calibration_peak[0] + refine, calibration_peak[1])
+            notes.append(f"block refinement ({', '.join(m.label for m, *_ in refining)}): factors, AdamW, backward")
     if whole_kinds:
         acc, fin = whole_stats_bytes(targets_layers, whole_kinds)
         transient = batch_transient_bytes(targets_layers, whole_kinds, tokens, config, wb)
@@ -312,14 +322,16 @@ def collected_needs(needs: frozenset[str], inputs: str) -> frozenset[str]:
     return (needs - ORIGINAL_STREAM_KINDS) | {"gram"}
 
 
-def propagated_streams(suite: Suite, methods: list) -> int:
+def propagated_streams(suite: Suite, methods: list, refining: bool = False) -> int:
     """Activation streams of a ``calibration.inputs = "propagated"`` pass: one per cell (target x allocator)
-    of every method the pipeline serves (forward statistics only); 0 under ``original``."""
+    of every method the pipeline serves (forward statistics only), plus the uncompressed model's where a
+    method needs it (``anchor_cross``, ``gram_original``, or ``refining``: block refinement's targets);
+    0 under ``original``."""
     if suite.calibration.inputs != "propagated":
         return 0
     forward = FORWARD
     served = [(m, needs, a) for m, needs, _, a in methods if needs and needs <= forward]
-    original = any(needs & ORIGINAL_STREAM_KINDS for _, needs, _ in served)  # the uncompressed model's, shared
+    original = refining or any(needs & ORIGINAL_STREAM_KINDS for _, needs, _ in served)  # shared by all
     return sum(len(m.targets) * len(allocators) for m, _, allocators in served) + int(original)
 
 

@@ -278,3 +278,30 @@ def training_bytes(
     AdamW's two moments (``ADAMW_STATE_BYTES``)."""
     values = replaced_bytes(layers, target, allocators, wb) // wb
     return backward_activations_bytes(tokens, config, wb) + ADAMW_STATE_BYTES * values
+def refine_bytes(
+    block: Sequence[LayerInfo],
+    targets: Sequence[Any],
+    allocators: Sequence[Any],
+    samples: int,
+    batch_size: int,
+    seqlen: int,
+    config: dict[str, Any],
+    dtype_bytes: int,
+) -> int:
+    """Block refinement's memory (``Decomposer.refine_block``, under propagated inputs), one block at a time:
+
+    - the trainable factors of the block's layers, K (m + n) values each at the largest rank the method's
+      (target, allocator) pairs keep (``kept_rank``), four times in the model dtype: the swapped-in copies,
+      their gradients and AdamW's two moments;
+    - one batch's activations kept for the backward (``tokens`` = batch_size · seqlen): 16 tensors of
+      tokens · h, 4 of tokens · I (the MLP), and the attention probabilities with their gradient,
+      2 · batch · heads · seqlen² (eager attention; fused kernels keep less);
+    - the targets: the uncompressed block's outputs on every calibration batch, samples · seqlen · h.
+    """
+    c = text_config(config)
+    hidden, inter = int(c["hidden_size"]), int(c.get("intermediate_size", c["hidden_size"]))
+    heads = int(c.get("num_attention_heads", 1))
+    trainable = sum(kept_rank(m, n, targets, allocators) * (m + n) for m, n in (x.shape for x in block))
+    tokens = batch_size * seqlen
+    backward = tokens * (16 * hidden + 4 * inter) + 2 * batch_size * heads * seqlen * seqlen
+    return dtype_bytes * (4 * trainable + backward + samples * seqlen * hidden)

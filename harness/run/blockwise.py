@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.api import FactorizeContext, LayerInfo
+from harness.api import FactorizeContext, LayerInfo, RefineContext
 from harness.errors import HarnessError
 from harness.factorization import StoredLowRank
 from harness.provenance import seed_everything
@@ -157,7 +157,15 @@ class BlockFactorizer:
 
         groups = decomposer.groups(self.layers, method.options)
         needs = frozenset(decomposer.needs_for(method.options)) & frozenset(decomposer.needs)
-        return pipeline.Job(label, needs, groups, factorize, method=method.label)
+        job = pipeline.Job(label, needs, groups, factorize, method=method.label)
+        if decomposer.refines(method.options):  # propagated inputs only (harness.suite refuses it elsewhere)
+
+            def refine(block, replacements, inputs, targets, forward, swapped):
+                rctx = RefineContext(seed=suite.seed, device=self.env.device, forward=forward, swapped=swapped, log=log)
+                return decomposer.refine_block(block, replacements, inputs, targets, method.options, rctx)
+
+            job.refine = refine
+        return job
 
     def run(self, methods: Sequence[Method]) -> None:
         """One layer-sequential pass factorizing every method of ``methods``; each one's result in ``_jobs``."""
@@ -176,7 +184,9 @@ class BlockFactorizer:
             files.append(diskfactors.cell_files(self.env, self.loaded.fingerprint, cell))
             if files[-1] is not None:
                 files[-1].reset()
-            job = self.job(cell.method, cell.label, [cell.target], [cell.allocator], files[-1])
+            # a refining cell's groups are written once refined (``store`` below), not as they are factorized
+            refines = self.env.plugins.get("decomposer", cell.method.name).refines(cell.method.options)
+            job = self.job(cell.method, cell.label, [cell.target], [cell.allocator], None if refines else files[-1])
             job.reference = self.reference(cell, job)
             jobs.append(job)
         needs = set().union(*(job.needs for job in jobs))

@@ -82,6 +82,14 @@ stream to the pass, shared by all such jobs: the captured inputs passed on throu
 blocks, whose ``gram`` per layer each such job gets as ``gram_original`` beside its own stream's
 ``gram`` (one more block forward and one more set of activations per pass; under original inputs
 ``gram_original`` is ``gram`` itself).
+Block refinement (a decomposer whose ``refines(options)`` is true, e.g. ``aa-svd`` with ``refine``):
+once a block's groups are materialized at a job's reference ranks, before the block's outputs pass on,
+the method's ``refine_block`` trains those replacements on the stream's batches (X') towards the
+uncompressed block's outputs on the original model's batches (the uncompressed model's stream is kept for
+it, as for ``anchor_cross``; those outputs are computed once per block and are that stream's next inputs);
+the refined groups become the job's factorizations, fixed at that rank (``harness.run.refine``), and the
+block's outputs pass on through them. The last block is refined too (its outputs are not computed), the head
+is not. Jobs of one method at the same ranks share one refinement (the same inputs, the same result).
 A model the pipeline cannot run is refused under propagated inputs (one
 line naming ``calibration.inputs``) rather than silently given original ones,
 and so is ``--executor ray``, whose tasks share one factorization per method.
@@ -146,6 +154,9 @@ class Job:
     ``indices`` are compressed at before the block's outputs pass on (``run_propagated``)."""
     ranks: dict[int, int | None] = field(default_factory=dict)
     """Propagated inputs: each factorized group's reference rank (group index -> rank)."""
+    refine: Callable[..., dict] | None = None
+    """Propagated inputs, a refining method (``Decomposer.refines``): ``refine(block, replacements, inputs,
+    targets, forward, swapped)``, its ``refine_block``; the refined groups become ``RefinedFactorization``s."""
 
 
 class LiveStats:
@@ -554,24 +565,29 @@ def run_propagated(
     with _eval_mode(model), torch.no_grad():
         streams = [_Stream(list(jobs), capture_inputs(model, plan.blocks[0], batches, batch_size, device), pending)]
         streams = streams if steps else []
-        # ``anchor_cross`` and ``gram_original``: one more stream, the uncompressed model's activations through
-        # the uncompressed blocks, shared by every job that needs either
+        # ``anchor_cross``, ``gram_original`` and block refinement: one more stream, the uncompressed model's
+        # activations through the uncompressed blocks, shared by every job that needs any of them
         anchored = any("anchor_cross" in job.needs for job in jobs)
         wants_grams = any("gram_original" in job.needs for job in jobs)
-        original = list(streams[0].inputs) if streams and (anchored or wants_grams) else None
+        refining = any(job.refine is not None for job in jobs)
+        held = anchored or refining  # block b's original inputs are needed until every stream is through b
+        original = list(streams[0].inputs) if streams and (held or wants_grams) else None
         for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
             last = b == steps - 1
             following: list[_Stream] = []
             advance = "drop" if last else "replace"
             # the anchor pairs block b's original inputs with each stream's: they move on after the streams
             grams = (
-                _original_grams(model, plan, b, original, shapes, device, tracker, "keep" if anchored else advance)
+                _original_grams(model, plan, b, original, shapes, device, tracker, "keep" if held else advance)
                 if wants_grams
                 else {}
             )
-            for stream in streams:
+            refines = [b < len(plan.blocks) and any(job.refine is not None for job in s.jobs) for s in streams]
+            # refinement's targets: the uncompressed block's outputs on the original batches (its next inputs)
+            targets = _block_outputs(model, plan, b, original, device) if any(refines) else None
+            for stream, refined in zip(streams, refines, strict=True):
                 kinds = frozenset().union(*(job.needs for job in stream.jobs)) & FORWARD_KINDS
-                out = "drop" if last else "keep"
+                out = "drop" if last and not refined else "keep"
                 anchor = original if anchored else None
                 stats = _step(model, plan, b, stream.inputs, kinds, shapes, device, tracker, out, anchor)
                 if "gram_original" in kinds:
@@ -580,11 +596,21 @@ def run_propagated(
                 stream.pending.held.update(stats)
                 del stats
                 done = stream.pending.ready(b)
-                following += [stream] if last else _branch(model, plan, b, stream, done, device, dense, log)
+                branch = _Branch(model, plan, b, device, dense, log, targets, seed)
+                if last:  # nothing follows: the last block is refined, its outputs not computed
+                    if refined:
+                        branch.split(stream, done, propagate=False)
+                    following.append(stream)
+                else:
+                    following += branch.split(stream, done)
                 stream.inputs = []
             streams = following
-            if original is not None and anchored and not last:
-                _step(model, plan, b, original, frozenset(), shapes, device, None, "replace")
+            if original is not None and held and not last:
+                if targets is not None:  # the same forward as ``_step``'s: the original stream moves on
+                    original[:] = [dataclasses.replace(x, hidden=t) for x, t in zip(original, targets, strict=True)]
+                else:
+                    _step(model, plan, b, original, frozenset(), shapes, device, None, "replace")
+            del targets
     for part in [s.pending for s in streams] or [pending]:  # groups of layers the pass did not reach (none)
         part.rest()
 
@@ -608,47 +634,111 @@ def _original_grams(
     return {name: layer.gram for name, layer in stats.items()}
 
 
-def _branch(
-    model: nn.Module,
-    plan: BlockPlan,
-    b: int,
-    stream: _Stream,
-    done: list[tuple[Job, int]],
-    device: torch.device,
-    dense: bool,
-    log: Callable[[str], None],
-) -> list[_Stream]:
-    """The streams after block ``b``: the stream's jobs by (method, reference ranks of the block's groups),
-    each with the block's outputs, the block's layers replaced at those ranks. The last one reuses the
-    stream's list of inputs (one batch at a time), so the activations alive grow by one list per split."""
-    members = set(plan.members[b])
-    buckets: dict[tuple, tuple[list[Job], dict]] = {}
-    for job in stream.jobs:
-        if job.error is not None:
-            continue
-        indices = [i for j, i in done if j is job]
+def _block_outputs(model: nn.Module, plan: BlockPlan, b: int, original: list, device: torch.device) -> list:
+    """Block ``b``'s outputs (hidden states) on the uncompressed model's batches ``original``."""
+    block = plan.blocks[b]
+    outputs = []
+    with on_all([block], device):
+        for batch in original:
+            out = block(batch.hidden, *batch.args, **batch.kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+@dataclass
+class _Branch:
+    """What splitting a stream after block ``b`` needs: the block, where it runs, the surgery mode, the
+    refinement's targets (None: no refining job) and ``seed`` (called before each refinement)."""
+
+    model: nn.Module
+    plan: BlockPlan
+    b: int
+    device: torch.device
+    dense: bool
+    log: Callable[[str], None]
+    targets: list | None = None
+    seed: Callable[[], None] = lambda: None
+
+    def split(self, stream: _Stream, done: list[tuple[Job, int]], propagate: bool = True) -> list[_Stream]:
+        """The streams after block ``b``: the stream's jobs by (method, reference ranks of the block's groups),
+        each with the block's outputs, the block's layers replaced at those ranks (refined first, for a refining
+        method). The last one reuses the stream's list of inputs (one batch at a time), so the activations alive
+        grow by one list per split. ``propagate`` False (the last block): no outputs, no streams."""
+        buckets = self.buckets(stream, done)
+        streams = []
+        for k, (key, (jobs, replacements)) in enumerate(buckets.items()):
+            if jobs[0].refine is not None and replacements and self.targets is not None:
+                replacements = self.refine(jobs, dict(key[1]), replacements, stream.inputs)
+                if replacements is None:
+                    continue
+            if not propagate:
+                continue
+            in_place = k == len(buckets) - 1
+            inputs = _compressed_outputs(
+                self.model, self.plan, self.b, stream.inputs, replacements, self.device, self.dense, in_place
+            )
+            streams.append(_Stream(jobs, inputs, stream.pending.subset(jobs)))
+        return streams
+
+    def buckets(self, stream: _Stream, done: list[tuple[Job, int]]) -> dict[tuple, tuple[list[Job], dict]]:
+        """The stream's jobs by (method, (index, reference rank) of the block's groups), with the replacements
+        of the block's layers at those ranks (a job whose reference or materialization fails leaves)."""
+        members = set(self.plan.members[self.b])
+        buckets: dict[tuple, tuple[list[Job], dict]] = {}
+        for job in stream.jobs:
+            if job.error is not None:
+                continue
+            indices = [i for j, i in done if j is job]
+            try:
+                ranks = list(job.reference(job, indices)) if indices else []
+                if len(ranks) != len(indices):
+                    raise RuntimeError(f"reference ranks: {len(ranks)} for {len(indices)} groups")
+                replacements = {}
+                for index, rank in zip(indices, ranks, strict=True):
+                    job.ranks[index] = rank
+                    if rank is not None:
+                        made = job.factorizations[index].materialize(rank)
+                        replacements.update({n: r for n, r in made.items() if n in members})
+            except Exception as exc:  # the job's cells fail with it; the other jobs go on
+                job.error = exc
+                self.log(f"propagate {job.label}: block {self.b}: {type(exc).__name__}: {exc}")
+                continue
+            key = (job.method or job.label, tuple(zip(indices, ranks, strict=True)))
+            buckets.setdefault(key, ([], replacements))[0].append(job)
+        return buckets
+
+    def refine(self, jobs: list[Job], ranks: dict[int, int | None], replacements: dict, inputs: list) -> dict | None:
+        """The block's replacements trained by the jobs' method (once for the jobs of one method at the same
+        ranks: the same inputs, the same result), written back as each job's factorizations of the groups they
+        cover (``RefinedFactorization``); None (every job failed) where the refinement raised."""
+        from harness.run.refine import refined_groups, swapped
+
+        block = self.plan.blocks[self.b]
+
+        def forward(batch):
+            out = block(batch.hidden, *batch.args, **batch.kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        started = time.perf_counter()
         try:
-            ranks = list(job.reference(job, indices)) if indices else []
-            if len(ranks) != len(indices):
-                raise RuntimeError(f"reference ranks: {len(ranks)} for {len(indices)} groups")
-            replacements = {}
-            for index, rank in zip(indices, ranks, strict=True):
-                job.ranks[index] = rank
-                if rank is not None:
-                    made = job.factorizations[index].materialize(rank)
-                    replacements.update({n: r for n, r in made.items() if n in members})
-        except Exception as exc:  # the job's cells fail with it; the other jobs go on
-            job.error = exc
-            log(f"propagate {job.label}: block {b}: {type(exc).__name__}: {exc}")
-            continue
-        key = (job.method or job.label, tuple(zip(indices, ranks, strict=True)))
-        buckets.setdefault(key, ([], replacements))[0].append(job)
-    streams = []
-    for k, (jobs, replacements) in enumerate(buckets.values()):
-        in_place = k == len(buckets) - 1
-        inputs = _compressed_outputs(model, plan, b, stream.inputs, replacements, device, dense, in_place)
-        streams.append(_Stream(jobs, inputs, stream.pending.subset(jobs)))
-    return streams
+            self.seed()  # a refinement draws from the suite's seed, whatever ran before it
+            with on_all([block], self.device), torch.enable_grad():
+                refined = jobs[0].refine(
+                    block, replacements, inputs, self.targets, forward, lambda r: swapped(self.model, r)
+                )
+            indices, levels = list(ranks), list(ranks.values())
+            for job in jobs:
+                for index, fact in refined_groups(job.factorizations, indices, levels, refined).items():
+                    job.factorizations[index] = fact
+        except Exception as exc:  # the jobs' cells fail with it; the other jobs go on
+            for job in jobs:
+                job.error = exc
+            self.log(f"refine {jobs[0].label}: block {self.b}: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            for job in jobs:
+                job.seconds += time.perf_counter() - started
+        return {n: refined.get(n, r) for n, r in replacements.items()}
 
 
 def _compressed_outputs(

@@ -231,7 +231,8 @@ class ModelSession:
         """The cell's record without results: failed with ``error`` (type, message, traceback), or None."""
         loaded, suite = self.loaded, self.env.suite
         method = cell.method
-        needs = None if method is None else sorted(self.env.plugins.get("decomposer", method.name).needs)
+        decomposer = None if method is None else self.env.plugins.get("decomposer", method.name)
+        needs = None if method is None else sorted(decomposer.needs)
         return CellRecord(
             cell_id=cell.id,
             suite=cell.suite,
@@ -257,6 +258,10 @@ class ModelSession:
 
 
 def tuned_flag(env: RunEnv, cell: Cell) -> dict[str, bool]:
-    """``{"weight_optimization": True}`` for a cell whose method tunes after surgery, else nothing (the record
-    of every other cell stays as it was)."""
-    return {"weight_optimization": True} if tunes(env, cell) else {}
+    """``{"weight_optimization": True}`` for a cell whose method trains its factors on calibration data (tunes
+    after surgery, or refines its blocks in the propagated pass), else nothing (the record of every other cell
+    stays as it was)."""
+    if cell.method is None:
+        return {}
+    refines = env.plugins.get("decomposer", cell.method.name).refines(cell.method.options)
+    return {"weight_optimization": True} if refines or tunes(env, cell) else {}

@@ -13,10 +13,10 @@ then ``gram`` is X'^T X' and ``anchor_cross`` is X^T X' (the core keeps a
 stream of the original model's activations beside each compressed one). On
 original inputs X' = X and the factors are SVD-LLM's, bit for bit.
 
-The paper's block-level refinement (fine-tuning each block to the original
-block's outputs, a weight optimization) is not offered: a decomposer sees one
-group's weight and statistics, not a block, its activations and an optimizer.
-README.md names the core hook it needs.
+``refine = true`` adds the paper's block-level refinement (a weight optimization,
+off by default): under propagated inputs each compressed block's factors are
+trained so that its outputs on X' match the original block's outputs on X
+(``harness_aasvd.refine``, through the core's ``Decomposer.refine_block``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,23 @@ class AASVDOptions:
     jitter_eps: float = field(default=1e-6, metadata={"exclusive_minimum": 0})
     """Added on top of -lambda_min to the diagonal of X'^T X' where its Cholesky fails (SVD-LLM's 1e-6,
     ``harness.CHOLESKY_EPS``, grown tenfold while it still fails; the official code adds 1e-3 once)."""
+
+    refine: bool = field(default=False, metadata={"omit_default": True})
+    """Block-level refinement (a weight optimization, the official code's default; off here): each block's
+    factors trained to the original block's outputs. Needs ``calibration.inputs = "propagated"`` and the
+    ``uniform`` allocator with a per-matrix target (params or rank)."""
+    refine_lr: float = field(default=1e-4, metadata={"exclusive_minimum": 0, "omit_default": True})
+    """AdamW's peak learning rate."""
+    refine_weight_decay: float = field(default=0.01, metadata={"minimum": 0, "omit_default": True})
+    """AdamW's weight decay."""
+    refine_epochs: int = field(default=25, metadata={"minimum": 1, "omit_default": True})
+    """Passes over the calibration batches (one optimizer step per batch)."""
+    refine_warmup: float = field(default=0.1, metadata={"minimum": 0, "exclusive_maximum": 1, "omit_default": True})
+    """Fraction of the steps with a linear warm-up of the learning rate from 0."""
+    refine_final_lr: float = field(default=0.1, metadata={"minimum": 0, "maximum": 1, "omit_default": True})
+    """Where the cosine decay after the warm-up ends, as a fraction of ``refine_lr``."""
+    refine_clip: float = field(default=1.0, metadata={"exclusive_minimum": 0, "omit_default": True})
+    """Gradient clipping: the largest norm of the factors' gradients (all together) per step."""
 
     def __post_init__(self) -> None:
         if not self.jitter_eps > 0:
@@ -62,6 +79,14 @@ class AASVD(harness.SingleMatrixDecomposer):
         shifted = not no_shift(stats.gram, stats.anchor_cross)
         info = {"jitter": jitter, "tokens": stats.tokens, "shifted": shifted}
         return harness.SVDLikeFactorization(name, U, s, Vt, right=L_inv, out_dtype=weight.dtype, info=info)
+
+    def refines(self, options) -> bool:
+        return bool(options.refine)
+
+    def refine_block(self, block, replacements, inputs, targets, options, ctx):
+        from harness_aasvd.refine import refine_block
+
+        return refine_block(replacements, inputs, targets, options, ctx)
 
 
 @harness.hookimpl
