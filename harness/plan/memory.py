@@ -278,6 +278,8 @@ def training_bytes(
     AdamW's two moments (``ADAMW_STATE_BYTES``)."""
     values = replaced_bytes(layers, target, allocators, wb) // wb
     return backward_activations_bytes(tokens, config, wb) + ADAMW_STATE_BYTES * values
+
+
 def refine_bytes(
     block: Sequence[LayerInfo],
     targets: Sequence[Any],
