@@ -493,7 +493,8 @@ def extrapolate(rows: list[dict], c: dict) -> list[dict]:
     compaction) against the plan's, and the calibration and factorization peaks at 32 and 80 blocks: the
     peak measured at the largest N plus, per further block, what grows per block as measured (its weights
     and kept factors; the statistics too where every block's are alive at once), the plan's figure for the
-    same depth beside each. (A linear fit of the RSS over N = 1, 2, 4 would extrapolate the allocator's
+    same depth beside each (the block path's calibration grows by the kept factors too: ``harness.plan``'s
+    ``pass_calibration_peak``). (A linear fit of the RSS over N = 1, 2, 4 would extrapolate the allocator's
     noise: at a reduced width a block adds less than that noise.)"""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -527,7 +528,10 @@ def extrapolate(rows: list[dict], c: dict) -> list[dict]:
             if not measured:
                 continue
             grows = last["plan"]["weights_per_block"] + (per_block_stats if every_block else 0)
-            grows += per_block_kept * (stage == "factorization")
+            # the kept factors: in factorization on both paths; in calibration on the block path too, where
+            # each block collects with every earlier block's factors alive (none in RSS under keep = "disk")
+            kept_in_rss = per_block_kept * (last.get("keep") != "disk")
+            grows += kept_in_rss * (stage == "factorization" or (pipeline == "blocks" and not every_block))
             for depth in (32, 80):
                 entry.setdefault(stage, {})[str(depth)] = {
                     "measured": measured + grows * (depth - last["blocks"]),
