@@ -18,6 +18,12 @@ sets are the float64 tensors of each method's math, an estimate (LAPACK's own
 workspace is not counted). Under ``calibration.inputs = "propagated"`` the
 captured activations and the block pass's kept factors count once per stream
 (one per cell of the methods the pipeline serves: ``propagated_streams``).
+On the block path the factors kept for earlier groups count where they are
+alive (``pass_calibration_peak``, ``pass_factorization_peak``); under
+``[factorization] keep = "disk"`` they are memory-mapped files: on disk (the
+factor storage stage), in the page cache (reclaimable), not in the resident set
+until a cell reads them, so not in host memory. A run that collects statistics
+also keeps its calibration text (``CALIBRATION_DATA_BYTES``).
 
 Decodable layers: Llama-family decoders (llama, mistral, qwen2, qwen3: every
 config in harness/shapes) are laid out from the config (q, k, v, o, gate, up,
