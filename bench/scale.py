@@ -425,7 +425,7 @@ def replan(outcome: dict) -> dict:
 
 def run(args) -> dict:
     if args.replan:
-        merged = json.loads(args.replan[0].read_text())
+        merged = json.loads(args.replan[0].read_text())  # its "command" (where recorded): the measurement's
         for more in args.replan[1:]:
             merged["rows"] += json.loads(more.read_text())["rows"]
         merged["config"]["models"] = sorted({spec(r["blocks"], r["scale"]) for r in merged["rows"]})
@@ -458,6 +458,7 @@ def run(args) -> dict:
 
 def outcome(rows: list[dict], c: dict, threads: int) -> dict:
     return {
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
         "config": {
             **c,
             "device": "cpu",
@@ -527,7 +528,9 @@ def extrapolate(rows: list[dict], c: dict) -> list[dict]:
             measured = last["stage_peak"].get(stage)
             if not measured:
                 continue
-            grows = last["plan"]["weights_per_block"] + (per_block_stats if every_block else 0)
+            # a block's weights, where they stay in host memory (offload = "disk": memory-mapped, one at a time)
+            weights = last["plan"]["weights_per_block"] * (last.get("offload") != "disk")
+            grows = weights + (per_block_stats if every_block else 0)
             # the kept factors: in factorization on both paths; in calibration on the block path too, where
             # each block collects with every earlier block's factors alive (none in RSS under keep = "disk")
             kept_in_rss = per_block_kept * (last.get("keep") != "disk")
