@@ -225,7 +225,7 @@ def block_kept_bytes_by_hand() -> int:
 def test_block_path_counts_the_factors_kept_for_earlier_blocks(tmp_path):
     """Calibration on the block path: the last block collects with every earlier block's kept factors alive,
     so one block more adds its weights and one block's factors; under keep = "disk" only its weights (the
-    factors are memory-mapped files, on disk). Factorization: the last group's own factors are not kept yet."""
+    factors are memory-mapped files, on disk)."""
     from harness.suite import load_suite
 
     def stages(layers: int, keep: str = "memory") -> dict:
@@ -238,15 +238,14 @@ def test_block_path_counts_the_factors_kept_for_earlier_blocks(tmp_path):
     one, three = stages(1), stages(3)
     assert three["calibration"].host - one["calibration"].host == 2 * weights + 2 * kept
     assert "earlier blocks" in three["calibration"].note and "earlier blocks" not in one["calibration"].note
-    down = 4 * 2985 * 15104  # the last group of a block: down_proj, the largest working set
     assert three["factorization"].host - one["factorization"].host == 2 * weights + 2 * kept
     disk_one, disk_three = stages(1, "disk"), stages(3, "disk")
     assert disk_three["calibration"].host - disk_one["calibration"].host == 2 * weights
     assert disk_one["calibration"].host == one["calibration"].host  # one block: nothing kept before it
     assert disk_three["factor storage"].disk == 3 * kept
     assert one["factor storage"].disk == 0
-    # factorization at one block: the working set of down_proj plus the 6 groups kept before it, not its own
-    assert one["factorization"].host - disk_one["factorization"].host == kept - down
+    # factorization at one block: down_proj's working set with the block's factors (its own: being kept)
+    assert one["factorization"].host - disk_one["factorization"].host == kept
 
 
 CHILD = textwrap.dedent(

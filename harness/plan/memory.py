@@ -275,19 +275,20 @@ def pass_schedule(layers: Sequence[LayerInfo], jobs: Sequence[PassJob]) -> list[
 
 def kept_before(layers: Sequence[LayerInfo], jobs: Sequence[PassJob]) -> tuple[list[int], dict[tuple[int, int], int]]:
     """Kept factors alive in the block pass: (per step, the bytes kept for groups of earlier steps while the
-    step collects; per (job, group), the bytes kept for the groups factorized before it).
+    step collects; per (job, group), the bytes kept once that group is kept).
 
     Every job keeps each group's factors from its factorization to the session's last cell of the method
     (``BlockFactorizer.release``), so they pile up block after block: at step s, every group complete at
-    an earlier step; at a group, every group before it in ``pass_schedule`` order (its own block's too).
+    an earlier step; at a group, every group up to it in ``pass_schedule`` order (its own block's too, and
+    its own: ``keep`` builds the compacted factors while the raw factorization is still alive).
     Index ``len(blocks_of(layers))`` of the first list: everything the pass kept."""
     schedule = pass_schedule(layers, jobs)
     steps = len(blocks_of(layers))
     per_step = [sum(jobs[j].kept[g] for s, j, g in schedule if s < step) for step in range(steps + 1)]
     per_group, total = {}, 0
     for _, j, g in schedule:
-        per_group[j, g] = total
         total += jobs[j].kept[g]
+        per_group[j, g] = total
     return per_step, per_group
 
 
@@ -331,10 +332,10 @@ def pass_factorization_peak(
     layers: Sequence[LayerInfo], jobs: Sequence[PassJob], kinds: frozenset[str]
 ) -> dict[str, tuple[int, int]]:
     """Per job label: (math, kept) at its costliest group in the block pass: the group's float64 working set
-    and the statistics held for it (``working_set_bytes`` + ``held_stats_bytes``), and the factors kept
-    for every group factorized before it (``kept_before``), the largest sum over the job's groups.
+    and the statistics held for it (``working_set_bytes`` + ``held_stats_bytes``), and the factors kept up
+    to and with it (``kept_before``), the largest sum over the job's groups.
 
-    (Before: the largest group's math plus every factor the pass keeps, the group's own included.)"""
+    (Before: the largest group's math plus every factor the pass keeps, the later blocks' included.)"""
     _, before = kept_before(layers, jobs)
     peaks: dict[str, tuple[int, int]] = {}
     for _, j, g in pass_schedule(layers, jobs):
