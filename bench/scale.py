@@ -52,6 +52,8 @@ from bench.common import add_common_arguments, machine, new_parser, script_main 
 GiB = 2**30
 MiB = 2**20
 METHODS = ("svd-llm", "sfsd", "fwsvd", "svd", "bitstack")
+OPTIONS = ("offload", "keep", "kinds")
+"""A configuration's optional suite settings (``suite_text``), kept in its row where set."""
 STAGES = ("load", "data", "calibration", "factorization", "baseline", "cell")
 PLAN_STAGE = {"load": "load", "calibration": "calibration", "factorization": "factorization", "cell": "evaluation"}
 METHOD_TOML = {
@@ -68,16 +70,22 @@ def spec(blocks: int, scale: int) -> str:
 
 
 def suite_text(method: str, pipeline: str, c: dict) -> str:
+    """The suite of one configuration; ``c``'s optional ``offload`` (top-level ``offload``), ``keep``
+    (``[factorization] keep``) and ``kinds`` (``[surgery] kinds``) only where set (else the defaults)."""
     table = METHOD_TOML.get(method, f'name = "{method}"\n')
+    offload = f'offload = "{c["offload"]}"\n' if c.get("offload") else ""
+    extra = f'\n[factorization]\nkeep = "{c["keep"]}"\n' if c.get("keep") else ""
+    if c.get("kinds"):
+        extra += f"\n[surgery]\nkinds = {json.dumps(list(c['kinds']))}\n"
     return f"""
 name = "scale"
 device = "cpu"
 dtype = "float32"
 seed = 0
-models = ["{spec(c["blocks"], c["scale"])}"]
+{offload}models = ["{spec(c["blocks"], c["scale"])}"]
 targets = [0.8]
 allocators = ["uniform"]
-
+{extra}
 [calibration]
 source = "lambada"
 samples = {c["samples"]}
@@ -215,7 +223,8 @@ def child(config: dict) -> dict:
         path = Path(tmp) / "suite.toml"
         path.write_text(suite_text(config["method"], config["pipeline"], config))
         measured = measure_suite(path, Path(tmp))
-    return {**{k: config[k] for k in ("method", "pipeline", "blocks", "scale")}, **measured}
+    keys = ("method", "pipeline", "blocks", "scale", *(k for k in OPTIONS if config.get(k)))
+    return {**{k: config[k] for k in keys}, **measured}
 
 
 def measure_suite(path: Path, work: Path, model: str | None = None, device: str | None = None, on_switch=None) -> dict:
@@ -248,6 +257,15 @@ def measure_suite(path: Path, work: Path, model: str | None = None, device: str 
 
     session_load = session.load_model
     patches.append(mock.patch.object(session, "load_model", load_model))
+    offload_original = session.offload_blocks
+
+    def offload_blocks(*args, **kwargs):  # offload: dispatching the blocks is part of loading
+        with stages.stage("load"):
+            model = offload_original(*args, **kwargs)
+        counts["model_rss"] = rss_now()  # what stays resident once the blocks are offloaded
+        return model
+
+    patches.append(mock.patch.object(session, "offload_blocks", offload_blocks))
     stages.wrap(pipeline, "run_blocks", "calibration", patches)
     stats_original = prepare.Prepared.stats
 
@@ -272,6 +290,20 @@ def measure_suite(path: Path, work: Path, model: str | None = None, device: str 
             return kept
 
         patches.append(mock.patch.object(module, "keep", keep))
+    job_original = blockwise.BlockFactorizer.job
+
+    def job(self, *args, **kwargs):  # a group's factorize_group and keep as one stage: the raw factorization
+        made = job_original(self, *args, **kwargs)  # alive between the two is the factorization's, not the pass's
+        factorize = made.factorize
+
+        def staged(group, group_stats):
+            with stages.stage("factorization"):
+                return factorize(group, group_stats)
+
+        made.factorize = staged
+        return made
+
+    patches.append(mock.patch.object(blockwise.BlockFactorizer, "job", job))
     init_original = blockwise.BlockFactorizer.__init__
 
     def init(self, *args, **kwargs):
@@ -327,7 +359,7 @@ def plan_figures(method: str, pipeline: str, c: dict, blocks: int) -> dict:
     config["num_hidden_layers"] = blocks
     with mock.patch.object(plan, "model_config", lambda *a, **k: dict(config)):
         stages = plan.plan_model(suite, f"llama-2-7b x{blocks}", "cpu").stages
-    one = plan.linear_layers({**config, "num_hidden_layers": 1})
+    one = plan.linear_layers({**config, "num_hidden_layers": 1}, suite.surgery.kinds)
     decomposer = plan_decomposer(method)
     methods = suite.methods[0]
     # what the pass collects for the method's options (svd-llm's gram_original only for its closed-form update)
@@ -344,6 +376,11 @@ def plan_figures(method: str, pipeline: str, c: dict, blocks: int) -> dict:
         "kept_per_block": plan.kept_bytes(one, methods.targets, allocators, 4),
         "weights_per_block": plan.block_params(config) * 4,
     }
+
+
+def row_options(row: dict) -> dict:
+    """The width and the optional suite settings of a result row (what ``plan_figures`` needs beyond ``c``)."""
+    return {"scale": row["scale"], **{k: row[k] for k in OPTIONS if row.get(k)}}
 
 
 def plan_decomposer(method: str):
@@ -367,7 +404,8 @@ def configurations(args) -> list[dict]:
             for pipeline in ("blocks", "whole"):
                 if pipeline in args.paths:
                     runs.append({"method": method, "pipeline": pipeline, "blocks": blocks, "scale": 1})
-    return runs
+    options = {k: v for k in ("offload", "keep", "kinds") if (v := getattr(args, k))}
+    return [{**r, **options} for r in runs]
 
 
 def common_config(args) -> dict:
@@ -380,14 +418,14 @@ def replan(outcome: dict) -> dict:
     c = {k: outcome["config"][k] for k in ("samples", "seqlen", "batch_size", "eval_seqlen", "eval_windows", "threads")}
     for row in outcome["rows"]:
         if "error" not in row:
-            row["plan"] = plan_figures(row["method"], row["pipeline"], {**c, "scale": row["scale"]}, row["blocks"])
+            row["plan"] = plan_figures(row["method"], row["pipeline"], {**c, **row_options(row)}, row["blocks"])
     outcome["extrapolated"] = extrapolate(outcome["rows"], c)
     return outcome
 
 
 def run(args) -> dict:
     if args.replan:
-        merged = json.loads(args.replan[0].read_text())
+        merged = json.loads(args.replan[0].read_text())  # its "command" (where recorded): the measurement's
         for more in args.replan[1:]:
             merged["rows"] += json.loads(more.read_text())["rows"]
         merged["config"]["models"] = sorted({spec(r["blocks"], r["scale"]) for r in merged["rows"]})
@@ -409,7 +447,7 @@ def run(args) -> dict:
             print(f"[scale] {label} FAILED: {out.stderr[-2000:]}", file=sys.stderr, flush=True)
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["plan"] = plan_figures(row["method"], row["pipeline"], {**c, "scale": row["scale"]}, row["blocks"])
+        row["plan"] = plan_figures(row["method"], row["pipeline"], {**c, **row_options(row)}, row["blocks"])
         print(f"[scale] {label}: peak {row['peak_rss'] / GiB:.2f} GiB, {row['wall_seconds']:.0f} s", file=sys.stderr)
         rows.append(row)
         if args.json:  # the figures so far, in case a later configuration does not finish
@@ -420,6 +458,7 @@ def run(args) -> dict:
 
 def outcome(rows: list[dict], c: dict, threads: int) -> dict:
     return {
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
         "config": {
             **c,
             "device": "cpu",
@@ -455,17 +494,19 @@ def extrapolate(rows: list[dict], c: dict) -> list[dict]:
     compaction) against the plan's, and the calibration and factorization peaks at 32 and 80 blocks: the
     peak measured at the largest N plus, per further block, what grows per block as measured (its weights
     and kept factors; the statistics too where every block's are alive at once), the plan's figure for the
-    same depth beside each. (A linear fit of the RSS over N = 1, 2, 4 would extrapolate the allocator's
+    same depth beside each (the block path's calibration grows by the kept factors too: ``harness.plan``'s
+    ``pass_calibration_peak``). (A linear fit of the RSS over N = 1, 2, 4 would extrapolate the allocator's
     noise: at a reduced width a block adds less than that noise.)"""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "error" not in r:
-            groups.setdefault((r["method"], r["pipeline"], r["scale"]), []).append(r)
+            options = json.dumps({k: r[k] for k in OPTIONS if r.get(k)}, sort_keys=True)
+            groups.setdefault((r["method"], r["pipeline"], r["scale"], options), []).append(r)
     out = []
-    for (method, pipeline, scale), members in groups.items():
+    for (method, pipeline, scale, _), members in groups.items():
         members.sort(key=lambda r: r["blocks"])
         last = members[-1]
-        cc = {**c, "scale": scale}
+        cc = {**c, **row_options(last)}
         per_block_kept = last["kept"] / last["blocks"]
         every_block = pipeline == "whole" or "fisher" in plan_decomposer(method).needs
         per_block_stats = last["stats_whole"] / last["blocks"] if every_block else last["stats_blocks"]
@@ -487,8 +528,13 @@ def extrapolate(rows: list[dict], c: dict) -> list[dict]:
             measured = last["stage_peak"].get(stage)
             if not measured:
                 continue
-            grows = last["plan"]["weights_per_block"] + (per_block_stats if every_block else 0)
-            grows += per_block_kept * (stage == "factorization")
+            # a block's weights, where they stay in host memory (offload = "disk": memory-mapped, one at a time)
+            weights = last["plan"]["weights_per_block"] * (last.get("offload") != "disk")
+            grows = weights + (per_block_stats if every_block else 0)
+            # the kept factors: in factorization on both paths; in calibration on the block path too, where
+            # each block collects with every earlier block's factors alive (none in RSS under keep = "disk")
+            kept_in_rss = per_block_kept * (last.get("keep") != "disk")
+            grows += kept_in_rss * (stage == "factorization" or (pipeline == "blocks" and not every_block))
             for depth in (32, 80):
                 entry.setdefault(stage, {})[str(depth)] = {
                     "measured": measured + grows * (depth - last["blocks"]),
@@ -524,6 +570,12 @@ def width(scale: int) -> int:
     return shape_of(scale)["hidden_size"]
 
 
+def path_label(r: dict) -> str:
+    """The path, with the row's optional settings (offload, keep, kinds) where set."""
+    extra = [f"{k} {' '.join(r[k]) if k == 'kinds' else r[k]}" for k in OPTIONS if r.get(k)]
+    return ", ".join([r["pipeline"], *extra])
+
+
 def stage_table(rows: list[dict]) -> list[str]:
     lines = [
         "",
@@ -537,7 +589,7 @@ def stage_table(rows: list[dict]) -> list[str]:
         cells = [f"{gib(s[x])} [{gib(p[PLAN_STAGE[x]])}]" if x in s else f"- [{gib(p[PLAN_STAGE[x]])}]" for x in stages]
         times = "/".join(f"{t.get(x, 0):.0f}" for x in stages)
         lines.append(
-            f"| {r['method']} | {width(r['scale'])} | {r['blocks']} | {r['pipeline']} | {' | '.join(cells)} | "
+            f"| {r['method']} | {width(r['scale'])} | {r['blocks']} | {path_label(r)} | {' | '.join(cells)} | "
             f"{gib(r['peak_rss'])} | {gib(r['model_rss'])} | {times} |"
         )
     return lines
@@ -633,6 +685,9 @@ def parse():
     parser.add_argument("--full-width-blocks", nargs="+", type=int, default=[1], help="depths at full width")
     parser.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 4], help="depths at the reduced width")
     parser.add_argument("--scale", type=int, default=8, help="the reduced width's divisor (random:...&scale=F)")
+    parser.add_argument("--offload", choices=["cpu", "disk"], help="the suite's offload (block-wise; default: none)")
+    parser.add_argument("--keep", choices=["memory", "disk"], help="[factorization] keep (default: the suite's)")
+    parser.add_argument("--kinds", nargs="+", help="[surgery] kinds: only these Linears (default: every kind)")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)

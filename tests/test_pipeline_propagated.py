@@ -393,8 +393,6 @@ def test_plan_counts_activations_and_kept_factors_once_per_stream(tmp_path, tiny
     streams = 3 * 2  # svd-llm's targets x allocators; svd needs no statistics, fwsvd keeps the whole-model pass
     config = model_config("random:tiny-llama", None, False)
     activations = activations_bytes(5, 24, config["hidden_size"], 4)
-    calibration = plans["propagated"]["calibration"].host - plans["original"]["calibration"].host
-    assert calibration == (streams - 1) * activations
     assert "propagated inputs: 6 streams" in plans["propagated"]["calibration"].note
     plugins = get_plugins()
     layers = linear_layers(config, None, False)
@@ -402,8 +400,14 @@ def test_plan_counts_activations_and_kept_factors_once_per_stream(tmp_path, tiny
     method_targets = suite.methods[0].targets
     shared = kept_bytes(layers, method_targets, allocators, 4)
     own = sum(kept_bytes(layers, [t], [a], 4) for t in method_targets for a in allocators)
+    # the second (last) of tiny-llama's 2 blocks collects with the first block's factors alive (half of each
+    # job's: every stream's own under propagated inputs, the method's shared ones under original), and
+    # between its groups' factorizations holds up to all of them: the difference lies between the two
+    calibration = plans["propagated"]["calibration"].host - plans["original"]["calibration"].host
+    extra = calibration - (streams - 1) * activations
+    assert (own - shared) // 2 <= extra <= own - shared
     factorization = plans["propagated"]["factorization"].host - plans["original"]["factorization"].host
-    assert own > shared and factorization == own - shared
+    assert own > shared and 0 < factorization <= own - shared  # the groups kept before the costliest one
 
 
 # ---------------------------------------------------------------- memory: factorizations freed after their cells

@@ -216,6 +216,38 @@ def test_refusal_names_the_setting_per_stage(tmp_path):
     )
 
 
+def block_kept_bytes_by_hand() -> int:
+    """One Llama-2-7B block's svd-llm factors at keep 0.8 (params, uniform): break-even K = (mn - 1) // (m + n)
+    of each shape, K (m + n) float32 values: q, k, v, o 4096 x 4096 (K 2047), gate, up, down 4096 x 11008 (2985)."""
+    return 4 * (4 * 2047 * 8192 + 3 * 2985 * 15104)
+
+
+def test_block_path_counts_the_factors_kept_for_earlier_blocks(tmp_path):
+    """Calibration on the block path: the last block collects with every earlier block's kept factors alive,
+    so one block more adds its weights and one block's factors; under keep = "disk" only its weights (the
+    factors are memory-mapped files, on disk)."""
+    from harness.suite import load_suite
+
+    def stages(layers: int, keep: str = "memory") -> dict:
+        extra = f'[factorization]\nkeep = "{keep}"\n'
+        suite = load_suite(write(tmp_path, extra=extra, model="random:llama-2-7b"))
+        return {s.name: s for s in plan_mod.plan_model(suite, "random:llama-2-7b", "cpu", layers).stages}
+
+    weights = plan_mod.block_params(shapes.parse_random_spec("random:llama-2-7b").config()) * 4
+    kept = block_kept_bytes_by_hand()
+    one, three = stages(1), stages(3)
+    assert three["calibration"].host - one["calibration"].host == 2 * weights + 2 * kept
+    assert "earlier blocks" in three["calibration"].note and "earlier blocks" not in one["calibration"].note
+    assert three["factorization"].host - one["factorization"].host == 2 * weights + 2 * kept
+    disk_one, disk_three = stages(1, "disk"), stages(3, "disk")
+    assert disk_three["calibration"].host - disk_one["calibration"].host == 2 * weights
+    assert disk_one["calibration"].host == one["calibration"].host  # one block: nothing kept before it
+    assert disk_three["factor storage"].disk == 3 * kept
+    assert one["factor storage"].disk == 0
+    # factorization at one block: down_proj's working set with the block's factors (its own: being kept)
+    assert one["factorization"].host - disk_one["factorization"].host == kept
+
+
 CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
@@ -256,7 +288,8 @@ def test_calibration_host_figure_within_15_percent_of_the_measured_peak_rss(tmp_
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     suite = load_suite(write(tmp_path, model="random:llama-2-7b?layers=1"))
     plan = plan_mod.plan_model(suite, "random:llama-2-7b?layers=1", "cpu")
-    load, calibration = plan.stages[0].host, plan.stages[1].host
+    # the bare child reads no calibration text: the plan's figure for it, without CALIBRATION_DATA_BYTES
+    load, calibration = plan.stages[0].host, plan.stages[1].host - plan_mod.CALIBRATION_DATA_BYTES
     print(f"measured: loaded {measured['loaded'] / 2**30:.3f} GiB, calibration peak {measured['peak'] / 2**30:.3f} GiB")
     print(f"plan: load {load / 2**30:.3f} GiB, calibration {calibration / 2**30:.3f} GiB")
     assert abs(calibration - measured["peak"]) <= 0.15 * measured["peak"]
@@ -359,6 +392,8 @@ def test_factorization_and_evaluation_figures_within_15_percent_of_the_measured_
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     plan = {s.name: s.host for s in plan_mod.plan_model(load_suite(suite_file), spec, "cpu").stages}
+    for stage in ("calibration", "factorization"):  # the bare child reads no calibration text
+        plan[stage] -= plan_mod.CALIBRATION_DATA_BYTES
     for stage in ("load", "calibration", "factorization", "evaluation"):
         print(f"{stage}: measured {measured[stage] / 2**30:.3f} GiB, plan {plan[stage] / 2**30:.3f} GiB")
     for stage in ("calibration", "factorization", "evaluation"):  # load: the test above, at full width

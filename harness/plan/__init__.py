@@ -18,6 +18,12 @@ sets are the float64 tensors of each method's math, an estimate (LAPACK's own
 workspace is not counted). Under ``calibration.inputs = "propagated"`` the
 captured activations and the block pass's kept factors count once per stream
 (one per cell of the methods the pipeline serves: ``propagated_streams``).
+On the block path the factors kept for earlier groups count where they are
+alive (``pass_calibration_peak``, ``pass_factorization_peak``); under
+``[factorization] keep = "disk"`` they are memory-mapped files: on disk (the
+factor storage stage), in the page cache (reclaimable), not in the resident set
+until a cell reads them, so not in host memory. A run that collects statistics
+also keeps its calibration text (``CALIBRATION_DATA_BYTES``).
 
 Decodable layers: Llama-family decoders (llama, mistral, qwen2, qwen3: every
 config in harness/shapes) are laid out from the config (q, k, v, o, gate, up,
@@ -51,6 +57,7 @@ from harness.plan.layout import (  # noqa: F401 (re-exported: the planner's publ
 )
 from harness.plan.memory import (  # noqa: F401 (re-exported)
     SHARED_INPUTS,
+    PassJob,
     _ShapeFact,
     activations_bytes,
     batch_transient_bytes,
@@ -61,8 +68,12 @@ from harness.plan.memory import (  # noqa: F401 (re-exported)
     held_stats_bytes,
     input_groups,
     input_stats_bytes,
+    kept_before,
     kept_bytes,
     kept_rank,
+    pass_calibration_peak,
+    pass_factorization_peak,
+    pass_schedule,
     pipeline_stats_peak,
     refine_bytes,
     replaced_bytes,
@@ -76,6 +87,11 @@ RUNTIME_BYTES = int(0.37 * GiB)
 this CPU build: 0.37 GiB peak RSS)."""
 FORWARD = frozenset({"gram", "abs_mean", "l2_seq", "out_cov", "out_mean", "anchor_cross", "gram_original"})
 """The forward statistics (``harness.run.calibration.FORWARD_KINDS``, written out: the planner loads no torch)."""
+CALIBRATION_DATA_BYTES = int(0.25 * GiB)
+"""Host memory a ``harness run`` keeps after reading its calibration data (the source text and its tokens, the
+tokenizer): measured by bench/scale.py's "data" stage, 0.22-0.28 GiB above the loaded model at widths 512
+and 4096, 4 x 256 lambada tokens, not returned afterwards. Counted in the calibration and factorization
+stages of a run that collects statistics (the bare children of tests/test_plan.py read no text)."""
 STAGES = ("load", "calibration", "factorization", "factor storage", "evaluation")
 
 
@@ -200,18 +216,19 @@ def plan_model(
     refining = [m for m in methods if plugins.get("decomposer", m[0].name).refines(m[0].options)]
     streams = propagated_streams(suite, methods, refining=bool(refining))
     activations = activations_bytes(cal.samples, cal.seqlen, hidden, wb) * max(1, streams)
+    on_disk = suite.factorization.keep == "disk"  # kept factors: memory-mapped group files (page cache, not RSS)
+    storage = min(DTYPE_BYTES[suite.factorization.storage_dtype], wb)  # never wider than the model (compact)
+    kept_dtype = suite.factorization.storage_dtype if DTYPE_BYTES[suite.factorization.storage_dtype] <= wb else dtype
+    jobs = pass_jobs(methods, by_name, targets_layers, cal, storage, streams, on_disk)
     calibration_peak = (weights, 0)  # the model stays where it was loaded
     notes = []
     disk = 0
     if forward:
-        accumulators = max((block_stats_bytes(b, forward)[0] for b in blocks_of(targets_layers)), default=0)
-        finished = pipeline_stats_peak(targets_layers, forward) - accumulators
-        transient = batch_transient_bytes(targets_layers, forward, tokens, config, wb)
-        if cpu:
-            calibration_peak = (weights + accumulators + finished + activations + transient, 0)
-        else:
-            calibration_peak = (weights + accumulators + activations + transient, accumulators + finished)
+        device_part, host_part = pass_calibration_peak(targets_layers, jobs, forward, tokens, config, wb, cpu)
+        calibration_peak = (weights + activations + device_part, host_part)
         notes.append(f"blocks: {', '.join(sorted(forward))}, one block's statistics")
+        if kept_before(targets_layers, jobs)[0][-2]:  # at the last step: the earlier steps' factors
+            notes.append("the factors kept for earlier blocks")
         if streams:
             notes.append(f"propagated inputs: {streams} streams of activations")
         if streams and refining:  # one refinement at a time, on the device: the largest block's
@@ -228,59 +245,51 @@ def plan_model(
         if whole_kinds & GRADIENT_KINDS:  # backward of one window: every block's activations kept for the gradient
             transient += 16 * cal.seqlen * hidden * wb * int(c["num_hidden_layers"])
         whole = (weights + acc + fin + transient, 0) if cpu else (weights + acc + transient, fin)
-        calibration_peak = max(calibration_peak, whole)
+        calibration_peak = max(calibration_peak, whole, key=sum)
         disk = acc + fin  # the whole-model path caches its statistics on disk (about this much)
         notes.append(f"whole: {', '.join(sorted(whole_kinds))}, every layer's statistics, cached on disk")
     if suite.offload:
         notes.append(f"one offloaded block on the device at a time ({suite.offload})")
-    calibration_peak = (calibration_peak[0], calibration_peak[1] + host_w)
+    data = CALIBRATION_DATA_BYTES if forward or whole_kinds else 0  # the calibration text, read once, kept
+    calibration_peak = (calibration_peak[0], calibration_peak[1] + host_w + data)
     plan.stages.append(stage("calibration", *calibration_peak, disk + disk_w, "; ".join(notes) or "no statistics"))
 
-    storage = min(DTYPE_BYTES[suite.factorization.storage_dtype], wb)  # never wider than the model (compact)
-    kept_dtype = suite.factorization.storage_dtype if DTYPE_BYTES[suite.factorization.storage_dtype] <= wb else dtype
     kept_all = 0
-    passed = 0  # the block pass's methods are all alive after it, each until its last cell (Prepared.release)
+    passed = sum(sum(job.kept) for job in jobs)  # the pass's factors: alive until each method's last cell
+    in_pass = pass_factorization_peak(targets_layers, jobs, forward)
     rows = []
     for method, needs, groups, allocators in methods:
         group_layers = [[by_name[n] for n in g if n in by_name] for g in groups]
-        working = max((working_set_bytes(g, needs) for g in group_layers), default=0)
         kept = kept_bytes(targets_layers, method.targets, allocators, storage)
         kept_all += kept
-        blockwise = cal.pipeline == "blocks" and bool(needs) and not needs & GRADIENT_KINDS
-        if blockwise:  # the statistics of the largest group's blocks, held while it is factorized
-            held = held_stats_bytes(targets_layers, max(group_layers, key=len, default=[]), forward)
-            if streams:  # one set of factors per cell, each kept for that cell's (target, allocator) alone
-                pairs = [(t, a) for t in method.targets for a in allocators]
-                kept = sum(kept_bytes(targets_layers, [t], [a], storage) for t, a in pairs)
-            passed += kept
-        else:
-            held = sum(whole_stats_bytes(targets_layers, needs)) if needs else 0
-        rows.append((method.label, working + held, 0 if blockwise else kept))
+        if method.label in in_pass:  # the block pass: its costliest group, the factors kept before it
+            rows.append((method.label, *in_pass[method.label], 0))
+            continue
+        working = max((working_set_bytes(g, needs) for g in group_layers), default=0)
+        held = sum(whole_stats_bytes(targets_layers, needs)) if needs else 0
+        rows.append((method.label, working + held, passed, 0 if on_disk else kept))
     if rows:
-        label, math, own = max(rows, key=lambda r: r[1] + r[2])
+        label, math, before, own = max(rows, key=lambda r: r[1] + r[2] + r[3])
+        where = "memory-mapped files (page cache, not RSS)" if on_disk else kept_dtype
         note = (
-            f"{label}: largest group's float64 math; kept factors ({kept_dtype}) of "
-            f"{'every method of the block pass' if passed else 'the method'}"
+            f"{label}: largest group's float64 math; kept factors ({where}) of "
+            f"{'the block pass so far' if label in in_pass else 'the block pass and the method'}"
         )
-        plan.stages.append(stage("factorization", weights + math, host_w + passed + own, disk_w, note))
+        plan.stages.append(stage("factorization", weights + math, host_w + before + own + data, disk_w, note))
     else:
         plan.stages.append(stage("factorization", weights, host_w, disk_w, "no methods"))
-    store = kept_all if executor == "ray" else 0
-    plan.stages.append(
-        Stage(
-            "factor storage",
-            0,
-            0,
-            store,
-            "Ray factstore: every method's kept factors"
-            if store
-            else "in host memory (nothing on disk; Ray writes a factstore)",
-        )
-    )
+    store = kept_all if executor == "ray" or on_disk else 0
+    if on_disk:
+        what = "keep = disk: every method's kept factors in memory-mapped group files (page cache, reclaimable)"
+    elif store:
+        what = "Ray factstore: every method's kept factors"
+    else:
+        what = "in host memory (nothing on disk; Ray writes a factstore)"
+    plan.stages.append(Stage("factor storage", 0, 0, store, what))
     replaced = max((replaced_bytes(targets_layers, t, a, wb) for m, _, _, a in methods for t in m.targets), default=0)
     tokens = evaluation_tokens(suite)
     logits = evaluation_tokens_bytes(tokens, int(c["vocab_size"]), wb) + forward_bytes(tokens, config, wb)
-    alive = passed + max((own for _, _, own in rows), default=0)  # the kept factors stay in host memory
+    alive = passed + max((own for *_, own in rows), default=0)  # the kept factors stay in host memory
     training = tuned_training_bytes(suite, methods, targets_layers, config, wb, plugins)
     step = max(logits, training)  # a tuned cell trains, then evaluates: the larger of the two
     tuned = "; a tuned cell's training step (backward activations, gradients, AdamW moments)" if training else ""
@@ -307,6 +316,30 @@ def tuned_training_bytes(suite: Suite, methods: list, layers: list, config: dict
         ),
         default=0,
     )
+
+
+def pass_jobs(methods: list, by_name: dict, layers: list, cal, storage: int, streams: int, on_disk: bool) -> list:
+    """The block pass's jobs (``PassJob``): one per method it serves (forward statistics only, ``pipeline =
+    "blocks"``), one per cell of those under propagated inputs (each keeps its factors for its own (target,
+    allocator) alone), with each group's kept bytes in host memory (0 under ``keep = "disk"``)."""
+    if cal.pipeline != "blocks":
+        return []
+    jobs = []
+    for method, needs, groups, allocators in methods:
+        if not needs or needs & GRADIENT_KINDS:
+            continue
+        group_layers = [[by_name[n] for n in g if n in by_name] for g in groups]
+        pairs = [(t, a) for t in method.targets for a in allocators] if streams else [(method.targets, allocators)]
+        for targets, chosen in pairs:
+            targets, chosen = (targets, chosen) if not streams else ([targets], [chosen])
+            counted: set[str] = set()  # each layer's factors once, at the first group naming it (a group may
+            kept = []  # name a partner for its statistics only: BitStack's scale fusion)
+            for group in group_layers:
+                own = [x for x in group if x.name not in counted]
+                counted.update(x.name for x in own)
+                kept.append(0 if on_disk else kept_bytes(own, targets, chosen, storage))
+            jobs.append(PassJob(method.label, needs, group_layers, kept))
+    return jobs
 
 
 ORIGINAL_STREAM_KINDS = frozenset({"anchor_cross", "gram_original"})

@@ -307,3 +307,97 @@ def refine_bytes(
     tokens = batch_size * seqlen
     backward = tokens * (16 * hidden + 4 * inter) + 2 * batch_size * heads * seqlen * seqlen
     return dtype_bytes * (4 * trainable + backward + samples * seqlen * hidden)
+
+
+# ---------------------------------------------------------------- the block pass's timeline
+class PassJob:
+    """One job of the block pass as the planner sees it (``harness.run.pipeline.Job``): its needs, its groups
+    (LayerInfo lists) and the bytes each group's kept factors take in host memory once factorized (0 under
+    ``[factorization] keep = "disk"``: memory-mapped files, see ``kept_host_bytes``)."""
+
+    def __init__(self, label: str, needs: frozenset[str], groups: Sequence[Sequence[LayerInfo]], kept: Sequence[int]):
+        self.label, self.needs, self.groups, self.kept = label, frozenset(needs), list(groups), list(kept)
+
+
+def pass_schedule(layers: Sequence[LayerInfo], jobs: Sequence[PassJob]) -> list[tuple[int, int, int]]:
+    """(step, job, group) in the order the block pass factorizes them (``harness.run.pipeline._Pending``):
+    by the step its last member's statistics are in (a block's index in ``blocks_of`` order; the head after
+    the last block; -1 for a group without target members), then by job, then by group index."""
+    step_of = {x.name: s for s, block in enumerate(blocks_of(layers)) for x in block}
+    order = []
+    for j, job in enumerate(jobs):
+        for g, group in enumerate(job.groups):
+            order.append((max((step_of[x.name] for x in group if x.name in step_of), default=-1), j, g))
+    return sorted(order)
+
+
+def kept_before(layers: Sequence[LayerInfo], jobs: Sequence[PassJob]) -> tuple[list[int], dict[tuple[int, int], int]]:
+    """Kept factors alive in the block pass: (per step, the bytes kept for groups of earlier steps while the
+    step collects; per (job, group), the bytes kept once that group is kept).
+
+    Every job keeps each group's factors from its factorization to the session's last cell of the method
+    (``BlockFactorizer.release``), so they pile up block after block: at step s, every group complete at
+    an earlier step; at a group, every group up to it in ``pass_schedule`` order (its own block's too, and
+    its own: ``keep`` builds the compacted factors while the raw factorization is still alive).
+    Index ``len(blocks_of(layers))`` of the first list: everything the pass kept."""
+    schedule = pass_schedule(layers, jobs)
+    steps = len(blocks_of(layers))
+    per_step = [sum(jobs[j].kept[g] for s, j, g in schedule if s < step) for step in range(steps + 1)]
+    per_group, total = {}, 0
+    for _, j, g in schedule:
+        total += jobs[j].kept[g]
+        per_group[j, g] = total
+    return per_step, per_group
+
+
+def pass_calibration_peak(
+    layers: Sequence[LayerInfo],
+    jobs: Sequence[PassJob],
+    kinds: frozenset[str],
+    tokens: int,
+    config: dict[str, Any],
+    dtype_bytes: int,
+    cpu: bool = True,
+) -> tuple[int, int]:
+    """(on the run device, in host memory) of the block pass's calibration at its peak step, the model's
+    weights and the captured activations not included; on a CPU run everything is the first figure.
+
+    Per step s (a block, or the head): while it collects, its accumulators and one batch's transients
+    (``batch_transient_bytes`` of its layers) on the device, its finished statistics and the factors kept
+    for the groups of earlier steps (``kept_before``) on the host; between its groups' factorizations (the
+    pass's own code, outside any ``factorize``), its held statistics (accumulators and finished copies) and
+    the factors kept up to its last group, on the host (the statistics are dropped after that group).
+    The largest total of either state over the steps. With factors kept in memory the last block's is the
+    peak: every earlier block's factors are alive then.
+
+    (Before: one block's statistics and transients only; at one full-width Llama-2-7B block the 0.75 GiB
+    of svd-llm factors a block keeps was left out of every later block's calibration.)
+    """
+    before, _ = kept_before(layers, jobs)
+    best = (0, 0)
+    for s, block in enumerate(blocks_of(layers)):
+        acc, fin = block_stats_bytes(block, kinds)
+        transient = batch_transient_bytes(block, kinds, tokens, config, dtype_bytes)
+        if cpu:  # one memory: the accumulators are finished in place beside their finished copies
+            collecting, between = (acc + fin + transient + before[s], 0), (acc + fin + before[s + 1], 0)
+        else:  # accumulated on the device, finished on the host (``_BlockCollector.finish``)
+            collecting, between = (acc + transient, acc + fin + before[s]), (0, acc + fin + before[s + 1])
+        best = max(best, collecting, between, key=sum)
+    return best
+
+
+def pass_factorization_peak(
+    layers: Sequence[LayerInfo], jobs: Sequence[PassJob], kinds: frozenset[str]
+) -> dict[str, tuple[int, int]]:
+    """Per job label: (math, kept) at its costliest group in the block pass: the group's float64 working set
+    and the statistics held for it (``working_set_bytes`` + ``held_stats_bytes``), and the factors kept up
+    to and with it (``kept_before``), the largest sum over the job's groups.
+
+    (Before: the largest group's math plus every factor the pass keeps, the later blocks' included.)"""
+    _, before = kept_before(layers, jobs)
+    peaks: dict[str, tuple[int, int]] = {}
+    for _, j, g in pass_schedule(layers, jobs):
+        job, group = jobs[j], jobs[j].groups[g]
+        here = (working_set_bytes(group, job.needs) + held_stats_bytes(layers, group, kinds), before[j, g])
+        peaks[job.label] = max(peaks.get(job.label, (0, 0)), here, key=sum)
+    return peaks
