@@ -31,7 +31,8 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,12 +77,33 @@ def linear_inputs(block: nn.Module, batch) -> dict[str, torch.Tensor]:
     return {n: x.to(torch.float64) for n, x in seen.items()}
 
 
-def second_moments(block: nn.Module, original: list, shifted: list) -> dict[str, tuple]:
-    """(X^T X, X^T X', X'^T X') per Linear, summed over the paired batches."""
+@contextmanager
+def swapped(block: nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The block with each named Linear's weight replaced by ``weights`` (float64, cast), restored after."""
+    linears = block_linears(block)
+    saved = {n: linears[n].weight.data for n in (weights or {})}
+    try:
+        for n, w in (weights or {}).items():
+            linears[n].weight.data = w.to(saved[n].dtype)
+        yield
+    finally:
+        for n, w in saved.items():
+            linears[n].weight.data = w
+
+
+def second_moments(
+    block: nn.Module, original: list, shifted: list, weights: dict | None = None, names: tuple | None = None
+) -> dict[str, tuple]:
+    """(X^T X, X^T X', X'^T X') per Linear (``names``: those only), summed over the paired batches; X from the
+    uncompressed block, X' from the block with ``weights`` in place (its layers compressed so far)."""
     sums: dict[str, list] = {}
     for xb, sb in zip(original, shifted, strict=True):
-        xs, ss = linear_inputs(block, xb), linear_inputs(block, sb)
+        xs = linear_inputs(block, xb)
+        with swapped(block, weights):
+            ss = linear_inputs(block, sb)
         for name, x in xs.items():
+            if names is not None and name not in names:
+                continue
             s = ss[name]
             terms = (x.T @ x, x.T @ s, s.T @ s)
             sums[name] = [a + t for a, t in zip(sums[name], terms, strict=True)] if name in sums else list(terms)
@@ -111,15 +133,16 @@ def factor(method: str, w: torch.Tensor, moments: tuple, keep: float, ridge: flo
 
 def advance(block: nn.Module, batches: list, weights: dict[str, torch.Tensor] | None) -> list:
     """The block's outputs for ``batches``, with each Linear's weight replaced by ``weights`` if given."""
-    linears = block_linears(block)
-    saved = {n: linears[n].weight.data for n in (weights or {})}
-    try:
-        for n, w in (weights or {}).items():
-            linears[n].weight.data = w.to(saved[n].dtype)
+    with swapped(block, weights):
         return [replace(b, hidden=run_block(block, b)) for b in batches]
-    finally:
-        for n, w in saved.items():
-            linears[n].weight.data = w
+
+
+STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+"""The official AA-SVD code's order within a block: each stage's statistics with the earlier stages compressed."""
+
+
+def stage_of(name: str) -> int:
+    return next(i for i, kinds in enumerate(STAGES) if name.rsplit(".", 1)[-1] in kinds)
 
 
 def perplexity(model, streams: list, windows: torch.Tensor, batch_size: int) -> float:
@@ -157,22 +180,29 @@ def run(args: argparse.Namespace) -> dict:
             linears = block_linears(block)
             moments: dict[int, tuple] = {}
             for method in METHODS if not args.shared_stream else reversed(METHODS):  # shared: aa-svd first
-                key = id(streams[method])  # shared stream: its moments once
-                if key not in moments:
-                    moments[key] = (
-                        second_moments(block, cal, streams[method]["cal"]),
-                        second_moments(block, held, streams[method]["held"]),
-                    )
-                cal_m, held_m = moments[key]
+                sequential = args.sequential and method == "aa-svd"
                 weights = {}
-                for name, lin in linears.items():
-                    w = lin.weight.data.to(torch.float64)
-                    approx = factor(method, w, cal_m[name], args.keep, args.ridge)
-                    weights[name] = approx
-                    row.setdefault(name, {})[method] = {
-                        "calibration": relative_objective(w, approx, cal_m[name]),
-                        "held_out": relative_objective(w, approx, held_m[name]),
-                    }
+                for stage in range(len(STAGES)) if sequential else [None]:
+                    names = tuple(n for n in linears if stage is None or stage_of(n) == stage)
+                    if sequential:  # this stage's X' with the block's earlier stages compressed
+                        cal_m = second_moments(block, cal, streams[method]["cal"], weights, names)
+                        held_m = second_moments(block, held, streams[method]["held"], weights, names)
+                    else:
+                        key = id(streams[method])  # shared stream: its moments once
+                        if key not in moments:
+                            moments[key] = (
+                                second_moments(block, cal, streams[method]["cal"]),
+                                second_moments(block, held, streams[method]["held"]),
+                            )
+                        cal_m, held_m = moments[key]
+                    for name in names:
+                        w = linears[name].weight.data.to(torch.float64)
+                        approx = factor(method, w, cal_m[name], args.keep, args.ridge)
+                        weights[name] = approx
+                        row.setdefault(name, {})[method] = {
+                            "calibration": relative_objective(w, approx, cal_m[name]),
+                            "held_out": relative_objective(w, approx, held_m[name]),
+                        }
                 if method == "svd-llm" or not args.shared_stream:
                     for split in ("cal", "held"):
                         streams[method][split] = advance(block, streams[method][split], weights)
@@ -197,6 +227,7 @@ def run(args: argparse.Namespace) -> dict:
             "keep": args.keep,
             "ridge": args.ridge,
             "streams": "shared (svd-llm's)" if args.shared_stream else "one per method",
+            "aa_svd_within_block": "sequential (official order)" if args.sequential else "one uncompressed forward",
             "blocks": args.blocks or len(blocks),
             "allocator": "uniform (floor(keep * m n / (m + n)))",
             **machine(),
@@ -248,6 +279,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--keep", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sequential", action="store_true", help="aa-svd: the official order within a block (q/k/v, o, gate/up, down)"
+    )
     parser.add_argument("--shared-stream", action="store_true", help="both methods on svd-llm's propagated stream")
     parser.add_argument("--blocks", type=int, default=0, help="first N blocks only (0: all, with perplexity)")
     parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge on X'^T X' (0: none, as the paper)")
