@@ -330,7 +330,8 @@ class SuiteParser:
         if values.get("offload", "cpu") not in OFFLOADS:
             expected = " or ".join(repr(o) for o in OFFLOADS)
             raise self.fail(
-                "offload", f"expected {expected} (or no key: the whole model on the device), got {values['offload']!r}"
+                "offload",
+                f"expected {expected} (or no key: the whole model on the device), got {shown(values['offload'])}",
             )
         if values.get("offload") and values.get("device_map"):
             raise self.fail(
@@ -348,7 +349,7 @@ class SuiteParser:
             self.check_random(model, f"models[{i}]")
         check_device(values.get("device", "auto"), f"{self.file}: device")
         if not 0 <= values.get("seed", 0) < 2**32:
-            raise self.fail("seed", f"expected an integer from 0 to 2**32 - 1, got {values['seed']}")
+            raise self.fail("seed", f"expected an integer from 0 to 2**32 - 1, got {shown(values['seed'])}")
         targets = self.targets(values.get("targets", []), "targets")
         allocators = self.components("allocator", values.get("allocators", ["uniform"]), "allocators")
         methods = tuple(

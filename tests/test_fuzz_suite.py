@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,6 +145,13 @@ def parse_or_refuse(raw: dict) -> None:
         assert "\n" not in message and "\r" not in message, message
         assert message.startswith(FILE) or "--layers" in message, message
         assert len(message) < 2000, message[:300]
+
+
+def test_a_seed_past_str_limit_is_refused_in_one_line():
+    """Found by the fuzz run: ``str`` of an integer over 4300 digits raises ValueError (Python's limit), so
+    the seed's message, which printed the value raw, became a traceback."""
+    with pytest.raises(HarnessError, match=r"seed: expected .*got an integer of about 4401 digits"):
+        SuiteParser(FILE, get_plugins()).parse({"seed": 10**4400, "models": ["random:tiny-llama"]})
 
 
 def test_random_suites_are_accepted_or_refused_in_one_line():
