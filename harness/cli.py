@@ -84,6 +84,11 @@ def build_parser(commands: dict[str, Command] | None = None) -> Parser:
         "plan",
         help="what a run will need per stage (device memory, host memory, disk), from the models' configs; "
         "exit 1 where it does not fit",
+        epilog='On the block path ([calibration] pipeline = "blocks") the calibration and factorization stages '
+        "count what is alive when each block collects and each group factorizes: the factors kept for every "
+        'group factorized before it (keep = "memory": they pile up block after block; keep = "disk": '
+        "memory-mapped group files, counted on disk in the factor storage stage, not in host memory) and, where "
+        "statistics are collected, the 0.25 GiB a run keeps of its calibration text (bench/README.md).",
     )
     plan.add_argument("suite", help="suite file (TOML)")
     plan.add_argument(
