@@ -30,7 +30,6 @@ from harness.run.measure import Measured, measure
 from harness.run.prepare import Prepared
 from harness.run.provenance import cell_provenance
 from harness.run.record import CellRecord, error_record
-from harness.run.tuning import tunes
 from harness.surgery import count_layers, find_linears
 
 if TYPE_CHECKING:
@@ -231,8 +230,7 @@ class ModelSession:
         """The cell's record without results: failed with ``error`` (type, message, traceback), or None."""
         loaded, suite = self.loaded, self.env.suite
         method = cell.method
-        decomposer = None if method is None else self.env.plugins.get("decomposer", method.name)
-        needs = None if method is None else sorted(decomposer.needs)
+        needs = None if method is None else sorted(self.env.plugins.get("decomposer", method.name).needs)
         return CellRecord(
             cell_id=cell.id,
             suite=cell.suite,
@@ -263,5 +261,5 @@ def tuned_flag(env: RunEnv, cell: Cell) -> dict[str, bool]:
     stays as it was)."""
     if cell.method is None:
         return {}
-    refines = env.plugins.get("decomposer", cell.method.name).refines(cell.method.options)
-    return {"weight_optimization": True} if refines or tunes(env, cell) else {}
+    decomposer, options = env.plugins.get("decomposer", cell.method.name), cell.method.options
+    return {"weight_optimization": True} if decomposer.tunes(options) or decomposer.refines(options) else {}
