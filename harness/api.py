@@ -181,6 +181,15 @@ class Decomposer(AfterSurgery):
         """Partition the layers into groups decomposed jointly (default: one each)."""
         return [(layer.name,) for layer in layers]
 
+    def sequential_within_block(self, options: Any) -> bool:
+        """True where, under ``[calibration] inputs = "propagated"``, a block's statistics are collected stage
+        by stage (default: False, one forward through the uncompressed block): each stage's layers (those
+        that share one input: q/k/v, o, gate/up, down) see the block's earlier stages compressed at the
+        cell's reference ranks, as GPTQ's and AA-SVD's code compress a block's modules in order. Cells record
+        ``"within_block": "sequential"`` in their calibration settings (so in their id); no effect under
+        original inputs."""
+        return False
+
     def factorize(
         self,
         weights: dict[str, torch.Tensor],

@@ -159,7 +159,9 @@ def layer_inputs(model, names, batches) -> dict[str, torch.Tensor]:
 
 
 def test_propagated_anchor_cross_is_original_against_shifted_inputs(tmp_path, tiny_model_dir):
-    suite, session = open_session(tmp_path, tiny_model_dir, methods=["aa-svd"])
+    # the whole block at once (``sequential = false``): block 1's X' carries block 0's shift alone
+    options = {"aa-svd": "{ sequential = false }"}
+    suite, session = open_session(tmp_path, tiny_model_dir, methods=["aa-svd"], options=options)
     (cell,) = session.cells()[1:]
     session.prepared.expect(suite.methods, [cell])
     facts, _ = session.prepared.factorize_cell(cell)
@@ -178,7 +180,8 @@ def test_propagated_anchor_cross_is_original_against_shifted_inputs(tmp_path, ti
         X, Xs = original[name], shifted[name]
         assert (X - Xs).abs().max() > 1e-3  # block 1's inputs are shifted
         stats = harness.LayerStats(tokens=X.shape[0], gram=hand[name].gram, anchor_cross=X.T @ Xs)
-        expected = decomposer.factorize(weights_of(model, [name]), {name: stats}, decomposer.Options(), CTX)
+        together = decomposer.Options(sequential=False)
+        expected = decomposer.factorize(weights_of(model, [name]), {name: stats}, together, CTX)
         piped = facts[index[name]]
         assert piped.info["shifted"]
         rank = max(1, round(0.5 * min(dict((x.name, x.shape) for x in layers)[name])))

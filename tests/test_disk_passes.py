@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 
 from harness.factorfiles import MappedLowRank
-from harness.run import pipeline
+from harness.run import pipeline, propagated
 from harness.run.runner import RunOptions, run_suite
 from harness.suite import load_suite
 from tests.conftest import write_suite
@@ -35,14 +35,14 @@ def numbers(result) -> dict:
 
 def test_propagated_cells_are_written_per_group_and_read_back_without_a_pass(tmp_path, tiny_model_dir, monkeypatch):
     kept, streams = [], []
-    real = pipeline.run_propagated
+    real = propagated.run_propagated
 
     def spy(model, layers, batches, jobs, **kwargs):
         streams.append(len(jobs))
         real(model, layers, batches, jobs, **kwargs)
         kept.extend(f for job in jobs for f in job.factorizations)
 
-    monkeypatch.setattr(pipeline, "run_propagated", spy)
+    monkeypatch.setattr(propagated, "run_propagated", spy)
     memory, _ = run(tmp_path, tiny_model_dir, "memory", "propagated", ["svd-llm"])
     assert streams == [2] and not any(isinstance(f, MappedLowRank) for f in kept)
     kept.clear()

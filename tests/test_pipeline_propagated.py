@@ -24,6 +24,7 @@ from harness.errors import HarnessError
 from harness.factorization import break_even_rank
 from harness.plugins import get_plugins
 from harness.run import pipeline
+from harness.run import propagated as propagated_pass
 from harness.run.calibration import collect_stats
 from harness.run.runner import RunOptions, SuiteRunner, run_suite
 from harness.suite import load_suite
@@ -38,7 +39,10 @@ EVALUATOR = '[[evaluators]]\nname = "perplexity"\noptions = { seqlen = 16, max_w
 def suite_text(model_dir, inputs: str | None = "propagated", targets: str = f"[{{rank = {RANK}}}]", **extra) -> str:
     methods = extra.get("methods", ["svd-llm"])  # allocators, calibration, evaluate: see below
     option = f'inputs = "{inputs}"' if inputs else ""
-    blocks = "\n".join(f'[[methods]]\nname = "{m}"' for m in methods)
+    options = extra.get("options", {})  # method -> its options table, as TOML
+    blocks = "\n".join(
+        f'[[methods]]\nname = "{m}"' + (f"\noptions = {options[m]}" if m in options else "") for m in methods
+    )
     return f"""
         name = "prop"
         device = "cpu"
@@ -264,7 +268,7 @@ def test_a_group_spanning_blocks_passes_on_uncompressed_until_its_last_block():
         lambda m, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True
     )
     try:
-        pipeline.run_propagated(
+        propagated_pass.run_propagated(
             model, layers, batches, [job], device=CPU, batch_size=2, progress=False, log=said.append
         )
     finally:
@@ -345,8 +349,8 @@ def test_a_propagated_run_changes_only_its_cells_and_resumes_per_cell(tmp_path, 
     from harness.cli import main
 
     streams = []
-    real = pipeline.run_propagated
-    monkeypatch.setattr(pipeline, "run_propagated", lambda *a, **k: streams.append(len(a[3])) or real(*a, **k))
+    real = propagated_pass.run_propagated
+    monkeypatch.setattr(propagated_pass, "run_propagated", lambda *a, **k: streams.append(len(a[3])) or real(*a, **k))
     results, options = tmp_path / "results", RunOptions(tmp_path / "results", limit=2, progress=False)
 
     def suite(inputs: str, targets: str = f"[{{rank = {RANK}}}]"):

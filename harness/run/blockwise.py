@@ -20,7 +20,7 @@ from harness.api import FactorizeContext, LayerInfo, RefineContext
 from harness.errors import HarnessError
 from harness.factorization import StoredLowRank
 from harness.provenance import seed_everything
-from harness.run import blocks, calibration, diskfactors, pipeline
+from harness.run import blocks, calibration, diskfactors, pipeline, propagated
 from harness.run.env import RunEnv, log
 from harness.run.factors import factorize_group, keep
 from harness.run.memory import out_of_memory_as
@@ -158,6 +158,7 @@ class BlockFactorizer:
         groups = decomposer.groups(self.layers, method.options)
         needs = frozenset(decomposer.needs_for(method.options)) & frozenset(decomposer.needs)
         job = pipeline.Job(label, needs, groups, factorize, method=method.label)
+        job.sequential = suite.calibration.inputs == "propagated" and decomposer.sequential_within_block(method.options)
         if decomposer.refines(method.options):  # propagated inputs only (harness.suite refuses it elsewhere)
 
             def refine(block, replacements, inputs, targets, forward, swapped):
@@ -197,7 +198,7 @@ class BlockFactorizer:
             f"forward and a forward through the compressed block, each stream holding its own "
             f"{config.samples} x {config.seqlen} activations (up to {n}x those of original inputs)"
         )
-        self._pass(pipeline.run_propagated, jobs, f"calibration (blocks, propagated), {len(jobs)} streams")
+        self._pass(propagated.run_propagated, jobs, f"calibration (blocks, propagated), {len(jobs)} streams")
         for job, where in zip(jobs, files, strict=True):
             if where is not None and job.error is None:  # the manifest: a rerun reuses the cell's files
                 job.factorizations = diskfactors.store(where, job.factorizations, job.seconds)
@@ -235,7 +236,7 @@ class BlockFactorizer:
     def _pass(self, run: Callable, jobs: list[pipeline.Job], desc: str) -> None:
         suite = self.env.suite
         needs = set().union(*(job.needs for job in jobs))
-        extra = {"dense": suite.surgery.mode == "dense"} if run is pipeline.run_propagated else {}
+        extra = {"dense": suite.surgery.mode == "dense"} if run is propagated.run_propagated else {}
         try:
             with out_of_memory_as(lambda exc: self.calibration_oom(needs, exc)):
                 run(

@@ -73,7 +73,7 @@ KIND_FIELDS = {
 ORIGINAL_ALIASES = {"gram_original": "gram"}
 """On original inputs a kind that IS another kind's statistic: collected (and cached) as that kind, then
 served under both names (the same tensor). Only propagated inputs make ``gram_original`` its own statistic
-(``harness.run.pipeline.run_propagated``)."""
+(``harness.run.propagated.run_propagated``)."""
 
 
 def collected_kinds(needs: set[str] | frozenset[str]) -> frozenset[str]:

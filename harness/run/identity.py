@@ -45,11 +45,16 @@ def propagates(suite: Suite, plugins: Plugins, method: Method) -> bool:
 
 def propagated_inputs(suite: Suite, plugins: Plugins, cells: list[Cell]) -> list[Cell]:
     """``cells`` with ``"inputs": "propagated"`` in the calibration settings (and so the id) of the cells
-    whose numbers it changes (``propagates``); the others, and every cell under ``original``, as they were."""
+    whose numbers it changes (``propagates``), and ``"within_block": "sequential"`` where their method
+    collects a block stage by stage (``Decomposer.sequential_within_block``); the others, and every cell
+    under ``original``, as they were."""
     out = []
     for cell in cells:
         if cell.method is not None and "calibration" in cell.config and propagates(suite, plugins, cell.method):
-            config = {**cell.config, "calibration": {**cell.config["calibration"], "inputs": "propagated"}}
+            calibration = {**cell.config["calibration"], "inputs": "propagated"}
+            if plugins.get("decomposer", cell.method.name).sequential_within_block(cell.method.options):
+                calibration["within_block"] = "sequential"
+            config = {**cell.config, "calibration": calibration}
             cell = dataclasses.replace(cell, id=content_hash(config), config=config)
         out.append(cell)
     return out

@@ -47,52 +47,7 @@ Decoders whose blocks the pipeline cannot find (target layers outside one
 blocks of differing attention types, whose keyword arguments differ per block)
 are served by the whole-model path: ``block_plan`` returns why.
 
-Propagated inputs (``[calibration] inputs = "propagated"``, ``run_propagated``):
-block b's statistics are collected on the outputs of blocks 0..b-1 with their
-target layers already replaced by their compressed versions (SFSD's code,
-SVD-LLM's update). What a block is compressed to depends on the ranks, so the
-factorizations depend on the cell: the pass runs one job, and one activation
-stream, per (method, allocator, target) of the methods it serves. Per block
-and stream: a forward through the uncompressed block collecting the
-statistics, the factorizations of the groups now complete, the job's
-*reference ranks* for them (``Job.reference``: the cell's allocator run on
-those groups alone, its target restricted to their share of the model,
-``harness.run.allocate.block_target``), and a forward through the block with
-those layers replaced (``harness.surgery.replaced``, the suite's
-``surgery.mode``) whose outputs are the stream's next inputs. For a local
-allocator (uniform) the reference ranks are the cell's final ones; for a
-global one (energy, global-greedy, welore, sensitivity, ...) they are a
-per-block approximation of its final choice, which it then makes as usual over
-the cell's own factorizations. Allocators that score a calibration loss score
-a block's candidates on the whole model with the earlier blocks at their
-reference ranks. A layer whose group waits for a later block (a group
-spanning blocks) passes on uncompressed through its own block (logged); the
-group is compressed from its last block on. Jobs start as one stream (block
-0's captured inputs: one statistics forward serves them) and split where
-their methods or ranks differ. Cost: up to two block forwards per stream
-instead of one per pass, and each stream holds its own captured activations
-(samples x seqlen x hidden), so both multiply by the number of streams (cells);
-the statistics stay one block's (streams are collected one after another) and
-each cell's factors are kept only up to what its own (allocator, target) can
-choose. Fisher methods keep the whole-model pass on original inputs, and
-methods without statistics are unaffected; only the served methods' cells
-carry ``inputs`` in their identity (``harness.run.identity.propagated_inputs``).
-A job needing ``gram_original`` (the uncompressed model's Gram, ``harness.STAT_KINDS``) adds one
-stream to the pass, shared by all such jobs: the captured inputs passed on through the uncompressed
-blocks, whose ``gram`` per layer each such job gets as ``gram_original`` beside its own stream's
-``gram`` (one more block forward and one more set of activations per pass; under original inputs
-``gram_original`` is ``gram`` itself).
-Block refinement (a decomposer whose ``refines(options)`` is true, e.g. ``aa-svd`` with ``refine``):
-once a block's groups are materialized at a job's reference ranks, before the block's outputs pass on,
-the method's ``refine_block`` trains those replacements on the stream's batches (X') towards the
-uncompressed block's outputs on the original model's batches (the uncompressed model's stream is kept for
-it, as for ``anchor_cross``; those outputs are computed once per block and are that stream's next inputs);
-the refined groups become the job's factorizations, fixed at that rank (``harness.run.refine``), and the
-block's outputs pass on through them. The last block is refined too (its outputs are not computed), the head
-is not. Jobs of one method at the same ranks share one refinement (the same inputs, the same result).
-A model the pipeline cannot run is refused under propagated inputs (one
-line naming ``calibration.inputs``) rather than silently given original ones,
-and so is ``--executor ray``, whose tasks share one factorization per method.
+Propagated inputs (``[calibration] inputs = "propagated"``): ``harness.run.propagated``.
 """
 
 from __future__ import annotations
@@ -110,7 +65,7 @@ import torch
 from torch import nn
 
 from harness.api import LayerInfo, LayerStats
-from harness.run.blocks import BlockPlan, block_plan, capture_inputs, move_tensors, on_all
+from harness.run.blocks import BlockPlan, block_plan, capture_inputs, on_all
 from harness.run.calibration import (
     FORWARD_KINDS,
     INPUT_KINDS,
@@ -157,6 +112,9 @@ class Job:
     refine: Callable[..., dict] | None = None
     """Propagated inputs, a refining method (``Decomposer.refines``): ``refine(block, replacements, inputs,
     targets, forward, swapped)``, its ``refine_block``; the refined groups become ``RefinedFactorization``s."""
+    sequential: bool = False
+    """Propagated inputs (``Decomposer.sequential_within_block``): a block's statistics stage by stage, each
+    stage's layers' inputs through the block's earlier stages compressed (``harness.run.propagated``)."""
 
 
 class LiveStats:
@@ -345,6 +303,7 @@ class _Pending:
 
     def __init__(self, jobs: Sequence[Job], done_at: dict[str, int], log: Callable[[str], None]) -> None:
         self.log = log
+        self.done_at = done_at
         self.held: dict[str, LayerStats] = {}
         self.schedule: dict[int, list[tuple[Job, int]]] = {}
         for job in jobs:  # when each group is complete: -1 for groups without any target member (no statistics)
@@ -352,10 +311,12 @@ class _Pending:
                 step = max((done_at[n] for n in group if n in done_at), default=-1)
                 self.schedule.setdefault(step, []).append((job, index))
 
-    def ready(self, step: int) -> list[tuple[Job, int]]:
-        """Factorize the groups complete at ``step``; the (job, index) that succeeded. Drops what none waits for."""
+    def ready(self, step: int, collected: set[str] | None = None) -> list[tuple[Job, int]]:
+        """Factorize the groups complete at ``step``; the (job, index) that succeeded. Drops what none waits for.
+        ``collected`` (a block collected stage by stage): only the groups whose members in that block are all
+        in it; the others wait for a later stage."""
         done = []
-        for job, index in self.schedule.pop(step, []):
+        for job, index in self._due(step, collected):
             if job.error is not None:
                 continue
             group = job.groups[index]
@@ -374,6 +335,18 @@ class _Pending:
         self.prune()
         return done
 
+    def _due(self, step: int, collected: set[str] | None) -> list[tuple[Job, int]]:
+        items = self.schedule.pop(step, [])
+        if collected is None:
+            return items
+        due, wait = [], []
+        for job, index in items:
+            here = [n for n in job.groups[index] if self.done_at.get(n) == step]
+            (due if all(n in collected for n in here) else wait).append((job, index))
+        if wait:
+            self.schedule[step] = wait
+        return due
+
     def prune(self) -> None:
         later = [(job, i) for items in self.schedule.values() for job, i in items if job.error is None]
         waiting = {n for job, i in later for n in job.groups[i]}
@@ -384,7 +357,7 @@ class _Pending:
     def subset(self, jobs: Sequence[Job]) -> _Pending:
         """The part of this schedule of ``jobs`` alone, holding (the same) statistics only for them."""
         ids = {id(job) for job in jobs}
-        part = _Pending((), {}, self.log)
+        part = _Pending((), self.done_at, self.log)
         part.schedule = {step: [(j, i) for j, i in items if id(j) in ids] for step, items in self.schedule.items()}
         part.held = dict(self.held)
         part.prune()
@@ -509,278 +482,3 @@ def _checked(plan: BlockPlan | str) -> BlockPlan:
     if isinstance(plan, str):
         raise ValueError(f"layer-sequential pipeline: unsupported model: {plan}")
     return plan
-
-
-# ---------------------------------------------------------------- propagated inputs
-@dataclass
-class _Stream:
-    """Jobs whose blocks so far saw the very same inputs (same method, same reference ranks): one collection
-    forward serves them all, and their next inputs are one list."""
-
-    jobs: list[Job]
-    inputs: list
-    pending: _Pending
-
-
-def run_propagated(
-    model: nn.Module,
-    layers: Sequence[LayerInfo],
-    batches: torch.Tensor,
-    jobs: Sequence[Job],
-    *,
-    device: torch.device,
-    batch_size: int = 4,
-    seed: Callable[[], None] = lambda: None,
-    plan: BlockPlan | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    tracker: LiveStats | None = None,
-    desc: str = "calibration (blocks, propagated)",
-    dense: bool = False,
-) -> None:
-    """``run_blocks`` with propagated inputs: each job (one cell: method, allocator, target) gets block b's
-    statistics from the outputs of blocks 0..b-1 with their layers replaced at the job's reference ranks.
-
-    Every job needs ``reference(job, indices)``: the ranks (None: dense) of its groups ``indices``, just
-    factorized, at which the block is compressed before its outputs pass on (``job.ranks`` keeps them).
-    Per block and stream: one forward through the uncompressed block collecting the statistics, the
-    factorizations and reference ranks, then one forward through the block with those layers replaced
-    (``harness.surgery.replaced``; ``dense``: ``surgery.mode = "dense"``) per distinct (method, ranks).
-    A layer whose group waits for a later block passes on uncompressed. Jobs start as one stream (block 0's
-    captured inputs) and split where their ranks differ; a job that failed leaves its stream.
-    """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
-    plan = _checked(plan if plan is not None else block_plan(model, layers))
-    shapes = {layer.name: tuple(layer.shape) for layer in layers}
-    steps = len(plan.blocks) + (1 if plan.head else 0)
-    done_at = _done_at(plan)
-    pending = _Pending(jobs, done_at, log)
-    _start(jobs, seed)
-    for job in jobs:
-        job.ranks = {}
-    _log_spanning(jobs, done_at, log)
-    pending.ready(-1)
-    with _eval_mode(model), torch.no_grad():
-        streams = [_Stream(list(jobs), capture_inputs(model, plan.blocks[0], batches, batch_size, device), pending)]
-        streams = streams if steps else []
-        # ``anchor_cross``, ``gram_original`` and block refinement: one more stream, the uncompressed model's
-        # activations through the uncompressed blocks, shared by every job that needs any of them
-        anchored = any("anchor_cross" in job.needs for job in jobs)
-        wants_grams = any("gram_original" in job.needs for job in jobs)
-        refining = any(job.refine is not None for job in jobs)
-        held = anchored or refining  # block b's original inputs are needed until every stream is through b
-        original = list(streams[0].inputs) if streams and (held or wants_grams) else None
-        for b in tqdm(range(steps), desc=desc, unit="block", disable=not progress):
-            last = b == steps - 1
-            following: list[_Stream] = []
-            advance = "drop" if last else "replace"
-            # the anchor pairs block b's original inputs with each stream's: they move on after the streams
-            grams = (
-                _original_grams(model, plan, b, original, shapes, device, tracker, "keep" if held else advance)
-                if wants_grams
-                else {}
-            )
-            refines = [b < len(plan.blocks) and any(job.refine is not None for job in s.jobs) for s in streams]
-            # refinement's targets: the uncompressed block's outputs on the original batches (its next inputs)
-            targets = _block_outputs(model, plan, b, original, device) if any(refines) else None
-            for stream, refined in zip(streams, refines, strict=True):
-                kinds = frozenset().union(*(job.needs for job in stream.jobs)) & FORWARD_KINDS
-                out = "drop" if last and not refined else "keep"
-                anchor = original if anchored else None
-                stats = _step(model, plan, b, stream.inputs, kinds, shapes, device, tracker, out, anchor)
-                if "gram_original" in kinds:
-                    for name, layer in stats.items():
-                        layer.gram_original = grams[name]
-                stream.pending.held.update(stats)
-                del stats
-                done = stream.pending.ready(b)
-                branch = _Branch(model, plan, b, device, dense, log, targets, seed)
-                if last:  # nothing follows: the last block is refined, its outputs not computed
-                    if refined:
-                        branch.split(stream, done, propagate=False)
-                    following.append(stream)
-                else:
-                    following += branch.split(stream, done)
-                stream.inputs = []
-            streams = following
-            if original is not None and held and not last:
-                if targets is not None:  # the same forward as ``_step``'s: the original stream moves on
-                    original[:] = [dataclasses.replace(x, hidden=t) for x, t in zip(original, targets, strict=True)]
-                else:
-                    _step(model, plan, b, original, frozenset(), shapes, device, None, "replace")
-            del targets
-    for part in [s.pending for s in streams] or [pending]:  # groups of layers the pass did not reach (none)
-        part.rest()
-
-
-def _original_grams(
-    model: nn.Module,
-    plan: BlockPlan,
-    b: int,
-    original: list | None,
-    shapes: dict[str, tuple[int, int]],
-    device: torch.device,
-    tracker: LiveStats | None,
-    outputs: str,
-) -> dict[str, torch.Tensor]:
-    """``gram_original`` of step ``b``'s layers: their ``gram`` on the uncompressed model's activations
-    ``original`` (``outputs`` as ``_step``'s: "replace" passes them on through the uncompressed block), as
-    ``run_blocks`` collects it; {} where there is no such stream or no job needs it."""
-    if original is None:
-        return {}
-    stats = _step(model, plan, b, original, frozenset({"gram"}), shapes, device, tracker, outputs)
-    return {name: layer.gram for name, layer in stats.items()}
-
-
-def _block_outputs(model: nn.Module, plan: BlockPlan, b: int, original: list, device: torch.device) -> list:
-    """Block ``b``'s outputs (hidden states) on the uncompressed model's batches ``original``."""
-    block = plan.blocks[b]
-    outputs = []
-    with on_all([block], device):
-        for batch in original:
-            out = block(batch.hidden, *batch.args, **batch.kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
-
-
-@dataclass
-class _Branch:
-    """What splitting a stream after block ``b`` needs: the block, where it runs, the surgery mode, the
-    refinement's targets (None: no refining job) and ``seed`` (called before each refinement)."""
-
-    model: nn.Module
-    plan: BlockPlan
-    b: int
-    device: torch.device
-    dense: bool
-    log: Callable[[str], None]
-    targets: list | None = None
-    seed: Callable[[], None] = lambda: None
-
-    def split(self, stream: _Stream, done: list[tuple[Job, int]], propagate: bool = True) -> list[_Stream]:
-        """The streams after block ``b``: the stream's jobs by (method, reference ranks of the block's groups),
-        each with the block's outputs, the block's layers replaced at those ranks (refined first, for a refining
-        method). The last one reuses the stream's list of inputs (one batch at a time), so the activations alive
-        grow by one list per split. ``propagate`` False (the last block): no outputs, no streams."""
-        buckets = self.buckets(stream, done)
-        streams = []
-        for k, (key, (jobs, replacements)) in enumerate(buckets.items()):
-            if jobs[0].refine is not None and replacements and self.targets is not None:
-                replacements = self.refine(jobs, dict(key[1]), replacements, stream.inputs)
-                if replacements is None:
-                    continue
-            if not propagate:
-                continue
-            in_place = k == len(buckets) - 1
-            inputs = _compressed_outputs(
-                self.model, self.plan, self.b, stream.inputs, replacements, self.device, self.dense, in_place
-            )
-            streams.append(_Stream(jobs, inputs, stream.pending.subset(jobs)))
-        return streams
-
-    def buckets(self, stream: _Stream, done: list[tuple[Job, int]]) -> dict[tuple, tuple[list[Job], dict]]:
-        """The stream's jobs by (method, (index, reference rank) of the block's groups), with the replacements
-        of the block's layers at those ranks (a job whose reference or materialization fails leaves)."""
-        members = set(self.plan.members[self.b])
-        buckets: dict[tuple, tuple[list[Job], dict]] = {}
-        for job in stream.jobs:
-            if job.error is not None:
-                continue
-            indices = [i for j, i in done if j is job]
-            try:
-                ranks = list(job.reference(job, indices)) if indices else []
-                if len(ranks) != len(indices):
-                    raise RuntimeError(f"reference ranks: {len(ranks)} for {len(indices)} groups")
-                replacements = {}
-                for index, rank in zip(indices, ranks, strict=True):
-                    job.ranks[index] = rank
-                    if rank is not None:
-                        made = job.factorizations[index].materialize(rank)
-                        replacements.update({n: r for n, r in made.items() if n in members})
-            except Exception as exc:  # the job's cells fail with it; the other jobs go on
-                job.error = exc
-                self.log(f"propagate {job.label}: block {self.b}: {type(exc).__name__}: {exc}")
-                continue
-            key = (job.method or job.label, tuple(zip(indices, ranks, strict=True)))
-            buckets.setdefault(key, ([], replacements))[0].append(job)
-        return buckets
-
-    def refine(self, jobs: list[Job], ranks: dict[int, int | None], replacements: dict, inputs: list) -> dict | None:
-        """The block's replacements trained by the jobs' method (once for the jobs of one method at the same
-        ranks: the same inputs, the same result), written back as each job's factorizations of the groups they
-        cover (``RefinedFactorization``); None (every job failed) where the refinement raised."""
-        from harness.run.refine import refined_groups, swapped
-
-        block = self.plan.blocks[self.b]
-
-        def forward(batch):
-            out = block(batch.hidden, *batch.args, **batch.kwargs)
-            return out[0] if isinstance(out, tuple) else out
-
-        started = time.perf_counter()
-        try:
-            self.seed()  # a refinement draws from the suite's seed, whatever ran before it
-            with on_all([block], self.device), torch.enable_grad():
-                refined = jobs[0].refine(
-                    block, replacements, inputs, self.targets, forward, lambda r: swapped(self.model, r)
-                )
-            indices, levels = list(ranks), list(ranks.values())
-            for job in jobs:
-                for index, fact in refined_groups(job.factorizations, indices, levels, refined).items():
-                    job.factorizations[index] = fact
-        except Exception as exc:  # the jobs' cells fail with it; the other jobs go on
-            for job in jobs:
-                job.error = exc
-            self.log(f"refine {jobs[0].label}: block {self.b}: {type(exc).__name__}: {exc}")
-            return None
-        finally:
-            for job in jobs:
-                job.seconds += time.perf_counter() - started
-        return {n: refined.get(n, r) for n, r in replacements.items()}
-
-
-def _compressed_outputs(
-    model: nn.Module,
-    plan: BlockPlan,
-    b: int,
-    inputs: list,
-    replacements: dict,
-    device: torch.device,
-    dense: bool,
-    in_place: bool,
-) -> list:
-    """Block ``b``'s outputs for ``inputs`` with ``replacements`` in place of its layers (in ``inputs`` itself
-    where ``in_place``, each batch replaced by its output)."""
-    from harness.surgery import replaced
-
-    outputs = inputs if in_place else [None] * len(inputs)
-    moved = {name: move_tensors(r, device) for name, r in replacements.items()}
-    block = plan.blocks[b]
-    with on_all([block], device), replaced(model, moved, dense):
-        for i, batch in enumerate(inputs):
-            out = block(batch.hidden, *batch.args, **batch.kwargs)
-            outputs[i] = dataclasses.replace(batch, hidden=out[0] if isinstance(out, tuple) else out)
-    return outputs
-
-
-def _log_spanning(jobs: Sequence[Job], done_at: dict[str, int], log: Callable[[str], None]) -> None:
-    """Say, once per method, how many layers pass on uncompressed through their own block because their
-    group is complete only at a later block (cross-layer groups)."""
-    said = set()
-    for job in jobs:
-        method = job.method or job.label
-        if method in said:
-            continue
-        said.add(method)
-        early = 0
-        for group in job.groups:
-            steps = [done_at[n] for n in group if n in done_at]
-            early += sum(1 for s in steps if s < max(steps))
-        if early:
-            log(
-                f"calibration: propagated inputs: {method}: {early} layer{'' if early == 1 else 's'} in groups that "
-                f"span blocks pass on uncompressed through their own blocks (a group is compressed from its last "
-                f"block on)"
-            )

@@ -1,7 +1,7 @@
 """Block refinement (``Decomposer.refine_block``, a weight optimization) on the core's side: the refined
 factors as a cell's factorization of their group, and the block with trainable replacements in place.
 
-Under propagated inputs (``harness.run.pipeline.run_propagated``) a refining method's block is
+Under propagated inputs (``harness.run.propagated.run_propagated``) a refining method's block is
 materialized at the cell's reference ranks, trained by its ``refine_block`` and the result fixed at that
 rank: ``RefinedFactorization`` keeps what allocators read of the original (ranks, params, errors) and
 materializes the refined factors at the refined rank only. That is the cell's own rank where its

@@ -13,6 +13,9 @@ then ``gram`` is X'^T X' and ``anchor_cross`` is X^T X' (the core keeps a
 stream of the original model's activations beside each compressed one). On
 original inputs X' = X and the factors are SVD-LLM's, bit for bit.
 
+Under propagated inputs a block's statistics are collected stage by stage by default (``sequential``:
+q/k/v, o, gate/up, down, each with the block's earlier stages compressed, as the official code does).
+
 ``refine = true`` adds the paper's block-level refinement (a weight optimization,
 off by default): under propagated inputs each compressed block's factors are
 trained so that its outputs on X' match the original block's outputs on X
@@ -26,7 +29,7 @@ from typing import Literal
 
 import harness
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class AASVDOptions:
     """Added on top of -lambda_min to the diagonal of X'^T X' where its Cholesky fails (SVD-LLM's 1e-6,
     ``harness.CHOLESKY_EPS``, grown tenfold while it still fails; the official code adds 1e-3 once)."""
 
+    sequential: bool = field(default=True, metadata={"omit_default": True})
+    """Under propagated inputs, a block's statistics stage by stage (q/k/v, then o, then gate/up, then down),
+    each stage's X' through the block's earlier stages compressed, as the official code collects them
+    (``Decomposer.sequential_within_block``); false: one forward through the uncompressed block, X' carrying
+    only the earlier blocks' shift (0.1.0's only way)."""
     refine: bool = field(default=False, metadata={"omit_default": True})
     """Block-level refinement (a weight optimization, the official code's default; off here): each block's
     factors trained to the original block's outputs. Needs ``calibration.inputs = "propagated"`` and the
@@ -79,6 +87,9 @@ class AASVD(harness.SingleMatrixDecomposer):
         shifted = not no_shift(stats.gram, stats.anchor_cross)
         info = {"jitter": jitter, "tokens": stats.tokens, "shifted": shifted}
         return harness.SVDLikeFactorization(name, U, s, Vt, right=L_inv, out_dtype=weight.dtype, info=info)
+
+    def sequential_within_block(self, options) -> bool:
+        return bool(options.sequential)
 
     def refines(self, options) -> bool:
         return bool(options.refine)
