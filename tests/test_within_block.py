@@ -168,3 +168,21 @@ def test_cells_carry_the_order_in_their_identity_only_under_propagated_inputs(tm
     assert seq["aa-svd"][0] != together["aa-svd"][0]
     assert "within_block" not in seq["svd-llm"][1] and seq["svd-llm"][0] == together["svd-llm"][0]
     assert "within_block" not in original["aa-svd"][1]
+
+
+def test_offloaded_blocks_give_the_same_stage_by_stage_numbers(tmp_path, tiny_model_dir):
+    """Under ``offload = "disk"`` (accelerate's hooks, weights on the meta device between forwards) each
+    stage's forward is cut short after its layers: the cells' numbers are those of the model kept whole."""
+    from harness.run.runner import RunOptions, run_suite
+    from harness.suite import load_suite
+    from tests.conftest import write_suite
+    from tests.test_pipeline_propagated import suite_text
+
+    records = {}
+    for mode in (None, "disk"):
+        text = (f'offload = "{mode}"\n' if mode else "") + suite_text(tiny_model_dir, methods=["aa-svd"])
+        suite = load_suite(write_suite(tmp_path / f"{mode}.toml", text))
+        summary = run_suite(suite, RunOptions(tmp_path / str(mode), limit=2, progress=False))
+        assert not summary.failed and summary.computed == 2
+        records[mode] = {r.cell_id: (r.metrics, r.ranks) for r in summary.results}
+    assert records["disk"] == records[None]
