@@ -42,6 +42,18 @@ def _fresh_plugins():
     set_plugins(None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``) avoids
+    OpenMP's spin-waiting on a shared, busy CPU; the module's tests run with it, the count restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded model (loaded once per session)."""

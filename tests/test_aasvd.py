@@ -28,12 +28,7 @@ NAME = "model.layers.1.self_attn.q_proj"
 CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def planted(shift: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,12 +29,7 @@ M, N, T = 12, 10, 80
 DECOMPOSER = BasisSharing()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def names(count: int, kind: str = "q_proj") -> list[str]:

@@ -19,12 +19,7 @@ CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda ms
 SHAPES = [(13, 7), (24, 16), (16, 24)]  # 13*7 = 91 signs: not a multiple of 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def stats(n: int, seed: int = 0) -> harness.LayerStats:

@@ -23,12 +23,7 @@ CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda ms
 ROOTS = {"harness_svd", "harness_trawl", "harness_bitstack"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def stored(dtype: torch.dtype = torch.float32, m: int = 14, n: int = 10, keep: int = 6) -> StoredLowRank:

@@ -25,12 +25,7 @@ CPU = torch.device("cpu")
 CTX = harness.FactorizeContext(seed=0, device=CPU, log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def svd_fact(m: int = 12, n: int = 9, seed: int = 0, name: str = "w") -> harness.SVDLikeFactorization:

@@ -24,12 +24,7 @@ NAME = "layer.0.proj"
 CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def planted(seed: int = 0):

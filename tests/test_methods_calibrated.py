@@ -24,13 +24,7 @@ NAME = "model.layers.0.mlp.up_proj"
 CTX = harness.FactorizeContext(seed=0, device=torch.device("cpu"), log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waiting on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def planted(seed: int = 0, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,13 +43,7 @@ class TinyLlama(nn.Module):
         self.model.layers = nn.ModuleList([Block(kv) for _ in range(n_layers)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates on a shared machine (seconds -> ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def options(decomposer, **raw):

@@ -27,12 +27,7 @@ STAGES += [["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 TOGETHER = {"aa-svd": "{ sequential = false }"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pass_factorizations(tmp_path, model_dir, name: str, methods=("aa-svd",), **kwargs):

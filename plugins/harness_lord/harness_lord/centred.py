@@ -82,9 +82,12 @@ class CentredProjectionFactorization(harness.Factorization):
         """(A, B, bias) at ``rank`` in the model's dtype: U_k, U_k^T W and b + (I - U_k U_k^T)(mu - b)."""
         if not 0 <= rank <= self.U.shape[1]:
             raise ValueError(f"rank {rank} is outside 0..{self.U.shape[1]}")
-        U = self.U[:, :rank].to(self.out_dtype).contiguous()  # one memory layout, compacted or not: equal bias
+        U = self.U[:, :rank].to(self.out_dtype).contiguous()
         U64 = U.double()
-        bias = self.mean - U64 @ (U64.T @ self.mean)
+        # elementwise products and torch's sums, not BLAS: a BLAS dot's rounding can follow the data's
+        # alignment, and the compacted U lives elsewhere than the full one (their biases differed by an ulp)
+        coefficients = (U64 * self.mean[:, None]).sum(dim=0)
+        bias = self.mean - (U64 * coefficients[None, :]).sum(dim=1)
         if self.layer_bias is not None:
             bias = bias + self.layer_bias
         return U, self.UtW[:rank].to(self.out_dtype), bias.to(self.out_dtype)
