@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "cholesky_with_jitter": "harness.linalg",
     "float_dtype": "harness.linalg",
     "lower_triangular_inverse": "harness.linalg",
+    "off_subspace": "harness.linalg",
     "thin_svd": "harness.linalg",
     # targets
     "Target": "harness.targets",
@@ -137,6 +138,7 @@ __all__ = [
     "load_compressed",
     "lower_triangular_inverse",
     "lowrank_params",
+    "off_subspace",
     "read_results",
     "saves",
     "sha256_file",
@@ -209,6 +211,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         cholesky_with_jitter,
         float_dtype,
         lower_triangular_inverse,
+        off_subspace,
         thin_svd,
     )
     from harness.run.cells import Cell

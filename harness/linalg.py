@@ -68,6 +68,16 @@ def lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
+def off_subspace(U: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(I - U U^T) v in float64 for orthonormal columns U: v's part outside their span (LoRD's and SFSD's
+    mean offset). From elementwise products and torch's sums over one (row-major) layout, not a BLAS
+    dot, whose rounding can follow the data's memory alignment: the same U and v in other places or
+    layouts give the same bits."""
+    U64, v64 = U.to(torch.float64).contiguous(), v.to(torch.float64).contiguous()
+    coefficients = (U64 * v64[:, None]).sum(dim=0)
+    return v64 - (U64 * coefficients[None, :]).sum(dim=1)
+
+
 def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a symmetric PSD matrix in float64, largest first.
 

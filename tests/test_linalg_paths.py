@@ -175,3 +175,22 @@ def test_lower_triangular_inverse_by_hand():
     L = torch.tensor([[2.0, 0.0], [1.0, 4.0]], dtype=torch.float64)
     expected = torch.tensor([[0.5, 0.0], [-0.125, 0.25]], dtype=torch.float64)  # [[1/a, 0], [-b/(a c), 1/c]]
     torch.testing.assert_close(linalg.lower_triangular_inverse(L), expected)
+
+
+def test_off_subspace_is_the_complement_projection_with_the_same_bits_wherever_u_lives():
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 5, generator=gen, dtype=torch.float64))
+    v = torch.randn(40, generator=gen, dtype=torch.float64)
+    r = harness.off_subspace(U, v)
+    torch.testing.assert_close(r, v - U @ (U.T @ v), rtol=0, atol=1e-13)
+    assert (U.T @ r).abs().max() < 1e-13  # nothing left in the span
+    for k in range(6):  # the first k columns, as sliced, and copied to buffers at other offsets (alignments)
+        sliced = U[:, :k]
+        for offset in (1, 3):
+            elsewhere = torch.empty(40 * k + offset, dtype=torch.float64)[offset:].view(40, k)
+            elsewhere.copy_(sliced)
+            assert torch.equal(harness.off_subspace(elsewhere, v), harness.off_subspace(sliced, v)), k
+            column = torch.empty(40 * k + offset, dtype=torch.float64)[offset:].view(k, 40).T
+            column.copy_(sliced)
+            assert torch.equal(harness.off_subspace(column, v), harness.off_subspace(sliced, v)), k
+    assert torch.equal(harness.off_subspace(U[:, :0], v), v)

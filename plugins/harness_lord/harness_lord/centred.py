@@ -83,11 +83,7 @@ class CentredProjectionFactorization(harness.Factorization):
         if not 0 <= rank <= self.U.shape[1]:
             raise ValueError(f"rank {rank} is outside 0..{self.U.shape[1]}")
         U = self.U[:, :rank].to(self.out_dtype).contiguous()
-        U64 = U.double()
-        # elementwise products and torch's sums, not BLAS: a BLAS dot's rounding can follow the data's
-        # alignment, and the compacted U lives elsewhere than the full one (their biases differed by an ulp)
-        coefficients = (U64 * self.mean[:, None]).sum(dim=0)
-        bias = self.mean - (U64 * coefficients[None, :]).sum(dim=1)
+        bias = harness.off_subspace(U, self.mean)  # the same bits compacted or not (another U's address)
         if self.layer_bias is not None:
             bias = bias + self.layer_bias
         return U, self.UtW[:rank].to(self.out_dtype), bias.to(self.out_dtype)

@@ -99,8 +99,7 @@ class FeatureFactorization(harness.Factorization):
         B = self.UtW[:rank]
         if not self.compensate:
             return U.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous(), None
-        U64 = U.double()
-        bias = self.shift - U64 @ (U64.T @ self.shift)
+        bias = harness.off_subspace(U, self.shift)  # the same bits compacted or not (another U's address)
         if self.layer_bias is not None:
             bias = bias + self.layer_bias
         return U.to(self.out_dtype).contiguous(), B.to(self.out_dtype).contiguous(), bias.to(self.out_dtype)
