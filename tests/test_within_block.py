@@ -16,7 +16,7 @@ import harness
 from harness.plugins import get_plugins
 from harness.run import pipeline
 from harness.run.blocks import capture_inputs
-from harness.run.propagated import block_stages
+from harness.run.stages import block_stages
 from harness.surgery import replaced, weights_of
 from tests.test_aasvd import layer_inputs
 from tests.test_pipeline_propagated import open_session, ref_rank
