@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.api import GRADIENT_KINDS
+from harness import suite_checks
 from harness.errors import HarnessError, did_you_mean
 from harness.options import OMIT_DEFAULT, check_value, key_name, one_line, options_dict, parse_options, shown
 from harness.plugins import Plugins, get_plugins
@@ -376,72 +376,8 @@ class SuiteParser:
             surgery=self.surgery(values.get("surgery")),
             factorization=parse_options(FactorizationConfig, values.get("factorization"), "factorization", self.file),
         )
-        self.check_targets(suite)
-        self.check_offload(suite)
-        self.check_tuning(suite)
-        self.check_refine(suite)
+        suite_checks.check(suite, self.plugins, self.fail)
         return suite
-
-    def check_tuning(self, suite: Suite) -> None:
-        """A method that optimizes weights after surgery (``Decomposer.tunes``) trains the factored layers of the
-        whole model: it needs ``surgery.mode = "factored"`` and every block's weights in place (no offload)."""
-        for i, method in enumerate(suite.methods):
-            if not self.plugins.get("decomposer", method.name).tunes(method.options):
-                continue
-            if suite.surgery.mode != "factored":
-                raise self.fail(
-                    "surgery.mode",
-                    f"expected 'factored' for {shown(method.label)} (methods[{i}] trains its factors after "
-                    f"surgery), got {shown(suite.surgery.mode)}",
-                )
-            if suite.offload:
-                raise self.fail(
-                    f"methods[{i}]",
-                    f"expected a method without weight optimization under offload = {shown(suite.offload)}, got "
-                    f"{shown(method.label)} (it trains through every block; remove offload or run it in another suite)",
-                )
-
-    def check_refine(self, suite: Suite) -> None:
-        """A method that refines its blocks (``Decomposer.refines``) trains each block's factors at the cell's
-        reference ranks and keeps them at those ranks: it needs propagated inputs, and ranks that the cell's
-        allocator gives each group alone, whatever the rest of the model (``uniform`` with a target that has a
-        per-matrix rule: params, rank), so that the reference ranks are the cell's final ones."""
-        for i, method in enumerate(suite.methods):
-            if not self.plugins.get("decomposer", method.name).refines(method.options):
-                continue
-            what = f"block refinement ({shown(method.label)} refines its blocks at the reference ranks)"
-            if suite.calibration.inputs != "propagated":
-                raise self.fail(
-                    "calibration.inputs", f"expected 'propagated' for {what}, got {shown(suite.calibration.inputs)}"
-                )
-            for allocator in method.allocators:
-                if allocator.name != "uniform":
-                    raise self.fail(
-                        f"methods[{i}].allocators",
-                        f"expected only 'uniform' for {what}: another allocator's final ranks may differ from "
-                        f"the reference ranks the blocks were refined at, got {shown(allocator.name)}",
-                    )
-            for target in method.targets:
-                if type(target).per_matrix is Target.per_matrix:
-                    raise self.fail(
-                        f"methods[{i}].targets",
-                        f"expected per-matrix targets (params or rank) for {what}: a whole-model budget's "
-                        f"uniform ranks differ from a block's, got a {target.kind} target",
-                    )
-
-    def check_offload(self, suite: Suite) -> None:
-        """Offloaded blocks keep their weights only during a forward: no gradients for ``fisher`` or ``grad``
-        methods."""
-        if not suite.offload:
-            return
-        for i, method in enumerate(suite.methods):
-            if needs := sorted(self.plugins.get("decomposer", method.name).needs & GRADIENT_KINDS):
-                raise self.fail(
-                    f"methods[{i}]",
-                    f"expected a method without the {'/'.join(needs)} statistic under offload = "
-                    f"{shown(suite.offload)}, got {shown(method.label)} (it needs weight gradients; remove offload "
-                    "or run it in another suite)",
-                )
 
     def check_random(self, model: str, key: str) -> None:
         """A ``random:`` spec must name a known shape with valid keys (torch-free)."""
@@ -513,15 +449,3 @@ class SuiteParser:
         if config.mode not in ("factored", "dense"):
             raise self.fail("surgery.mode", f"expected 'factored' or 'dense', got {shown(config.mode)}")
         return config
-
-    def check_targets(self, suite: Suite) -> None:
-        for i, method in enumerate(suite.methods):
-            for allocator in method.allocators:
-                component = self.plugins.get("allocator", allocator.name)
-                for target in method.targets:
-                    if not component.takes(target.kind):
-                        raise self.fail(
-                            f"methods[{i}].targets",
-                            f"allocator {shown(allocator.name)} takes {', '.join(component.target_kinds)} targets, "
-                            f"got a {target.kind} target",
-                        )
