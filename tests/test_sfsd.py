@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -321,5 +322,7 @@ def test_propagated_sfsd_with_the_surgical_allocator_runs(tmp_path, capsys):
     assert cell.ok and cell.calibration["inputs"] == "propagated"
     assert any(rank is not None for rank in cell.ranks.values())
     err = capsys.readouterr().err
-    # block 0's reference ranks at break-even (the code's max_rank), then the cell's own sweep
-    assert "surgical: reference ranks for 7 groups at break-even" in err and "surgical: sweep 1" in err
+    # the reference ranks at break-even (the code's max_rank), stage by stage (q/k/v, o, gate/up, down:
+    # 3, 1, 2, 1 groups per block), then the cell's own sweep
+    calls = [int(n) for n in re.findall(r"surgical: reference ranks for (\d+) groups at break-even", err)]
+    assert calls == [3, 1, 2, 1] * 2 and "surgical: sweep 1" in err

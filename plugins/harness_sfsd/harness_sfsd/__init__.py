@@ -16,18 +16,19 @@ Two components:
   (``perplexity_test.py``), last layer to first (``harness_sfsd.surgical``).
 
 SFSD's code collects each layer's statistics on the progressively decomposed model;
-a suite gets that with ``[calibration] inputs = "propagated"`` (suites/sfsd_paper.toml).
+a suite gets that with ``[calibration] inputs = "propagated"`` (suites/sfsd_paper.toml), within a block
+stage by stage (``sequential``, the default).
 The decomposer cannot see the suite, so it cannot check it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import harness
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 MEAN_STAT = "out_mean"
 
@@ -41,6 +42,11 @@ class SFSDOptions:
     compensate: bool | None = None
     """Bias (I - U_k U_k^T) mu for the discarded directions. Unset: as ``centre`` (true with the centred
     covariance; false with the uncentred one, today's ``sfsd`` numbers)."""
+    sequential: bool = field(default=True, metadata={"omit_default": True})
+    """Under propagated inputs, each layer's statistics with the layers of its own block that run before it
+    already decomposed (stage by stage: q/k/v, o, gate/up, down), as the code's decomposed layers each
+    initialize on the first forward that reaches them (``Decomposer.sequential_within_block``); false: one
+    forward through the uncompressed block (0.2.0)."""
 
     def __post_init__(self) -> None:
         if self.compensate is None:
@@ -52,6 +58,9 @@ class SFSD(harness.SingleMatrixDecomposer):
     needs = frozenset({"out_cov", MEAN_STAT})
     Options = SFSDOptions
     description = "feature space: top eigenvectors of the centred output covariance plus a mean bias (SFSD)"
+
+    def sequential_within_block(self, options) -> bool:
+        return bool(options.sequential)
 
     def factorize_matrix(self, name, weight, stats, options, ctx):
         dtype = harness.float_dtype(options.dtype)
