@@ -1,7 +1,7 @@
 """Propagated inputs (``[calibration] inputs = "propagated"``, ``run_propagated``): the layer-sequential
 pass (``harness.run.pipeline``) where each block sees what the compressed earlier blocks pass on.
 
-block b's statistics are collected on the outputs of blocks 0..b-1 with their
+Block b's statistics are collected on the outputs of blocks 0..b-1 with their
 target layers already replaced by their compressed versions (SFSD's code,
 SVD-LLM's update). What a block is compressed to depends on the ranks, so the
 factorizations depend on the cell: the pass runs one job, and one activation
@@ -48,21 +48,22 @@ line naming ``calibration.inputs``) rather than silently given original ones,
 and so is ``--executor ray``, whose tasks share one factorization per method.
 
 Sequential statistics within a block (a decomposer whose ``sequential_within_block(options)`` is true,
-``aa-svd`` by default, as its official code does): a stream of such jobs collects a block's statistics
-stage by stage instead of in one forward through the uncompressed block. The stages are the block's target
-layers in the order its forward reaches them, grouped by input (layers that receive the very same tensor
-form one stage: q/k/v, then o, then gate/up, then down in a Llama block; found by one batch through the
-uncompressed block; layers the forward never calls form a last stage). Per stage: a forward over the
-stream's batches with the block's layers of earlier stages replaced at the job's reference ranks, stopped
-once the stage's layers have run, collecting their statistics (for ``anchor_cross`` each original batch
-goes first through the uncompressed block: X is the original model's input, X' the input the layer gets
-once everything before it is compressed); then the groups now complete are factorized, their reference
-ranks drawn, and the stream splits where those differ. A group with members in several stages is
-factorized once its last member's stage is collected (its earlier members pass on uncompressed through
-their stages, as across blocks). Cost: up to one (shortened) forward per stage instead of one per block;
-memory as before, plus the block's original layers beside their replacements while a stage runs. The
-head is one stage. Cells of such methods carry ``"within_block": "sequential"`` in their calibration
-settings (``harness.run.identity``).
+``aa-svd`` and ``sfsd`` by default, as their code does; ``harness.run.stages``): a stream of such jobs
+collects a block's statistics stage by stage instead of in one forward through the uncompressed block.
+The stages are the block's target layers in the order its forward reaches them, grouped by input (layers
+that receive the very same tensor form one stage: q/k/v, then o, then gate/up, then down in a Llama
+block; found by one batch through the uncompressed block; layers the forward never calls form a last
+stage). Per stage: a forward over the stream's batches with the block's layers of earlier stages
+replaced at the job's reference ranks, stopped once the stage's layers have run, collecting their
+statistics (for ``anchor_cross`` each original batch goes first through the uncompressed block: X is the
+original model's input, X' the input the layer gets once everything before it is compressed); then the
+groups now complete are factorized, their reference ranks drawn, and the stream splits where those
+differ. A group with members in several stages is factorized once its last member's stage is collected
+(its earlier members pass on uncompressed through their stages, as across blocks). Cost: up to one
+(shortened) forward per stage instead of one per block; memory: a stage's accumulators beside the
+replacements of the block's earlier stages (at most the block's own replacements, which the compressed
+forward holds anyway). The head is one stage. Cells of such methods carry ``"within_block":
+"sequential"`` in their calibration settings (``harness.run.identity``).
 """
 
 from __future__ import annotations
