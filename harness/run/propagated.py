@@ -177,7 +177,19 @@ class _Pass:
     """The propagated pass's state across blocks: the model, where it runs, and the uncompressed model's
     stream (``original``) where ``anchor_cross``, ``gram_original`` or a refinement needs it."""
 
-    def __init__(self, model, plan, shapes, device, tracker, dense, log, seed, jobs, streams) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: BlockPlan,
+        shapes: dict[str, tuple[int, int]],
+        device: torch.device,
+        tracker: LiveStats | None,
+        dense: bool,
+        log: Callable[[str], None],
+        seed: Callable[[], None],
+        jobs: Sequence[Job],
+        streams: list[_Stream],
+    ) -> None:
         self.model, self.plan, self.shapes, self.device = model, plan, shapes, device
         self.tracker, self.dense, self.log, self.seed = tracker, dense, log, seed
         # ``anchor_cross``, ``gram_original`` and block refinement: one more stream, the uncompressed model's
