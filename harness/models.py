@@ -236,8 +236,15 @@ def _from_pretrained(
     offload_dir: Path | None = None,
 ):
     """Model and tokenizer of ``source`` (a local directory or hub id) on ``device``; with ``offload_dir``, its
-    decoder blocks offloaded to disk as it loads (``disk_device_map``: the blocks' weights go from the
-    checkpoint to the offload index, never all in host memory), the rest on ``device``."""
+    decoder blocks offloaded to disk as it loads, the rest on ``device``.
+
+    Under offload transformers loads one tensor at a time (no thread pool) and
+    indexes the blocks' tensors where they are, in the checkpoint's safetensors
+    (``offload_dir`` gets only tensors it had to convert): the blocks never sit
+    in anonymous host memory together. Where ``dtype`` differs from the
+    checkpoint's, it still reads each block tensor once (and drops it), so the
+    checkpoint's pages are mapped into the process until the load ends: clean
+    page cache the kernel can reclaim, yet counted in the resident set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     placed = {"device_map": device_map} if device_map else {}
