@@ -196,7 +196,8 @@ def plan_model(
         host_w, disk_w = (blocks_w, 0) if suite.offload == "cpu" else (0, blocks_w)
         if suite.offload == "cpu":  # loaded on the host whole (where its blocks stay), then dispatched
             plan.stages.append(stage("load", 0, weights, 0, f"{loaded}; blocks offloaded to cpu"))
-        else:  # the rest on the device, each block through the host to disk in turn (harness.models.load_model)
+        else:  # the rest on the device, each block through the host to disk in turn (harness.models.load_model;
+            # a GGUF file loads whole on the host first: the embedded model's 135M parameters, not modelled)
             note = f"{loaded}; blocks written to disk one at a time"
             plan.stages.append(stage("load", weights - blocks_w, block_w, disk_w, note))
         weights = resident

@@ -89,7 +89,7 @@ def load_for_session(env: RunEnv, model_spec: str, key: str) -> tuple[LoadedMode
 
 def offload_folder(root: Path, model_spec: str) -> Path:
     """A fresh folder for offloaded blocks under the results root (``offload-<sha256 of the spec>-*``), made
-    before the model loads (its blocks are written there as they load). ``open_session`` removes it where
+    before the model loads (its blocks are written there as they load). ``load_for_session`` removes it where
     the load fails, else ties its removal to the model (``weakref.finalize``): called when the session
     closes, else when the model is collected or at exit."""
     import hashlib
