@@ -249,23 +249,14 @@ def measure_suite(path: Path, work: Path, model: str | None = None, device: str 
     trackers: list = []
     patches: list = []
 
-    def load_model(*args, **kwargs):
+    def load_model(*args, **kwargs):  # under offload it returns the model dispatched (its blocks offloaded)
         with stages.stage("load"):
             loaded = session_load(*args, **kwargs)
-        counts["model_rss"] = rss_now()
+        counts["model_rss"] = rss_now()  # what stays resident once the blocks are offloaded
         return loaded
 
     session_load = session.load_model
     patches.append(mock.patch.object(session, "load_model", load_model))
-    offload_original = session.offload_blocks
-
-    def offload_blocks(*args, **kwargs):  # offload: dispatching the blocks is part of loading
-        with stages.stage("load"):
-            model = offload_original(*args, **kwargs)
-        counts["model_rss"] = rss_now()  # what stays resident once the blocks are offloaded
-        return model
-
-    patches.append(mock.patch.object(session, "offload_blocks", offload_blocks))
     stages.wrap(pipeline, "run_blocks", "calibration", patches)
     stats_original = prepare.Prepared.stats
 

@@ -12,6 +12,12 @@ later loads read that. ``trust_remote_code`` stays off unless a suite asks.
 meta device (no weights allocated, no HF init) and materializes every
 parameter in place with seeded random values; its tokenizer is the embedded
 model's, with token ids mapped into the shape's vocabulary (``map_tokenizer``).
+
+``offload`` (harness.offload) returns the model with its decoder blocks
+offloaded. Under ``"disk"`` a ``random:`` model, a local directory and a hub
+id load with host memory bounded by one block beside the non-block modules,
+whatever the depth (``_random_to_disk``; transformers' ``device_map`` with
+``offload_folder``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ import torch
 
 from harness.errors import HarnessError, first_line
 from harness.files import cache_dir, cached_sha256
+from harness.offload import (
+    OFFLOADS,
+    decoder_blocks,
+    device_map_for,
+    is_offloaded,
+    offload_blocks,
+    quiet_dispatch,
+    write_block,
+)
 
 EMBEDDED = "embedded"
 EMBEDDED_NOTE = (
@@ -89,6 +104,8 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | None = None,
     layers: int | None = None,
+    offload: str | None = None,
+    offload_dir: Path | None = None,
 ) -> LoadedModel:
     """Load ``spec``: ``embedded``, a .gguf file, a local model directory, a hub id or ``random:<shape>``.
 
@@ -96,35 +113,73 @@ def load_model(
     accelerate place a local or hub model across the GPUs (and the CPU) where it
     does not fit one; on a CPU device it is ignored. ``layers`` cuts a random
     model's depth (the ``--layers`` flag; overrides the spec's ``layers=``).
+
+    ``offload`` (``"cpu"`` or ``"disk"``: harness.offload) returns the model
+    dispatched: its decoder blocks in host memory or in files under
+    ``offload_dir`` (needed for ``"disk"``), everything else on ``device``, each
+    block brought to ``device`` for its forward. Under ``"disk"`` a random
+    model, a local directory and a hub id never hold more than one block in
+    host memory beside the non-block modules (``_random_to_disk``,
+    ``_from_pretrained``). A GGUF file (the embedded model: 135M parameters,
+    de-quantized by transformers as a whole) and ``offload = "cpu"`` (its blocks
+    stay in host memory by definition: the whole model is there either way)
+    load whole on the host, then are dispatched (``offload_blocks``).
     """
     dtype = resolve_dtype(dtype, device)
     if device_map not in (None, "auto"):
         raise HarnessError(f"device_map: expected 'auto' or none, got {device_map!r}")
+    if offload not in (None, *OFFLOADS):
+        raise HarnessError(f"offload: expected one of {', '.join(OFFLOADS)} or none, got {offload!r}")
+    if offload and device_map:
+        raise HarnessError("offload: expected either offload or device_map, got both")
+    if offload == "disk" and offload_dir is None:
+        raise ValueError("load_model: offload = 'disk' needs an offload_dir")
     if device_map and resolve_device(device).type != "cuda":
         device_map = None  # one device holds the whole model: nothing to place
+    loaded = _load(spec, dtype, device, trust_remote_code, device_map, layers, offload, offload_dir)
+    if offload and not is_offloaded(loaded.model):  # loaded whole on the host: dispatched from there
+        offload_blocks(loaded.model, offload, resolve_device(device), offload_dir)
+    return loaded
+
+
+def _load(
+    spec: str,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    device_map: str | None,
+    layers: int | None,
+    offload: str | None,
+    offload_dir: Path | None,
+) -> LoadedModel:
+    """``load_model``'s model, on ``device``; under ``offload`` on the host (``"cpu"``, GGUF files) or already
+    dispatched with its blocks in ``offload_dir`` (``"disk"``: random models, local directories, hub ids)."""
     from harness import shapes
 
+    host = "cpu" if offload else device  # where a model dispatched after loading is loaded
+    disk = offload_dir if offload == "disk" else None
     if shapes.is_random(spec):
-        return _load_random(shapes.parse_random_spec(spec, layers), dtype, device)
+        return _load_random(shapes.parse_random_spec(spec, layers), dtype, device if disk else host, disk)
     if layers is not None:
         raise HarnessError(f"model: layers: applies to random:<shape> models only, got {spec!r}")
     if spec == EMBEDDED:
         gguf = embedded_gguf()
-        return _load_gguf(gguf, EMBEDDED, dtype, device, EMBEDDED_NOTE)
+        return _load_gguf(gguf, EMBEDDED, dtype, host, EMBEDDED_NOTE)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise HarnessError(f"model: expected an existing .gguf file, got {spec!r}: no such file")
-        return _load_gguf(path, spec, dtype, device, f"GGUF {path.name}, de-quantized on load")
+        return _load_gguf(path, spec, dtype, host, f"GGUF {path.name}, de-quantized on load")
+    where = device if disk else host
     if path.exists() or spec.startswith((".", "/", "~")):
         if not path.exists():
             raise HarnessError(f"model: expected an existing model directory or .gguf file, got {spec!r}: no such path")
         if not path.is_dir():
             raise HarnessError(f"model: expected a model directory, a .gguf file or a hub id, got {spec!r}")
         files = {p.name: cached_sha256(p) for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
-        model, tok = _from_pretrained(str(path), dtype, device, trust_remote_code, device_map)
+        model, tok = _from_pretrained(str(path), dtype, where, trust_remote_code, device_map, disk)
         return LoadedModel(model, tok, spec, _combine(files), files, f"local directory {path}")
-    model, tok = _from_pretrained(spec, dtype, device, trust_remote_code, device_map)
+    model, tok = _from_pretrained(spec, dtype, where, trust_remote_code, device_map, disk)
     revision = getattr(model.config, "_commit_hash", None) or "unknown"
     files = {"hub-revision": revision}
     return LoadedModel(model, tok, spec, _combine({spec: revision}), files, f"hub model {spec}@{revision}")
@@ -172,22 +227,43 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None = None):
+def _from_pretrained(
+    source: str,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    device_map: str | None = None,
+    offload_dir: Path | None = None,
+):
+    """Model and tokenizer of ``source`` (a local directory or hub id) on ``device``; with ``offload_dir``, its
+    decoder blocks offloaded to disk as it loads, the rest on ``device``.
+
+    Under offload transformers loads one tensor at a time (no thread pool) and
+    indexes the blocks' tensors where they are, in the checkpoint's safetensors
+    (``offload_dir`` gets only tensors it had to convert): the blocks never sit
+    in anonymous host memory together. Where ``dtype`` differs from the
+    checkpoint's, it still reads each block tensor once (and drops it), so the
+    checkpoint's pages are mapped into the process until the load ends: clean
+    page cache the kernel can reclaim, yet counted in the resident set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     placed = {"device_map": device_map} if device_map else {}
     try:
+        if offload_dir is not None:
+            placement = disk_device_map(source, dtype, resolve_device(device), trust_remote_code)
+            placed = {"device_map": placement, "offload_folder": str(offload_dir)}
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         # safetensors only: pickled weights (pytorch_model.bin) can run code when loaded;
         # low_cpu_mem_usage: weights go straight into an empty model, never a second full copy
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=DTYPES[dtype],
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-            low_cpu_mem_usage=True,
-            **placed,
-        )
+        with quiet_dispatch():
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                low_cpu_mem_usage=True,
+                **placed,
+            )
     except Exception as exc:  # missing, truncated or corrupt files fail in many ways, all of them the input's
         raise HarnessError(
             f"model: expected a causal LM with safetensors weights, got {source!r}: {first_line(exc, 300)}"
@@ -195,9 +271,21 @@ def _from_pretrained(source: str, dtype: str, device: str, trust_remote_code: bo
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)
-    if device_map:  # accelerate placed it (hooks move activations between devices)
+    if placed:  # accelerate placed it (hooks move activations between devices, offloaded blocks to the device)
         return model, tok
     return model.to(resolve_device(device)), tok
+
+
+def disk_device_map(source: str, dtype: str, device: torch.device, trust_remote_code: bool) -> dict[str, str]:
+    """The device map that loads ``source`` with each decoder block on ``"disk"`` and every other module on
+    ``device``: ``device_map_for`` of the model built from its config on the meta device (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return device_map_for(empty, "disk", device)
 
 
 # ---------------------------------------------------------------- shape-only random models
@@ -271,7 +359,14 @@ def embedded_tokenizer():
     return tok
 
 
-def random_parameters(model: torch.nn.Module, seed: int, device: torch.device) -> None:
+def random_parameters(
+    model: torch.nn.Module,
+    seed: int,
+    device: torch.device,
+    prefix: str = "",
+    skip: str | None = None,
+    scratch: torch.Tensor | None = None,
+) -> None:
     """Materialize every parameter of ``model`` (on the meta device) in place, on ``device``.
 
     Matrices (2-D and up) get normal(0, ``RANDOM_STD``) values; 1-D weights
@@ -280,10 +375,23 @@ def random_parameters(model: torch.nn.Module, seed: int, device: torch.device) -
     sha256(seed, name), drawn in chunks of ``CHUNK`` float32 values and cast
     to the parameter's dtype: a parameter's values depend only on the seed and
     its name, never on the device, the order, the dtype's draw or the depth.
+
+    ``prefix``: ``model``'s name in the whole model where it is a part of it (a
+    block: ``model.layers.3``), so that its parameters get the values they have
+    there. ``skip``: a submodule (e.g. ``model.layers``) whose parameters stay
+    on the meta device. ``scratch``: a float32 buffer of ``CHUNK`` values the
+    chunks are drawn into (one for a call where None), shared by the calls of
+    one load: fresh temporaries left the resident set of a block-by-block load
+    growing with its depth (about 80 MiB a Llama-2-7B block with one per chunk,
+    16 MiB with one per call: the allocator kept the freed pages).
     """
     import hashlib
 
-    for module_name, module in model.named_modules():
+    inside = f"{skip}." if skip else None
+    drawn = torch.empty(CHUNK, dtype=torch.float32) if scratch is None else scratch
+    for module_name, module in model.named_modules(prefix=prefix):
+        if skip and (module_name == skip or module_name.startswith(inside)):
+            continue
         for name, param in list(module.named_parameters(recurse=False)):
             full = f"{module_name}.{name}" if module_name else name
             values = torch.empty(param.shape, dtype=param.dtype, device=device)
@@ -292,7 +400,7 @@ def random_parameters(model: torch.nn.Module, seed: int, device: torch.device) -
                 generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
                 flat = values.view(-1)
                 for start in range(0, flat.numel(), CHUNK):
-                    chunk = torch.empty(min(CHUNK, flat.numel() - start), dtype=torch.float32)
+                    chunk = drawn[: min(CHUNK, flat.numel() - start)]
                     chunk.normal_(0.0, RANDOM_STD, generator=generator)
                     flat[start : start + chunk.numel()].copy_(chunk)
             elif name == "bias":
@@ -302,7 +410,9 @@ def random_parameters(model: torch.nn.Module, seed: int, device: torch.device) -
             module._parameters[name] = torch.nn.Parameter(values, requires_grad=False)
 
 
-def _load_random(spec, dtype: str, device: str) -> LoadedModel:
+def _load_random(spec, dtype: str, device: str, offload_dir: Path | None = None) -> LoadedModel:
+    """The random model of ``spec`` on ``device``; with ``offload_dir``, its blocks offloaded to disk there
+    as they are materialized (``_random_to_disk``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -314,10 +424,13 @@ def _load_random(spec, dtype: str, device: str) -> LoadedModel:
     # parameters on the meta device (no memory, no HF init); buffers (rotary frequencies) real
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    random_parameters(model, spec.seed, target)
-    model.tie_weights()
-    model.eval().requires_grad_(False)
-    model.to(target)  # the buffers
+    if offload_dir is not None:
+        _random_to_disk(model, spec.seed, target, offload_dir)
+    else:
+        random_parameters(model, spec.seed, target)
+        model.tie_weights()
+        model.eval().requires_grad_(False)
+        model.to(target)  # the buffers
     gguf = embedded_gguf()
     tokenizer_sha = cached_sha256(gguf)
     fingerprint = spec.fingerprint(dtype, {"tokenizer": f"{gguf.name}:{tokenizer_sha}", "std": RANDOM_STD})
@@ -333,6 +446,25 @@ def _load_random(spec, dtype: str, device: str) -> LoadedModel:
     if len(tokenizer) > config.vocab_size:
         tokenizer = map_tokenizer(tokenizer, config.vocab_size)
     return LoadedModel(model, tokenizer, spec.canonical, fingerprint, files, note)
+
+
+def _random_to_disk(model: torch.nn.Module, seed: int, device: torch.device, folder: Path) -> None:
+    """``model`` (parameters on the meta device) materialized as ``random_parameters`` would, and dispatched as
+    ``offload_blocks(model, "disk", device, folder)`` would dispatch it, with one block in host memory at a
+    time: the non-block modules (embeddings, final norm, head) are materialized on ``device``; then each
+    block on the host, written to ``folder`` (``write_block``) and put back on the meta device before the
+    next; the hooks then read the blocks from ``folder``. The same values as the whole model's (each
+    parameter's depend only on the seed and its name)."""
+    container = decoder_blocks(model)
+    scratch = torch.empty(CHUNK, dtype=torch.float32)
+    random_parameters(model, seed, device, skip=container, scratch=scratch)
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, block in enumerate(model.get_submodule(container)):
+        random_parameters(block, seed, torch.device("cpu"), prefix=f"{container}.{i}", scratch=scratch)
+        write_block(block, f"{container}.{i}", folder)
+    offload_blocks(model, "disk", device, folder)
 
 
 def _sha256_text(text: str) -> str:

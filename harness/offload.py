@@ -1,11 +1,21 @@
 """Block-wise offload (issue 16, point 3): a decoder's blocks kept in host memory or
 on disk, each brought to the run device only for its own forward.
 
-``offload = "cpu"`` or ``"disk"`` in a suite loads the model on the host
-(``low_cpu_mem_usage``), then hands it to accelerate's ``dispatch_model`` with
-a device map at block granularity: every decoder block on ``"cpu"`` (or
-``"disk"``: memory-mapped files under the offload folder), everything else
-(embeddings, rotary buffers, final norm, LM head) on the run device.
+``offload = "cpu"`` or ``"disk"`` in a suite hands the model to accelerate's
+``dispatch_model`` with a device map at block granularity: every decoder
+block on ``"cpu"`` (or ``"disk"``: memory-mapped files under the offload
+folder), everything else (embeddings, rotary buffers, final norm, LM head) on
+the run device. How it gets there (``harness.models.load_model``): under
+``"disk"`` the load itself is bounded, the host holding one block at a time
+beside the non-block modules, never the whole model: a ``random:`` model is
+materialized block by block, each block written to the folder
+(``write_block``) and put back on the meta device before the next; a local
+directory or hub id is loaded by transformers with the device map
+(``device_map_for`` of the model built on the meta device) and the folder, so
+the blocks go from the checkpoint to disk. ``"cpu"`` keeps the blocks in host
+memory by definition (the whole model is there either way) and the embedded
+GGUF model (135M parameters) is small: both load the model whole on the host
+(``low_cpu_mem_usage``), then dispatch it (``offload_blocks``).
 accelerate's hooks then move one block's weights to the device for its forward
 and drop them afterwards, so the device holds the non-block modules, one block
 and the activations: what lets 70B calibrate on one GPU. Every forward pays
@@ -71,8 +81,14 @@ def device_map_for(model: nn.Module, mode: str, device: torch.device) -> dict[st
     return placement
 
 
-def offload_blocks(model: nn.Module, mode: str, device: torch.device | str, folder: Path) -> nn.Module:
-    """``model`` (on the host) dispatched with its blocks on ``mode`` and the rest on ``device``."""
+def offload_blocks(model: nn.Module, mode: str, device: torch.device | str, folder: Path | None) -> nn.Module:
+    """``model`` (on the host) dispatched with its blocks on ``mode`` and the rest on ``device``.
+
+    Under ``"disk"``, where ``folder`` already holds accelerate's ``index.json``
+    (every block written by ``write_block``), the blocks' weights are read from
+    there and their parameters may be on the meta device; otherwise they are
+    written to ``folder`` now (from host memory).
+    """
     from accelerate import dispatch_model
 
     device = torch.device(device)
@@ -80,15 +96,39 @@ def offload_blocks(model: nn.Module, mode: str, device: torch.device | str, fold
     if mode == "disk":
         folder.mkdir(parents=True, exist_ok=True)
     main = "cpu" if device.type == "cpu" else str(device)
-    quiet = logging.getLogger("accelerate.big_modeling")  # its "parameters on the meta device" warning is
-    level = quiet.level  # what offloading means: the harness's own log line says it once
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet_dispatch():
         return dispatch_model(
             model, device_map=placement, main_device=main, offload_dir=str(folder) if mode == "disk" else None
         )
+
+
+@contextmanager
+def quiet_dispatch() -> Iterator[None]:
+    """accelerate's "parameters on the meta device" warning silenced: it is what offloading means (the
+    harness's own log line says it once)."""
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
         quiet.setLevel(level)
+
+
+def write_block(block: nn.Module, prefix: str, folder: Path) -> None:
+    """``block``'s tensors (on the host) written to ``folder`` in accelerate's offload format, then its
+    parameters put back on the meta device.
+
+    The tensors are those ``offload_blocks`` writes for it (its state dict: parameters and persistent
+    buffers), named as in the whole model (``prefix``: the block's name there, e.g. ``model.layers.3``):
+    one memory-mappable ``.dat`` file each and their entries merged into ``index.json``
+    (``accelerate.utils.offload_state_dict``). Its buffers stay (the hooks bring them to the device).
+    """
+    from accelerate.utils import offload_state_dict, set_module_tensor_to_device
+
+    offload_state_dict(str(folder), {f"{prefix}.{name}": t for name, t in block.state_dict().items()})
+    for name, _ in list(block.named_parameters()):
+        set_module_tensor_to_device(block, name, "meta")
 
 
 def is_offloaded(module: nn.Module) -> bool:

@@ -190,11 +190,16 @@ def plan_model(
 
     loaded = f"{param_count(config) / 1e9:.2f} B parameters in {dtype}"
     if suite.offload:  # blocks off the device: it holds the rest and one block (harness.offload)
-        blocks_w = int(c["num_hidden_layers"]) * block_params(config) * wb
-        resident = weights - blocks_w + block_params(config) * wb
+        block_w = block_params(config) * wb
+        blocks_w = int(c["num_hidden_layers"]) * block_w
+        resident = weights - blocks_w + block_w
         host_w, disk_w = (blocks_w, 0) if suite.offload == "cpu" else (0, blocks_w)
-        # loaded on the host first, whole; then dispatched (disk: written out, freed from the host)
-        plan.stages.append(stage("load", 0, weights, disk_w, f"{loaded}; blocks offloaded to {suite.offload}"))
+        if suite.offload == "cpu":  # loaded on the host whole (where its blocks stay), then dispatched
+            plan.stages.append(stage("load", 0, weights, 0, f"{loaded}; blocks offloaded to cpu"))
+        else:  # the rest on the device, each block through the host to disk in turn (harness.models.load_model;
+            # a GGUF file loads whole on the host first: the embedded model's 135M parameters, not modelled)
+            note = f"{loaded}; blocks written to disk one at a time"
+            plan.stages.append(stage("load", weights - blocks_w, block_w, disk_w, note))
         weights = resident
     else:
         host_w = disk_w = 0
@@ -453,7 +458,8 @@ def refusal(plan: Plan, suite: Suite) -> str | None:
     stage, what, need, have = over
     cal = suite.calibration
     advice = {
-        "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto", offload = "cpu" or --layers',
+        "load": 'a smaller dtype (dtype = "bfloat16"), device_map = "auto", offload = "disk" '
+        '("cpu" on a GPU) or --layers',
         "calibration": f"lower calibration.samples ({cal.samples}), calibration.seqlen ({cal.seqlen}) or "
         f"calibration.batch_size ({cal.batch_size})"
         + ("" if cal.pipeline == "blocks" else ', or set calibration.pipeline = "blocks"')

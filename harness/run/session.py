@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from harness import modelcheck
 from harness.errors import HarnessError
 from harness.models import LoadedModel, load_model
-from harness.offload import offload_blocks
 from harness.run import diskfactors
 from harness.run.allocate import compress
 from harness.run.env import CellSink, RunEnv, log
@@ -45,18 +44,7 @@ def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> Mode
     known = modelcheck.layers_before_load(suite, model_spec)
     if known is not None:  # names only the model can confirm, before any weights load
         modelcheck.check_model_names(suite, known, model_spec)
-    log(f"loading model {model_spec}")
-    # offloaded blocks are loaded on the host and dispatched from there; dtype stays the run device's
-    where = "cpu" if suite.offload else str(env.device)
-    try:
-        loaded = load_model(model_spec, suite.dtype, where, suite.trust_remote_code, device_map=suite.device_map)
-    except HarnessError as exc:
-        raise HarnessError(f"{key}: {str(exc).removeprefix('model: ')}") from None
-    cleanup = None
-    if suite.offload:
-        folder, cleanup = offload_folder(env.store.root, loaded)
-        log(f"offload: {model_spec}'s decoder blocks on {suite.offload}, each brought to {env.device} for its forward")
-        offload_blocks(loaded.model, suite.offload, env.device, folder)
+    loaded, cleanup = load_for_session(env, model_spec, key)
     if known is None:
         modelcheck.check_model_names(suite, find_linears(loaded.model, None, suite.surgery.lm_head), model_spec)
     layers = find_linears(loaded.model, suite.surgery.kinds, suite.surgery.lm_head)
@@ -71,12 +59,44 @@ def open_session(env: RunEnv, sink: CellSink, model_spec: str, key: str) -> Mode
     return session
 
 
-def offload_folder(root: Path, loaded: LoadedModel) -> tuple[Path, weakref.finalize]:
-    """A fresh folder for offloaded blocks under the results root and what removes it: called when the
-    session closes, else when the model is collected or at exit."""
+def load_for_session(env: RunEnv, model_spec: str, key: str) -> tuple[LoadedModel, weakref.finalize | None]:
+    """The model, on the run device or offloaded (``offload``), and what removes its offload folder (None
+    without one). Under ``offload = "disk"`` the folder is made first: the blocks go there as they load
+    (``harness.models.load_model``), so the host never holds the whole model."""
+    suite = env.suite
+    log(f"loading model {model_spec}")
+    if suite.offload:
+        log(f"offload: {model_spec}'s decoder blocks on {suite.offload}, each brought to {env.device} for its forward")
+    folder = offload_folder(env.store.root, model_spec) if suite.offload == "disk" else None
+    try:
+        loaded = load_model(
+            model_spec,
+            suite.dtype,
+            str(env.device),
+            suite.trust_remote_code,
+            device_map=suite.device_map,
+            offload=suite.offload,
+            offload_dir=folder,
+        )
+    except BaseException as exc:
+        if folder is not None:  # no model holds it: nothing else would remove it
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, HarnessError):
+            raise HarnessError(f"{key}: {str(exc).removeprefix('model: ')}") from None
+        raise
+    return loaded, None if folder is None else weakref.finalize(loaded.model, shutil.rmtree, folder, True)
+
+
+def offload_folder(root: Path, model_spec: str) -> Path:
+    """A fresh folder for offloaded blocks under the results root (``offload-<sha256 of the spec>-*``), made
+    before the model loads (its blocks are written there as they load). ``load_for_session`` removes it where
+    the load fails, else ties its removal to the model (``weakref.finalize``): called when the session
+    closes, else when the model is collected or at exit."""
+    import hashlib
+
     root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"offload-{loaded.fingerprint[:12]}-", dir=root))
-    return folder, weakref.finalize(loaded.model, shutil.rmtree, folder, True)
+    named = hashlib.sha256(model_spec.encode()).hexdigest()[:12]
+    return Path(tempfile.mkdtemp(prefix=f"offload-{named}-", dir=root))
 
 
 class ModelSession:
