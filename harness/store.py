@@ -172,7 +172,9 @@ class ResultStore:
         self._warned: set[tuple[Path, str]] = set()
         try:
             self.cells.mkdir(parents=True, exist_ok=True)
-            probe = self.cells / ".write-probe"
+            # a probe of this process's own: two runs sharing the directory (--shared) open it at the same time,
+            # and one's unlink took the other's probe (run1: "No such file or directory")
+            probe = self.cells / f".write-probe-{os.getpid()}-{os.urandom(4).hex()}"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:

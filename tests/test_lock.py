@@ -205,8 +205,9 @@ class Runs:
         while time.monotonic() < deadline:
             if predicate():
                 return
-            if proc.poll() is not None:
-                pytest.fail(f"harness run exited ({proc.returncode}) before {what}:\n{self.output(proc)[-3000:]}")
+            failed = [p for p in self.procs if p.poll() not in (None, 0)]  # any run, not only the one waited on
+            for gone in ([proc] if proc.poll() is not None else []) + failed:
+                pytest.fail(f"harness run exited ({gone.returncode}) before {what}:\n{self.output(gone)[-3000:]}")
             time.sleep(0.05)
         pytest.fail(f"timed out waiting for {what}")
 

@@ -190,11 +190,28 @@ def test_a_full_disk_while_the_run_log_is_written_names_the_directory(tmp_path):
     from harness.run.quiet import run_log
 
     log = run_log(tmp_path, verbose=False)
-    with log.open(), pytest.raises(StorageError, match=f"^{tmp_path}: cannot write run.log: No space"):
+    full = f"^{tmp_path}: cannot write run.log: No space"
+    # the capture's error leaves the run log as it is (the file's last flush, failing too, does not replace it)
+    with pytest.raises(StorageError, match=full), log.open():
         log._file.close()
         log._file = open(DEV_FULL, "w") if DEV_FULL.is_char_device() else _failing_file()  # noqa: SIM115
         with log.capture("an evaluator"):
             pass
+    # nothing else failing: the last flush on a full disk is the one line itself, not an OSError traceback
+    with pytest.raises(StorageError, match=full), log.open():
+        log._file.close()
+        log._file = _unflushable_file()
+
+
+def _unflushable_file():
+    class Unflushable:
+        def write(self, text):
+            pass
+
+        def close(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return Unflushable()
 
 
 def _failing_file():

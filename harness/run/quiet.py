@@ -70,15 +70,30 @@ class RunLog:
             logger.handlers = [handler]
             logger.propagate = False
         logging.captureWarnings(True)
+        failing = False
         try:
             yield self
+        except BaseException:
+            failing = True
+            raise
         finally:
             logging.captureWarnings(False)
             for logger, handlers, propagate in self._saved:
                 logger.handlers, logger.propagate = handlers, propagate
             self._saved.clear()
-            self._file.close()
-            self._file = None
+            self._close(failing)
+
+    def _close(self, failing: bool) -> None:
+        """Close the file; its last flush failing (a full disk) is a StorageError naming it, unless an error
+        is already on its way out (the run's own: it must not be replaced by a traceback of this one)."""
+        from harness.store import storage_error
+
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError as exc:
+            if not failing:
+                raise storage_error(exc, self.path) from None
 
     @contextlib.contextmanager
     def capture(self, what: str) -> Iterator[None]:
