@@ -261,8 +261,9 @@ def restrict(stats: LayerStats, needs: frozenset[str]) -> LayerStats:
 
 
 @contextmanager
-def _hooks(model: nn.Module, names: Sequence[str], collector: _BlockCollector) -> Iterator[None]:
-    handles = [model.get_submodule(n).register_forward_hook(collector.hook(n)) for n in names]
+def _hooks(model: nn.Module, names: Sequence[str], hook: Callable[[str], Callable]) -> Iterator[None]:
+    """A forward hook ``hook(name)`` on each layer of ``names`` inside; all removed on exit."""
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         yield
     finally:
@@ -411,7 +412,7 @@ def _step(
         out = plan.blocks[b](batch.hidden, *batch.args, **batch.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    with _hooks(model, names if kinds else [], collector), on_all(modules, device):
+    with _hooks(model, names if kinds else [], collector.hook), on_all(modules, device):
         for i, batch in enumerate(inputs):
             if paired:
                 collector.stashing = True

@@ -35,13 +35,8 @@ def block_stages(block: nn.Module, model: nn.Module, names: Sequence[str], batch
 
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with on_all([block], device):
-            block(batch.hidden, *batch.args, **batch.kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _hooks(model, names, hook), on_all([block], device):
+        block(batch.hidden, *batch.args, **batch.kwargs)
     stages = [stage for _, stage in seen]
     missing = [n for n in names if n not in reached]
     return [*stages, missing] if missing else stages
@@ -52,19 +47,11 @@ class _StageDone(Exception):
 
 
 class _StopAfter:
-    """Forward hooks that end a block's forward once every layer of ``names`` has run (``run``)."""
+    """Forward hooks (``hook``, for ``pipeline._hooks``) that end a block's forward once every layer of ``names``
+    has run (``run``)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.model, self.names, self.ran = model, set(names), set()
-
-    @contextmanager
-    def hooked(self) -> Iterator[None]:
-        handles = [self.model.get_submodule(n).register_forward_hook(self.hook(n)) for n in self.names]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names, self.ran = set(names), set()
 
     def hook(self, name: str) -> Callable:
         def after(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -101,11 +88,16 @@ def stage_stats(
 
     paired = anchor is not None and "anchor_cross" in kinds
     collector = _BlockCollector({n: shapes[n] for n in names}, kinds, device, tracker, paired=paired)
-    stop = _StopAfter(model, names)
+    stop = _StopAfter(names)
     originals = {n: model.get_submodule(n) for n in replacements}
     moved = {n: move_tensors(r, device) for n, r in replacements.items()}
     # the collector's hooks first: a layer's statistics are in before its stop hook ends the forward
-    with _hooks(model, names, collector), stop.hooked(), on_all([block], device), replaced(model, moved, dense, False):
+    with (
+        _hooks(model, names, collector.hook),
+        _hooks(model, names, stop.hook),
+        on_all([block], device),
+        replaced(model, moved, dense, False),
+    ):
         for i, batch in enumerate(inputs):
             if paired:
                 collector.stashing = True
